@@ -1,0 +1,197 @@
+"""The GPT-3 decoder in plain single-device PyTorch (nanoGPT-style).
+
+Token + learned position embeddings, pre-LayerNorm blocks (causal attention
+through ``scaled_dot_product_attention`` so CUDA uses flash kernels; exact
+GELU MLP), a final LayerNorm and an output head tied to the token embedding.
+Parameter names are the contract with export (see ``export.HF_KEY_MAP``);
+parallel wiring (ZeRO-3, pipeline stages, activation checkpointing) lives in
+``parallel.py`` and never here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ClovaError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a GPT model. Presets live in PRESETS; ``from_name`` applies overrides."""
+
+    name: str = "custom"
+    """Preset name, for the record."""
+    n_layer: int = 12
+    """Decoder blocks."""
+    n_embd: int = 768
+    """Hidden size (d_model)."""
+    n_head: int = 16
+    """Attention heads; must divide n_embd."""
+    vocab_size: int = 51200
+    """Embedding rows; the tokenizer's size padded to a multiple of 128."""
+    block_size: int = 2048
+    """Maximum sequence length (learned position embeddings)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residual outputs (GPT-3 pre-training: 0)."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon (GPT-2's)."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual projections get init_std / sqrt(2 n_layer)."""
+    lr: float = 6e-4
+    """GPT-3's peak learning rate for this size (the train config may override)."""
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ClovaError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for f in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
+            if getattr(self, f) < 1:
+                raise ClovaError(f"model {f} must be >= 1, not {getattr(self, f)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ClovaError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        from .presets import PRESETS
+
+        if name not in PRESETS:
+            raise ClovaError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ClovaError(f"unknown model field(s) {', '.join(bad)}; accepted: {', '.join(sorted(known))}")
+        return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Exact parameter count (tied head counted once)."""
+        d, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+        n = L * per_block + 2 * d
+        if embeddings:
+            n += self.vocab_size * d + self.block_size * d
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6N for the dense matmuls plus attention scores.
+
+        N counts non-embedding parameters plus the (tied) output head; the
+        attention term is 6 * n_layer * seq_len * n_embd (QK^T and AV, forward
+        and backward, causal masking not discounted, as in the PaLM appendix).
+        """
+        n = self.num_params(embeddings=False) + self.vocab_size * self.n_embd
+        return 6.0 * n + 6.0 * self.n_layer * seq_len * self.n_embd
+
+
+def pad_vocab(n: int, multiple: int = 128) -> int:
+    """Round a tokenizer's vocabulary up so embedding matmuls hit fast kernel shapes."""
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.apply(lambda m: init_weights(m, cfg))
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        # Tied output head: logits = ln_f(x) @ wte^T, (B, T, C) -> (B, T, vocab)
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or the mean cross-entropy when targets are given."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        if targets is None:
+            return logits
+        return lm_loss(logits, targets)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """GPT-2/3 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    if isinstance(module, (CausalSelfAttention, MLP)):
+        nn.init.normal_(module.proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        nn.init.zeros_(module.proj.bias)
+        first = module.qkv if isinstance(module, CausalSelfAttention) else module.fc
+        nn.init.normal_(first.weight, mean=0.0, std=cfg.init_std)
+        nn.init.zeros_(first.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
