@@ -171,13 +171,7 @@ def _lines(path: Path, compression: str | None, reader: _Reader) -> Iterator[tup
         while True:
             try:
                 line = f.readline()
-            except (EOFError, OSError) as e:
-                msg = f"compressed stream is truncated or corrupt after line {lineno} ({e})"
-                if reader.on_error == "raise":
-                    raise ClovaError(f"{path}: {msg}; re-download or re-compress the file, or pass --on-error skip") from None
-                reader.skips.add("truncated_input", f"{path}:line {lineno + 1}")
-                return
-            except Exception as e:  # zstandard raises its own ZstdError
+            except Exception as e:  # EOFError/OSError from gzip, ZstdError from zstandard
                 msg = f"compressed stream is truncated or corrupt after line {lineno} ({e})"
                 if reader.on_error == "raise":
                     raise ClovaError(f"{path}: {msg}; re-download or re-compress the file, or pass --on-error skip") from None
