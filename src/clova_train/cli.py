@@ -159,3 +159,76 @@ def tokenizer_stats(
     if report["crossing_tokens"]:
         err.print("[bold red]tokens cross morpheme boundaries: the tokenizer is broken[/]")
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- plan
+
+
+@app.command("plan")
+@friendly
+def plan_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs per node."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU, GB."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes."),
+    cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload)."),
+    parallel: str = typer.Option("zero3", "--parallel", help="zero3 or pipeline (ZeRO-1 across replicas)."),
+    pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
+    offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per step."),
+    vocab_size: int = typer.Option(51200, "--vocab-size", help="Padded vocabulary size."),
+    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
+    tokens: float = typer.Option(150e9, "--tokens", help="Tokens to train on."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation."),
+    gpu_type: str = typer.Option("a100", "--gpu-type", help="Peak TFLOP/s from: a100, h100, h200, a10g, l40s, v100."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one GPU (overrides --gpu-type)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Memory per GPU, whether a run fits, what would make it fit, and how long it takes.
+
+    Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
+    """
+    from .plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, suggest
+
+    if peak_tflops is None:
+        if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
+            raise ClovaError(f"unknown --gpu-type {gpu_type!r}; use one of {', '.join(ACCELERATOR_PEAK_TFLOPS)} or --peak-tflops")
+        peak_tflops = ACCELERATOR_PEAK_TFLOPS[gpu_type.lower()]
+    cfg = PlanConfig(
+        model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
+        offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
+        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops,
+    )
+    est = estimate(cfg)
+    fixes = [] if est["fits"] else suggest(cfg)
+    if as_json:
+        out.print_json(json.dumps({**est, "suggestions": fixes}))
+        return
+    print_plan(est, fixes)
+
+
+def print_plan(est: dict, fixes: list[str]) -> None:
+    """The plan table; `clova train` prints the same one before it starts."""
+    from .plan import GB, format_duration
+
+    c, b = est["config"], est["bytes"]
+    mode = c["parallel"] + (f", {c['pipeline_stages']} stages" if c["parallel"] == "pipeline" else "")
+    mode += f", offload {c['offload']}" if c["offload"] != "none" else ""
+    table = Table(title=f"plan: {c['model']} on {c['nodes']} x {c['gpus']} GPUs of {c['gpu_mem']:g} GB ({mode}, {c['precision']})", show_header=False)
+    table.add_row("parameters", f"{est['parameters']:,}")
+    table.add_row("data-parallel ranks", f"{est['data_parallel']}")
+    for k in ("parameters", "gradients", "optimizer"):
+        table.add_row(f"{k} per GPU", f"{b[k] / GB:,.2f} GB")
+    table.add_row("activations per GPU", f"{b['activations'] / GB:,.2f} GB (checkpointing: {b['activations_with_checkpointing'] / GB:,.2f} GB, none: {b['activations_without_checkpointing'] / GB:,.2f} GB)")
+    table.add_row("total per GPU", f"{b['total'] / GB:,.2f} GB of {b['usable'] / GB:,.2f} GB usable")
+    if b["cpu_per_node"]:
+        table.add_row("host memory per node", f"{b['cpu_per_node'] / GB:,.1f} GB of {c['cpu_mem']:g} GB" + ("" if est["host_fits"] else " [red](too much)[/]"))
+    table.add_row("fits", "[green]yes[/]" if est["fits"] else "[red]no[/]")
+    for f in fixes:
+        table.add_row("would fit with", f)
+    if not est["fits"] and not fixes:
+        table.add_row("would fit with", "more GPUs (no stage count or offload on this cluster is enough)")
+    table.add_row(f"time for {c['tokens']:.3g} tokens", f"{format_duration(est['train_seconds'])} at {c['mfu']:.0%} MFU of {c['peak_tflops']:g} TFLOP/s")
+    out.print(table)

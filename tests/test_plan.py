@@ -1,0 +1,118 @@
+"""`clova plan`: memory against DeepSpeed's estimator and against what autograd really saves."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clova_train.cli import app
+from clova_train.errors import ClovaError
+from clova_train.model import GPT, ModelConfig
+from clova_train.plan import GB, PlanConfig, activation_bytes, deepspeed_model_states, estimate, suggest
+
+runner = CliRunner()
+
+
+def _states(est: dict) -> int:
+    b = est["bytes"]
+    return b["parameters"] + b["gradients"] + b["optimizer"]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PlanConfig(model="1.3b", gpus=8, gpu_mem=80),
+        PlanConfig(model="13b", gpus=8, nodes=4, gpu_mem=40),
+        PlanConfig(model="82b", gpus=8, nodes=2, gpu_mem=80, offload="cpu"),
+    ],
+    ids=lambda c: f"{c.model}-{c.nodes}x{c.gpus}-{c.offload}",
+)
+def test_model_states_agree_with_deepspeed(cfg):
+    cpu, gpu = deepspeed_model_states(cfg)
+    est = estimate(cfg)
+    assert _states(est) == gpu
+    if cfg.offload != "none":
+        assert est["bytes"]["cpu_per_node"] == pytest.approx(cpu, rel=1e-9)
+
+
+def test_82b_does_not_fit_eight_80gb_gpus_with_zero3_alone():
+    est = estimate(PlanConfig(model="82b", gpus=8, gpu_mem=80, offload="none", activation_checkpointing=True))
+    assert not est["fits"]
+    # 18 bytes x 81.1B parameters / 8 GPUs + the gathered embedding: about 172 GiB of model states per GPU.
+    assert 170 * GB < _states(est) < 174 * GB
+    assert _states(est) > 2 * 80 * GB
+
+
+def test_82b_fits_the_papers_cluster_with_pipeline_stages():
+    cfg = PlanConfig(model="82b", gpus=8, nodes=128, gpu_mem=80, parallel="pipeline", pipeline_stages=16, activation_checkpointing=True)
+    assert estimate(cfg)["fits"]
+    fewer = PlanConfig(model="82b", gpus=8, nodes=128, gpu_mem=80, parallel="pipeline", pipeline_stages=4, activation_checkpointing=True)
+    assert not estimate(fewer)["fits"]
+    assert "--parallel pipeline --pipeline-stages" in " ".join(suggest(fewer))
+
+
+def test_time_matches_the_paper_for_82b():
+    # 150B tokens on 1,024 A100s at about 20% of peak took 13.4 days.
+    cfg = PlanConfig(model="82b", gpus=8, nodes=128, tokens=150e9, mfu=0.2, peak_tflops=312)
+    days = estimate(cfg)["train_seconds"] / 86400
+    assert 11.5 < days < 15.5
+
+
+def _saved_activation_bytes(cfg: ModelConfig, batch: int) -> int:
+    """Bytes autograd keeps for backward, parameters excluded, each storage once."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", [(4, 128, 4, 128, 2, 512), (2, 256, 8, 256, 2, 2048)])
+def test_activation_estimate_within_20_percent_of_measured(shape):
+    layers, d, heads, seq, batch, vocab = shape
+    cfg = ModelConfig(n_layer=layers, n_embd=d, n_head=heads, block_size=seq, vocab_size=vocab)
+    measured = _saved_activation_bytes(cfg, batch)
+    planned = activation_bytes(cfg, layers, batch * seq, 4, checkpointing=False, head=True)
+    assert planned == pytest.approx(measured, rel=0.2)
+
+
+def test_pipeline_stages_and_checkpointing_reduce_memory():
+    base = PlanConfig(model="13b", gpus=8, gpu_mem=80, parallel="pipeline", pipeline_stages=2)
+    more = PlanConfig(model="13b", gpus=8, gpu_mem=80, parallel="pipeline", pipeline_stages=8)
+    assert estimate(more)["bytes"]["parameters"] < estimate(base)["bytes"]["parameters"]
+    b = estimate(base)["bytes"]
+    assert b["activations_with_checkpointing"] < b["activations_without_checkpointing"]
+
+
+def test_bad_plans_are_refused():
+    with pytest.raises(ClovaError, match="cannot be split"):
+        PlanConfig(model="1.3b", gpus=8, parallel="pipeline", pipeline_stages=3)
+    with pytest.raises(ClovaError, match="offload is a ZeRO-3 feature"):
+        PlanConfig(parallel="pipeline", offload="cpu")
+    with pytest.raises(ClovaError, match="unknown model preset"):
+        estimate(PlanConfig(model="7b"))
+
+
+def test_cli_plan_table_and_json():
+    r = runner.invoke(app, ["plan", "--model", "82b", "--gpus", "8", "--gpu-mem", "80"])
+    assert r.exit_code == 0, r.output
+    assert "fits" in r.output and "no" in r.output and "81,084,436,480" in r.output
+    r = runner.invoke(app, ["plan", "--model", "1.3b", "--gpus", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["fits"] is True and data["parameters"] == ModelConfig.from_name("1.3b").num_params()
+    r = runner.invoke(app, ["plan", "--model", "1.3b", "--gpu-type", "tpu"])
+    assert r.exit_code == 2 and "unknown --gpu-type" in r.output
