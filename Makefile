@@ -14,7 +14,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" "setuptools>=68" wheel
 	# DeepSpeed builds from source against the torch already installed, so
 	# no build isolation (which would fetch a second, CUDA, torch).
