@@ -291,3 +291,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "error:" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["tokenizer", "train", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "t"), "--vocab-size", "10"])
     assert r.exit_code == 2 and "too small" in r.output
+
+
+def test_truncated_zstd_is_reported_not_silently_shortened(tmp_path, konlpy_lines):
+    import zstandard
+
+    data = zstandard.ZstdCompressor().compress(("\n".join(konlpy_lines * 3) + "\n").encode())
+    p = tmp_path / "t.txt.zst"
+    p.write_bytes(data[: len(data) * 9 // 10])
+    with pytest.raises(ClovaError, match=r"t\.txt\.zst: compressed stream is truncated or corrupt after line \d+"):
+        train_tokenizer([p], tmp_path / "tok", TokenizerConfig(vocab_size=300), show_progress=False)
+    r = train_tokenizer([p], tmp_path / "tok", TokenizerConfig(vocab_size=300, on_error="skip"), show_progress=False)
+    assert r["skipped"]["by_reason"] == {"truncated_input": 1}
+    assert 0 < r["documents_read"] < 3 * len(konlpy_lines)

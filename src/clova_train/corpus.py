@@ -131,10 +131,52 @@ def _open_binary(path: Path, compression: str | None) -> io.BufferedIOBase:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if compression == "zstd":
+        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
+    return raw  # type: ignore[return-value]
+
+
+class _ZstdStream(io.RawIOBase):
+    """Zstandard frames decoded one after another, raising EOFError on a cut-off frame.
+
+    zstandard's own stream reader ends quietly at a truncated frame, which
+    would turn an interrupted download into silently lost documents.
+    """
+
+    def __init__(self, raw):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    return raw  # type: ignore[return-value]
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._pending = b""
+        self._in_frame = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd frame ends before its end marker")
+                return 0
+            while chunk:
+                self._in_frame = True
+                self._pending += self._obj.decompress(chunk)
+                if not self._obj.eof:
+                    break
+                self._in_frame = False
+                chunk = self._obj.unused_data
+                self._obj = self._dctx.decompressobj()
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class _Reader:
@@ -159,7 +201,10 @@ def _lines(path: Path, compression: str | None, reader: _Reader) -> Iterator[tup
     f = _open_binary(path, compression)
     lineno, offset = 0, 0
     try:
-        head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
+        try:
+            head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
+        except Exception:  # a corrupt stream: readline below reports it with a line number
+            head = b""
         if head and head.count(b"\x00") > 16 and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
             if reader.on_error == "raise":
                 raise ClovaError(

@@ -46,7 +46,6 @@ from .corpus import (
     Document,
     SkipCounts,
     check_inputs,
-    detect_format,
     input_size,
     iter_documents,
     strip_control,
@@ -229,66 +228,6 @@ def _ordered_results(pool, batches: Iterator[_Batch], dtype: str, window: int):
         yield b, r.get()
 
 
-# ------------------------------------------------------------------ truncated .zst
-
-
-def zstd_complete_lines(path: Path) -> int | None:
-    """None when a .zst file ends on a frame boundary; else how many complete lines precede the cut.
-
-    The zstandard stream reader simply stops at a truncated frame, so without
-    this check the cut-off tail would pass for the end of the corpus.
-    """
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    obj, in_frame, newlines = dctx.decompressobj(), False, 0
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 16):
-                while chunk:
-                    in_frame = True
-                    newlines += obj.decompress(chunk).count(b"\n")
-                    if not obj.eof:
-                        break
-                    chunk, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
-    except zstandard.ZstdError:
-        return newlines
-    return newlines if in_frame else None
-
-
-def _line_of(doc: Document) -> int:
-    kind, _, num = doc.where.partition(" ")
-    return int(num) if kind == "line" and num.isdigit() else 0
-
-
-def _guard_zstd(path: Path, docs: Iterator[Document], check: Future, cfg: ShardConfig, skips: SkipCounts):
-    """Hold back the last document until the integrity check says whether the file was cut short."""
-    held = None
-    try:
-        for doc in docs:
-            if held is not None:
-                yield held
-            held = doc
-    except ClovaError as e:
-        if check.result() is not None:
-            raise ClovaError(f"{path}: compressed stream is truncated after line {check.result()} ({e})") from None
-        raise
-    complete = check.result()
-    if complete is None:
-        if held is not None:
-            yield held
-        return
-    if cfg.on_error == "raise":
-        raise ClovaError(
-            f"{path}: compressed stream is truncated after line {complete}; "
-            "re-download or re-compress the file, or pass --on-error skip"
-        )
-    skips.add("truncated_input", f"{path}:line {complete + 1}")
-    # The last document may hold the cut-off line: keep it only if provably complete.
-    if held is not None and cfg.doc_sep == "line" and 0 < _line_of(held) <= complete:
-        yield held
-
-
 # ------------------------------------------------------------------ reading and cleaning
 
 
@@ -347,8 +286,6 @@ class _DocumentStream:
             docs = iter_documents(
                 path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=stats.reader_skips
             )
-            if detect_format(path)[1] == "zstd":
-                docs = _guard_zstd(path, docs, self.io.submit(zstd_complete_lines, path), cfg, stats.reader_skips)
             size, shown = input_size(path), 0
             for doc in docs:
                 stats.yielded += 1
