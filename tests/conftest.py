@@ -154,4 +154,24 @@ def trained_run(tmp_path_factory, korean_shards) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, korean_shards) -> dict:
+    """The reference run's settings in pipeline mode: 2 stages on 2 gloo ranks, ZeRO-1, --partition type:Block,
+    killed (-9) after step 10 and rerun to step 16. test_train checks the training, test_export the export.
+
+    {"run": RUN_DIR, "args": the `clova train` arguments, "killed": (exit code, output, metrics.jsonl lines
+    as the kill left them), "resumed": the rerun's CompletedProcess}
+    """
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    args = ["train", *TRAIN_ARGS, "--data", korean_shards, "--out", run, "--nproc-per-node", "2", "--no-tensorboard",
+            "--deepspeed", repo / "deepspeed_configs" / "pipeline_zero1.json", "--partition", "type:Block"]
+    r = clova_cli(*args, env={"CLOVA_FAULT": "kill_at_step=10"})
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    killed = (r.returncode, r.stdout + r.stderr, lines)
+    return {"run": run, "args": args, "killed": killed, "resumed": clova_cli(*args)}
+
+
 # ---- end train --------------------------------------------------------------

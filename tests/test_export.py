@@ -1,4 +1,4 @@
-"""`clova export`: a real `clova train` ZeRO-3 run (two gloo ranks, bf16) to a Hugging Face directory and back."""
+"""`clova export`: real `clova train` runs (two gloo ranks; ZeRO-3 in bf16, pipeline in fp32 and bf16) to Hugging Face directories and back."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.consolidate import consolidate_state_dict, expected_shapes
+from clova_train.consolidate import consolidate_state_dict, expected_shapes, open_checkpoint, resolve_checkpoint
 from clova_train.errors import ClovaError
 from clova_train.export import (
     HF_KEY_MAP,
@@ -28,7 +28,10 @@ from clova_train.export import (
     to_hf,
 )
 from clova_train.model import GPT, ModelConfig
+from clova_train.parallel import pipeline_layer_names
 from clova_train.tokenizer import ClovaTokenizer
+
+from conftest import clova_cli
 
 runner = CliRunner()
 STEPS = 3
@@ -274,17 +277,118 @@ def test_no_verify_says_so(zero3_run, tmp_path):
     assert "Not verified at export" in (tmp_path / "nv" / "README.md").read_text()
 
 
-@pytest.mark.skip(reason="pipeline mode does not exist yet (train.py); export it here once it does")
-def test_pipeline_export_logits_match_transformers():
-    """Train a tiny model with --parallel pipeline, export it, and compare logits as for ZeRO-3."""
+# ---------------------------------------------------------------- pipeline export: the same path, another reader
 
 
-def test_pipeline_checkpoint_is_a_clear_error_for_now(zero3_run, tmp_path):
+def deepspeed_layer_files(run: Path, tag: str) -> dict[str, torch.Tensor]:
+    """What DeepSpeed's PipelineModule wrote for each layer (layer_XX-model_states.pt), under our names."""
+    cfg = ModelConfig(**json.loads((run / "config.json").read_text())["model"])
+    sd = {}
+    for i, own in enumerate(pipeline_layer_names(cfg)):
+        if own:
+            layer = torch.load(run / "checkpoints" / tag / f"layer_{i:02d}-model_states.pt")
+            sd.update({ours: layer[key] for key, ours in own.items()})
+    return sd
+
+
+@pytest.fixture(scope="module")
+def replicas_run(tmp_path_factory, korean_shards) -> Path:
+    """Pipeline mode with 1 stage x 2 replicas in bf16: ZeRO-1 splits each fp32 master across the replicas' files."""
+    d = tmp_path_factory.mktemp("replicas")
+    (d / "model.json").write_text(json.dumps({"model": MODEL}))
+    r = clova_cli(
+        "train", "--config", d / "model.json", "--data", korean_shards, "--out", d / "run", "--steps", STEPS, "--seq-len", 64,
+        "--global-batch", 4, "--micro-batch", 2, "--nproc-per-node", 2, "--precision", "bf16", "--parallel", "pipeline",
+        "--pipeline-stages", 1, "--eval-every", 0, "--no-tensorboard", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return d / "run"
+
+
+def test_pipeline_consolidation_reads_fp32_masters_equal_to_deepspeeds_layer_files(pipeline_run, replicas_run):
+    # Two stages, fp32: the masters of both stages' optimizer files are bit for bit what the layers hold.
+    run = pipeline_run["run"]
+    ckpt = open_checkpoint(resolve_checkpoint(run))
+    assert ckpt.source.startswith("fp32 master weights from the ZeRO-1 optimizer state")
+    ckpt.close()
+    sd, wrote = consolidate_state_dict(run), deepspeed_layer_files(run, "step_00000016")
+    assert list(sd) == list(expected_shapes(ModelConfig(**json.loads((run / "config.json").read_text())["model"])))
+    assert set(wrote) == set(sd)
+    for k in sd:
+        assert torch.equal(sd[k], wrote[k]), k
+    # bf16, each master split between two replicas' files (odd sizes: pieces straddle the cut): the layers hold
+    # the masters rounded to bf16, and nothing bf16 can represent is what the export reads.
+    sd, wrote = consolidate_state_dict(replicas_run), deepspeed_layer_files(replicas_run, f"step_{STEPS:08d}")
+    assert set(wrote) == set(sd) == set(expected_shapes(ModelConfig(**MODEL, vocab_size=2048)))
+    for k in sd:
+        assert wrote[k].dtype == torch.bfloat16 and torch.equal(sd[k].bfloat16(), wrote[k]), k
+        assert not torch.equal(sd[k], wrote[k].float()), k
+
+
+def test_pipeline_export_logits_match_transformers(pipeline_run, tmp_path, probe):
+    from transformers import GPT2LMHeadModel
+
+    from clova_train.data import eval_batches, open_valid_data
+
+    run = pipeline_run["run"]
+    out = tmp_path / "hf"
+    r = cli("export", run, "--out", out, "--dtype", "fp32", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "verified" in r.output
+    meta = json.loads((out / "clova_export.json").read_text())
+    assert meta["parallel"] == "pipeline" and meta["weights_source"].startswith("fp32 master weights")
+    hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+    cfg = json.loads((run / "config.json").read_text())
+    ours = GPT(ModelConfig(**cfg["model"])).eval()
+    ours.load_state_dict(deepspeed_layer_files(run, "step_00000016"))
+    with torch.no_grad():
+        assert (hf(probe).logits - ours(probe)).abs().max().item() <= 1e-4
+        # The exported model scores the validation windows as the pipeline engine did at step 16, which a
+        # misplaced layer, a missed transpose or a wrong stage's copy would not.
+        windows = eval_batches(open_valid_data(cfg["data"]["paths"], cfg["train"]["seq_len"]), cfg["train"]["eval_samples"],
+                               micro_batch=cfg["train"]["micro_batch"], rank=0, world=1)
+        losses = [torch.nn.functional.cross_entropy(hf(w[:, :-1]).logits.flatten(0, 1), w[:, 1:].flatten()).item() for w in windows]
+    valid_loss = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["valid_loss"]
+    assert sum(losses) / len(losses) == pytest.approx(valid_loss, rel=1e-5)
+    model, _ = load_for_inference(run)
+    with torch.no_grad():
+        assert torch.equal(model(probe), ours(probe))
+
+
+def test_pipeline_checkpoint_falls_back_to_layer_files_and_names_what_is_missing(pipeline_run, tmp_path):
+    run = copy_run(pipeline_run["run"], tmp_path)
+    tag = run / "checkpoints" / "step_00000016"
+    stage1 = next(tag.glob("zero_pp_rank_0_mp_rank_01_optim_states.pt"))
+    moved = stage1.rename(tmp_path / stage1.name)
+    out = tmp_path / "o"
+    one_line_error(cli("export", run, "--out", out), "partial checkpoint", "stage 1 are missing")
+    assert_nothing_written(out)
+    # No optimizer state at all (as ZeRO-0 in fp32 saves): the layer files are the weights.
+    moved.unlink()
+    for f in tag.glob("*optim_states.pt"):
+        f.unlink()
+    ckpt = open_checkpoint(resolve_checkpoint(run))
+    assert ckpt.source == "model weights from the pipeline layer files (float32)"
+    ckpt.close()
+    sd, wrote = consolidate_state_dict(run), deepspeed_layer_files(run, "step_00000016")
+    assert set(sd) == set(wrote)
+    assert all(torch.equal(sd[k], wrote[k]) for k in sd)
+    layer = tag / "layer_02-model_states.pt"
+    layer.rename(tmp_path / layer.name)
+    one_line_error(cli("export", run, "--out", out), "partial checkpoint", "layer_02-model_states.pt missing")
+    (tmp_path / layer.name).rename(layer)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["n_layer"] = 3
+    (run / "config.json").write_text(json.dumps(cfg))
+    one_line_error(cli("export", run, "--out", out), "checkpoint does not match", "missing blocks.2")
+
+
+def test_zero3_checkpoint_under_a_pipeline_config_is_a_clear_error(zero3_run, tmp_path):
     run = copy_run(zero3_run, tmp_path)
     cfg = json.loads((run / "config.json").read_text())
     cfg["parallel"]["mode"] = "pipeline"
     (run / "config.json").write_text(json.dumps(cfg))
-    one_line_error(cli("export", run, "--out", tmp_path / "o"), "pipeline-parallel checkpoints cannot be exported yet")
+    one_line_error(cli("export", run, "--out", tmp_path / "o"), "no pipeline layer files", "is config.json's 'parallel' right?")
 
 
 # ---------------------------------------------------------------- bad input: one line, nothing half-written

@@ -15,7 +15,16 @@ from clova_train.cli import app
 from clova_train.data import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, parse_data_spec
 from clova_train.errors import ClovaError
 from clova_train.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
-from clova_train.parallel import ParallelConfig, deepspeed_config, load_template, param_groups, pipeline_names, template_defaults
+from clova_train.parallel import (
+    ParallelConfig,
+    deepspeed_config,
+    load_template,
+    param_groups,
+    pipeline_layer_names,
+    pipeline_layers,
+    pipeline_names,
+    template_defaults,
+)
 from clova_train.train import (
     MARKER_FILE,
     BadStepGuard,
@@ -23,6 +32,7 @@ from clova_train.train import (
     CollectiveError,
     Faults,
     MetricsLogger,
+    RunSpec,
     TrainConfig,
     TrainRequest,
     lr_at,
@@ -208,7 +218,7 @@ def test_every_shipped_deepspeed_template_parses_and_resolves(template):
 def test_parallel_modes_refuse_what_deepspeed_cannot_do():
     with pytest.raises(ClovaError, match="ZeRO-3 feature.*use --parallel zero3 --offload cpu"):
         ParallelConfig(mode="pipeline", offload="cpu")
-    with pytest.raises(ClovaError, match="--pipeline-stages needs --parallel pipeline"):
+    with pytest.raises(ClovaError, match="ZeRO-3 with 4 pipeline stages: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only"):
         ParallelConfig(pipeline_stages=4)
     with pytest.raises(ClovaError, match="6 ranks cannot form 4 pipeline stages"):
         ParallelConfig(mode="pipeline", pipeline_stages=4).stages(6)
@@ -222,6 +232,107 @@ def test_pipeline_names_cover_the_model():
     names = pipeline_names(cfg)
     assert sorted(names.values()) == sorted(n for n, _ in GPT(cfg).named_parameters())
     assert names["tied_modules.embed.wte.weight"] == "wte.weight" and names["4.weight"] == "ln_f.weight"
+    assert names["3.attn.qkv.weight"] == "blocks.1.attn.qkv.weight"
+    # Layer files: layer 0 holds the tied embedding; the head tied to it (the last layer) owns nothing.
+    files = pipeline_layer_names(cfg)
+    assert files[0] == {"wte.weight": "wte.weight"} and files[-1] == {} and files[4] == {"weight": "ln_f.weight", "bias": "ln_f.bias"}
+    assert len(files) == len(pipeline_layers(cfg)) == cfg.n_layer + 4
+
+
+def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_shards, monkeypatch):
+    import deepspeed.pipe
+    import torch
+
+    from clova_train.parallel import Dist, PipelineEngine
+    from clova_train.train import run_config
+
+    for bad, why in (("balanced", "must be parameters, uniform or type:REGEX"), ("type:", "must be parameters"),
+                     ("type:Bl(ock", "not a regular expression"), ("type:a:b", "cannot contain ':'")):
+        with pytest.raises(ClovaError, match=why):
+            ParallelConfig(mode="pipeline", partition=bad)
+    with pytest.raises(ClovaError, match="--partition uniform cuts pipeline stages and ZeRO-3 has none"):
+        ParallelConfig(partition="uniform")
+    req = TrainRequest(out=str(tmp_path / "run"), model="tiny", data=[str(korean_shards)], train={"steps": 2, "seq_len": 64, "global_batch": 4},
+                       parallel={"mode": "pipeline", "partition": "type:LayerNorm"})
+    with pytest.raises(ClovaError, match="matches 1 of the pipeline's 6 layers .*each of the 2 stages needs one"):
+        prepare(req, world_size=2, check=False)
+    req.parallel["partition"] = "type:block"  # DeepSpeed matches class names ignoring case
+    spec = prepare(req, world_size=2, check=False)
+    assert spec.parallel.partition == "type:block" and spec.identity["parallel"]["partition"] == "type:block"
+    ds = deepspeed_config({}, spec.train, spec.parallel, world=2, cuda=False, tensorboard_dir=None)
+    assert run_config(spec, spec.train, ds, "cpu")["parallel"]["partition"] == "type:block"
+
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def module(**kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    monkeypatch.setattr(deepspeed.pipe, "PipelineModule", module)
+    with pytest.raises(Built):
+        PipelineEngine(spec.model, ds, spec.parallel, seed=0, dist=Dist(0, 2, 0, 2, torch.device("cpu")))
+    assert seen["partition_method"] == "type:block" and seen["num_stages"] == 2
+    assert [type(s).__name__ for s in seen["layers"]] == ["TiedLayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "TiedLayerSpec"]
+
+
+def _one_line_error(r, *fragments):
+    assert r.exit_code == 2, r.output
+    msg = " ".join(r.output.split())
+    assert "Traceback" not in r.output and r.output.count("error:") == 1, r.output
+    for f in fragments:
+        assert f in msg, msg
+
+
+@pytest.mark.parametrize(
+    "route",
+    ["flag --pipeline-stages", "flag --parallel pipeline + zero3.json", "json stage 3 + stages", "json stage 2 + stages", "json stage 2 + flag"],
+)
+def test_zero_2_or_3_with_pipeline_stages_is_one_line_naming_both_modes(route, tmp_path, korean_shards):
+    ds = tmp_path / "ds.json"
+    extra = {
+        "flag --pipeline-stages": ["--pipeline-stages", "2"],
+        "flag --parallel pipeline + zero3.json": ["--parallel", "pipeline", "--deepspeed", str(REPO / "deepspeed_configs" / "zero3.json")],
+        "json stage 3 + stages": ["--deepspeed", str(ds)],
+        "json stage 2 + stages": ["--deepspeed", str(ds)],
+        "json stage 2 + flag": ["--deepspeed", str(ds), "--parallel", "pipeline"],
+    }[route]
+    stage = 2 if "stage 2" in route else 3
+    ds.write_text(json.dumps({"zero_optimization": {"stage": stage}, **({"pipeline": {"stages": 2}} if "stages" in route else {})}))
+    r = CliRunner().invoke(app, _train_args(korean_shards, tmp_path / "run", "--nproc-per-node", "2", *extra), env={"COLUMNS": "400"})
+    if route == "json stage 2 + flag":  # no pipeline stages asked for: ZeRO-2 alone is refused as a stage clova does not run
+        _one_line_error(r, "ZeRO stage 2", "--parallel zero3", "--parallel pipeline")
+    else:
+        _one_line_error(r, "DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only", "choose --parallel zero3", "or --parallel pipeline --pipeline-stages N")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_prints_the_plan_and_refuses_what_cannot_fit_unless_forced(tmp_path, korean_shards):
+    import io
+
+    from rich.console import Console
+
+    from clova_train.train import memory_check
+
+    req = TrainRequest(out=str(tmp_path / "run"), model="1.3b", data=[str(korean_shards)], train={"steps": 1, "seq_len": 64, "global_batch": 8})
+    spec = prepare(req, world_size=2, check=False)
+    shown = Console(record=True, width=200, file=io.StringIO())
+    with pytest.raises(CollectiveError, match=r"1.3b needs about .* GiB per rank \(of 0.9 usable on Fake 1GB\).*try --offload cpu .*or pass --force"):
+        memory_check(spec, "bf16", "Fake 1GB", 1.0, 2, show=shown.print)
+    table = shown.export_text()
+    assert "plan: 1.3b on 1 x 2 Fake 1GB ranks of 1 GB (zero3, bf16)" in table and "fits" in table and "no" in table
+    assert "would fit with" in table and "time for" not in table  # no known peak for this device
+    forced = prepare(TrainRequest(**{**req.__dict__, "force": True}), world_size=2, check=False)
+    assert forced.force and RunSpec.from_json(forced.to_json()).force
+    est = memory_check(forced, "bf16", "Fake 1GB", 1.0, 2, show=None)
+    assert est is not None and not est["fits"]
+    # A device with a known peak also gets the time row, as `clova plan` shows it.
+    shown = Console(record=True, width=200, file=io.StringIO())
+    assert memory_check(spec, "bf16", "NVIDIA A100-SXM4-80GB", 79.3, 2, show=shown.print)["fits"]
+    table = shown.export_text()
+    assert "time for 512 tokens" in table and "312 TFLOP/s" in table
 
 
 def test_template_values_become_defaults_and_bad_stage_is_refused():

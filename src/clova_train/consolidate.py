@@ -30,6 +30,7 @@ from typing import Iterator, Protocol
 import torch
 from torch.serialization import StorageType
 
+from .config import read_json_object
 from .errors import ClovaError
 from .model import GPT, ModelConfig
 
@@ -78,11 +79,8 @@ def read_run_config(run_dir: Path) -> dict:
         raise ClovaError(f"{run_dir}: no such run directory; pass the directory `clova train` wrote")
     if not path.is_file():
         raise ClovaError(f"{run_dir}: not a run directory (no {RUN_CONFIG}); pass the directory `clova train` wrote")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ClovaError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
+    cfg = read_json_object(path)
+    if "model" not in cfg:
         raise ClovaError(f"{path}: has no 'model' section; pass the directory `clova train` wrote")
     return cfg
 
@@ -316,26 +314,33 @@ def _match_names(shapes: dict[str, torch.Size], ref: CheckpointRef) -> dict[str,
     ours = {n: n[len(prefix) :] if n.startswith(prefix) else n for n in shapes}
     got = {ours[n]: tuple(s) for n, s in shapes.items()}
     want = {n: tuple(s) for n, s in expected.items()}
-    if got != want:
-        missing = sorted(set(want) - set(got))
-        extra = sorted(set(got) - set(want))
-        differ = sorted(n for n in set(want) & set(got) if want[n] != got[n])
-        detail = "; ".join(
-            x
-            for x in (
-                f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "") if missing else "",
-                f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "") if extra else "",
-                ", ".join(f"{n} is {list(got[n])} not {list(want[n])}" for n in differ[:3]) if differ else "",
-            )
-            if x
-        )
-        m = ref.model
-        raise ClovaError(
-            f"{ref.path}: checkpoint does not match {ref.run_dir / RUN_CONFIG} (n_layer={m.n_layer}, "
-            f"n_embd={m.n_embd}, vocab_size={m.vocab_size}, block_size={m.block_size}): {detail}; "
-            "export from the run dir whose training wrote this checkpoint"
-        )
+    _check_against_config(ref, got, want)
     return ours
+
+
+def _check_against_config(ref: CheckpointRef, got: dict[str, object], want: dict[str, object]) -> None:
+    """One error for a checkpoint whose parameters (name -> shape or size) are not the run config's model."""
+    if got == want:
+        return
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    differ = sorted(n for n in set(want) & set(got) if want[n] != got[n])
+    show = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    detail = "; ".join(
+        x
+        for x in (
+            f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "") if missing else "",
+            f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "") if extra else "",
+            ", ".join(f"{n} is {show(got[n])} not {show(want[n])}" for n in differ[:3]) if differ else "",
+        )
+        if x
+    )
+    m = ref.model
+    raise ClovaError(
+        f"{ref.path}: checkpoint does not match {ref.run_dir / RUN_CONFIG} (n_layer={m.n_layer}, "
+        f"n_embd={m.n_embd}, vocab_size={m.vocab_size}, block_size={m.block_size}): {detail}; "
+        "export from the run dir whose training wrote this checkpoint"
+    )
 
 
 _RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
@@ -441,20 +446,148 @@ class Zero3Checkpoint:
         self._files = []
 
 
-class PipelineCheckpoint:
-    """Pipeline-parallel checkpoints (PipelineModule, per-layer layer_XX-model_states.pt, ZeRO-1).
+_LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
-    The place for the pipeline reader: map each layer file's keys to our names
-    here (and prefer ZeRO-1's fp32 partitions when present), so export and its
-    key map stay as they are.
+
+@dataclass(frozen=True)
+class _Piece:
+    """Consecutive elements of one parameter, stored in a torch.save file."""
+
+    file: TorchZip
+    tensor: OnDisk
+    start: int
+    """Elements from the start of ``tensor``."""
+    numel: int
+
+
+def _field(obj, name: str):
+    """A field of a small DeepSpeed record (e.g. fragment_address), unpickled as _Opaque or as itself."""
+    state = getattr(obj, "state", None)
+    return state[name] if isinstance(state, dict) and name in state else getattr(obj, name)
+
+
+class PipelineCheckpoint:
+    """A pipeline checkpoint (DeepSpeed PipelineModule, ZeRO stage 0 or 1) under our names.
+
+    Each stage's ZeRO-1 optimizer file (``zero_pp_rank_<replica>_mp_rank_<stage>``)
+    holds, per parameter group, that replica's slice of the stage's flat fp32
+    master weights, and ``param_slice_mappings`` says where each parameter's
+    part of the slice lies, by PipelineModule name; a parameter's parts in
+    replica order make it whole. :func:`parallel.pipeline_names` turns those
+    names into ours; the tied embedding appears on the first and the last
+    stage alike, and the first stage's copy is read. Without such optimizer
+    files (ZeRO-0 in fp32, or an older DeepSpeed) the weights come from the
+    layer files (``layer_<i>-model_states.pt``, in the training precision),
+    named by :func:`parallel.pipeline_layer_names`.
     """
 
-    source = "pipeline checkpoint"
-
     def __init__(self, ref: CheckpointRef):
-        raise ClovaError(
-            f"{ref.path}: pipeline-parallel checkpoints cannot be exported yet; export a run trained with --parallel zero3"
-        )
+        from .parallel import pipeline_layer_names, pipeline_names
+
+        self.ref = ref
+        self._files: list[TorchZip] = []
+        layers: dict[int, Path] = {}
+        optim: dict[tuple[int, int], Path] = {}  # (stage, replica) -> file
+        for p in ref.path.iterdir():
+            if m := _LAYER_FILE.match(p.name):
+                layers[int(m.group(1))] = p
+            elif (m := _RANK_FILE.match(p.name)) and m.group(3) == "optim":
+                optim[int(m.group(2)), int(m.group(1))] = p
+        if not layers:
+            raise ClovaError(f"{ref.path}: no pipeline layer files (layer_*-model_states.pt); is config.json's 'parallel' right?")
+        self.shapes = expected_shapes(ref.model)
+        try:
+            pieces = self._from_optimizer(optim, pipeline_names(ref.model)) if optim else None
+            if pieces is None:
+                pieces = self._from_layers(layers, pipeline_layer_names(ref.model))
+                dtypes = sorted({str(p.tensor.dtype).removeprefix("torch.") for parts in pieces.values() for p in parts})
+                self.source = f"model weights from the pipeline layer files ({', '.join(dtypes)})"
+            else:
+                self.source = "fp32 master weights from the ZeRO-1 optimizer state of every pipeline stage"
+            got = {n: sum(p.numel for p in parts) for n, parts in pieces.items()}
+            _check_against_config(ref, got, {n: math.prod(s) for n, s in self.shapes.items()})
+            self._pieces = pieces
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path) -> TorchZip:
+        z = TorchZip(path)
+        self._files.append(z)
+        return z
+
+    def _from_optimizer(self, optim: dict[tuple[int, int], Path], names: dict[str, str]) -> dict[str, list[_Piece]] | None:
+        """Our name (a stranger's keeps its own) -> its pieces in the fp32 partitions; None if the files lack that layout."""
+        parallel = self.ref.run_config.get("parallel")
+        stages = (parallel.get("pipeline_stages") if isinstance(parallel, dict) else None) or 1 + max(s for s, _ in optim)
+        pieces: dict[str, list[_Piece]] = {}
+        owner: dict[str, int] = {}  # the stage whose copy of a tied parameter is read
+        for stage in range(stages):
+            present = sorted(r for s, r in optim if s == stage)
+            states = []
+            for replica in present:
+                z = self._open(optim[stage, replica])
+                osd = z.obj.get("optimizer_state_dict") if isinstance(z.obj, dict) else None
+                if not isinstance(osd, dict) or not {"param_slice_mappings", "single_partition_of_fp32_groups"} <= set(osd):
+                    self.close()
+                    return None
+                states.append((z, osd))
+            counts = states[0][1].get("partition_count") if states else None
+            replicas = max(counts) if isinstance(counts, (list, tuple)) else int(counts or 0)
+            if not states or present != list(range(replicas)):
+                lost = sorted(set(range(replicas)) - set(present))
+                which = f"replica(s) {', '.join(map(str, lost))} of stage {stage}" if lost else f"stage {stage}"
+                raise ClovaError(
+                    f"{self.ref.path}: partial checkpoint: the optimizer file(s) of {which} are missing; "
+                    "export a complete step or copy the missing files back"
+                )
+            for z, osd in states:
+                for flat, mapping in zip(osd["single_partition_of_fp32_groups"], osd["param_slice_mappings"]):
+                    for pname, frag in mapping.items():
+                        ours = names.get(pname, pname)
+                        if owner.setdefault(ours, stage) == stage:
+                            pieces.setdefault(ours, []).append(_Piece(z, flat, int(_field(frag, "start")), int(_field(frag, "numel"))))
+        return pieces
+
+    def _from_layers(self, layers: dict[int, Path], names: list[dict[str, str]]) -> dict[str, list[_Piece]]:
+        pieces: dict[str, list[_Piece]] = {}
+        got: dict[str, tuple] = {}
+        # A gap among the layer files is a lost file; files that stop early or run on belong to another model shape.
+        holes = [i for i, own in enumerate(names) if own and i not in layers and i < max(layers)]
+        if holes:
+            raise ClovaError(
+                f"{self.ref.path}: partial checkpoint: {', '.join(f'layer_{i:02d}-model_states.pt' for i in holes)} "
+                "missing; export a complete step or copy the missing files back"
+            )
+        for i in sorted(layers):
+            own = names[i] if i < len(names) else {}
+            z = self._open(layers[i])
+            for key, t in z.obj.items():
+                ours = own.get(key, f"layer_{i:02d}:{key}")
+                got[ours] = t.shape
+                pieces[ours] = [_Piece(z, t, 0, t.numel())]
+        _check_against_config(self.ref, got, {n: tuple(s) for n, s in self.shapes.items()})
+        return pieces
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in self.shapes.items():
+            full = torch.empty(math.prod(shape), dtype=torch.float32)
+            at = 0
+            for p in self._pieces[name]:
+                part = full[at : at + p.numel]
+                if p.tensor.dtype == torch.float32:
+                    p.file.read_into(p.tensor, p.start, part)
+                else:
+                    raw = torch.empty(p.numel, dtype=p.tensor.dtype)
+                    p.file.read_into(p.tensor, p.start, raw)
+                    part.copy_(raw)
+                at += p.numel
+            yield name, full.view(shape)
+
+    def close(self) -> None:
+        for z in getattr(self, "_files", []):
+            z.close()
+        self._files = []
 
 
 READERS: dict[str, type] = {"zero3": Zero3Checkpoint, "pipeline": PipelineCheckpoint}

@@ -9,8 +9,10 @@ model under ``deepspeed.zero.Init`` so no rank ever holds it whole.
 layer specs: token embedding, positions, blocks, final norm, and the head
 tied to the token embedding) with ZeRO-1 across the data-parallel replicas;
 DeepSpeed refuses ZeRO-2/3 with pipeline parallelism, which is why the modes
-are exclusive. The same blocks and init serve both modes; ``PIPELINE_NAMES``
-maps a pipeline checkpoint's parameter names to the model's.
+are exclusive. The same blocks and init serve both modes. :func:`pipeline_plan`
+is the one description of the pipeline's layers: DeepSpeed's layer specs are
+built from it, and so is the map from a pipeline checkpoint's parameter names
+to the model's (:func:`pipeline_names`, :func:`pipeline_layer_names`).
 
 On a machine without a GPU the same code runs on DeepSpeed's CPU accelerator
 over gloo in fp32 with torch's AdamW ("torch_adam"), so no DeepSpeed op is
@@ -24,13 +26,15 @@ import copy
 import functools
 import logging
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .config import read_json_object
 from .errors import ClovaError
 from .model import GPT, MLP, CausalSelfAttention, ModelConfig, init_weights
 
@@ -53,6 +57,8 @@ class ParallelConfig:
     """Recompute each block in the backward pass instead of keeping its activations."""
     pipeline_stages: int = 0
     """Pipeline stages in pipeline mode (0: one per rank); the ranks divide into stages x replicas."""
+    partition: str = "parameters"
+    """How pipeline mode cuts the layers into stages: parameters (equal parameter counts), uniform (equal layer counts) or type:REGEX (equal counts of the layers whose class matches, e.g. type:Block)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,9 +71,12 @@ class ParallelConfig:
                 "drop --offload, or use --parallel zero3 --offload " + self.offload
             )
         if self.mode == "zero3" and self.pipeline_stages > 1:
-            raise ClovaError("--pipeline-stages needs --parallel pipeline (DeepSpeed's pipeline engine cannot run ZeRO-3)")
+            raise zero_with_pipeline(f"ZeRO-3 with {self.pipeline_stages} pipeline stages")
         if self.pipeline_stages < 0:
             raise ClovaError(f"pipeline_stages must be >= 0, not {self.pipeline_stages}")
+        _check_partition_syntax(self.partition)
+        if self.mode == "zero3" and self.partition != "parameters":
+            raise ClovaError(f"--partition {self.partition} cuts pipeline stages and ZeRO-3 has none; add --parallel pipeline or drop --partition")
 
     def stages(self, world: int) -> int:
         """Pipeline stages on ``world`` ranks (1 in zero3 mode)."""
@@ -77,6 +86,32 @@ class ParallelConfig:
         if world % stages:
             raise ClovaError(f"{world} ranks cannot form {stages} pipeline stages evenly; use a --pipeline-stages that divides {world}")
         return stages
+
+
+def zero_with_pipeline(asked: str) -> ClovaError:
+    """The one refusal of ZeRO-2/3 together with pipeline stages, whichever way they were asked for."""
+    return ClovaError(
+        f"{asked}: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only (ZeRO-2/3 would shard the gradients and "
+        "weights each stage must hold whole); choose --parallel zero3 (ZeRO-3 over all ranks, no stages) or "
+        "--parallel pipeline --pipeline-stages N (stages, ZeRO-1 across replicas; DeepSpeed config with stage 0 or 1, "
+        "e.g. deepspeed_configs/pipeline_zero1.json)"
+    )
+
+
+def _check_partition_syntax(method: str) -> None:
+    kind, _, pattern = method.partition(":")
+    if method in ("parameters", "uniform"):
+        return
+    if kind == "type" and pattern:
+        # DeepSpeed keeps only the text between the first and the second colon: the rest would vanish silently.
+        if ":" in pattern:
+            raise ClovaError(f"--partition {method}: the class pattern cannot contain ':'")
+        try:
+            re.compile(pattern, re.IGNORECASE)
+        except re.error as e:
+            raise ClovaError(f"--partition {method}: {pattern!r} is not a regular expression ({e})") from None
+        return
+    raise ClovaError(f"--partition must be parameters, uniform or type:REGEX (e.g. type:Block), not {method!r}")
 
 
 # ------------------------------------------------------------------ processes
@@ -170,14 +205,16 @@ def template_defaults(template: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         train["beta1"], train["beta2"] = params["betas"]
     zero = template.get("zero_optimization") or {}
     stage = zero.get("stage")
+    stages = (template.get("pipeline") or {}).get("stages")
     if given(stage):
+        if stage in (2, 3) and isinstance(stages, int) and stages > 1:
+            raise zero_with_pipeline(f"the DeepSpeed config asks for ZeRO stage {stage} with {stages} pipeline stages")
         if stage not in (0, 1, 3):
             raise ClovaError(
                 f"the DeepSpeed template sets ZeRO stage {stage}; use 3 (--parallel zero3) or 0/1 with the "
                 "pipeline engine (--parallel pipeline), which refuses ZeRO-2/3"
             )
         par["mode"] = "zero3" if stage == 3 else "pipeline"
-    stages = (template.get("pipeline") or {}).get("stages")
     if isinstance(stages, int):
         par["pipeline_stages"] = stages
     for key in ("offload_optimizer", "offload_param"):
@@ -212,10 +249,7 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": precision == "bf16"}
     ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
-    if parallel.mode == "pipeline":
-        zero["stage"] = zero.get("stage") if zero.get("stage") in (0, 1) else 1
-    else:
-        zero["stage"] = 3
+    zero["stage"] = zero_stage(template, parallel)
     for key in ("offload_optimizer", "offload_param"):
         if parallel.offload == "none":
             zero.pop(key, None)
@@ -236,21 +270,20 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     return ds
 
 
+def zero_stage(template: dict, parallel: ParallelConfig) -> int:
+    """The ZeRO stage a run uses: 3 in zero3 mode; in pipeline mode the template's 0 or 1 (default 1), never 2 or 3."""
+    if parallel.mode == "zero3":
+        return 3
+    stage = (template.get("zero_optimization") or {}).get("stage")
+    if stage in (2, 3):
+        raise zero_with_pipeline(f"--parallel pipeline with a DeepSpeed config that asks for ZeRO stage {stage}")
+    return stage if stage in (0, 1) else 1
+
+
 def load_template(path: str | Path | None) -> dict:
     if path is None:
         return {}
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClovaError(f"{path}: DeepSpeed config not found (templates: deepspeed_configs/zero3.json, zero3_offload.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ClovaError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ClovaError(f"{path}: a DeepSpeed config is a JSON object")
-    return data
+    return read_json_object(path, "DeepSpeed config not found (templates: deepspeed_configs/zero3.json, zero3_offload.json)")
 
 
 # ------------------------------------------------------------------ model
@@ -419,31 +452,86 @@ def _tied_head(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, embedding.wte.weight)  # (B, T, C) -> (B, T, vocab)
 
 
-def pipeline_layers(cfg: ModelConfig) -> list:
-    """GPT as DeepSpeed layer specs: token embedding, positions, blocks, final norm, tied head."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+@dataclass(frozen=True)
+class PipeLayer:
+    """One layer of the pipeline, and where its parameters live in GPT."""
 
+    module: type
+    args: tuple
+    ours: str | None
+    """Prefix of this layer's parameter names in GPT ("blocks.0."); None: it owns none (it reuses a tied layer's)."""
+    kwargs: dict = field(default_factory=dict)
+    tied: str | None = None
+    """Key shared by layers that use the same module (DeepSpeed's TiedLayerSpec)."""
+    forward_fn: Callable | None = None
+    """A tied layer's own forward, given the shared module."""
+
+    def param_names(self) -> list[str]:
+        with torch.device("meta"):  # names only: no memory, no initialisation cost
+            return [n for n, _ in self.module(*self.args, **self.kwargs).named_parameters()]
+
+
+def pipeline_plan(cfg: ModelConfig) -> list[PipeLayer]:
+    """GPT as a list of pipeline layers: token embedding, positions, blocks, final norm, head tied to the embedding.
+
+    Layer i of this list is layer i of the PipelineModule, and of its checkpoint.
+    """
     from .model import Block
 
     return [
-        TiedLayerSpec("embed", TokenEmbedding, cfg, tied_weight_attr=["wte.weight"]),
-        LayerSpec(PositionEmbedding, cfg),
-        *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
-        LayerSpec(torch.nn.LayerNorm, cfg.n_embd, eps=cfg.layer_norm_eps),
-        TiedLayerSpec("embed", TokenEmbedding, cfg, forward_fn=_tied_head, tied_weight_attr=["wte.weight"]),
+        PipeLayer(TokenEmbedding, (cfg,), ours="", tied="embed"),
+        PipeLayer(PositionEmbedding, (cfg,), ours=""),
+        *[PipeLayer(Block, (cfg,), ours=f"blocks.{i}.") for i in range(cfg.n_layer)],
+        PipeLayer(torch.nn.LayerNorm, (cfg.n_embd,), ours="ln_f.", kwargs={"eps": cfg.layer_norm_eps}),
+        PipeLayer(TokenEmbedding, (cfg,), ours=None, tied="embed", forward_fn=_tied_head),
     ]
 
 
+def pipeline_layers(cfg: ModelConfig) -> list:
+    """The pipeline plan as DeepSpeed layer specs."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    specs = []
+    for layer in pipeline_plan(cfg):
+        if layer.tied:
+            specs.append(TiedLayerSpec(layer.tied, layer.module, *layer.args, forward_fn=layer.forward_fn,
+                                       tied_weight_attr=layer.param_names(), **layer.kwargs))
+        else:
+            specs.append(LayerSpec(layer.module, *layer.args, **layer.kwargs))
+    return specs
+
+
+def pipeline_layer_names(cfg: ModelConfig) -> list[dict[str, str]]:
+    """For each pipeline layer: its own parameter names (as in its checkpoint file) -> GPT names; {} if it owns none."""
+    return [{n: layer.ours + n for n in layer.param_names()} if layer.ours is not None else {} for layer in pipeline_plan(cfg)]
+
+
 def pipeline_names(cfg: ModelConfig) -> dict[str, str]:
-    """PipelineModule parameter name -> GPT parameter name (layer i of pipeline_layers is module "i")."""
-    names = {"tied_modules.embed.wte.weight": "wte.weight", "1.wpe.weight": "wpe.weight"}
-    for i in range(cfg.n_layer):
-        for sub in ("ln_1", "attn.qkv", "attn.proj", "ln_2", "mlp.fc", "mlp.proj"):
-            for w in ("weight", "bias"):
-                names[f"{i + 2}.{sub}.{w}"] = f"blocks.{i}.{sub}.{w}"
-    for w in ("weight", "bias"):
-        names[f"{cfg.n_layer + 2}.{w}"] = f"ln_f.{w}"
+    """PipelineModule parameter name -> GPT parameter name: layer i's under "i.", a tied layer's under "tied_modules.KEY."."""
+    names = {}
+    for i, (layer, own) in enumerate(zip(pipeline_plan(cfg), pipeline_layer_names(cfg))):
+        prefix = f"tied_modules.{layer.tied}." if layer.tied else f"{i}."
+        names.update({prefix + n: ours for n, ours in own.items()})
     return names
+
+
+def check_partition(cfg: ModelConfig, parallel: ParallelConfig, stages: int) -> None:
+    """Refuse a stage count or partition DeepSpeed would fail on, or leave a stage empty with, before any rank starts."""
+    plan = pipeline_plan(cfg)
+    owning = sum(layer.ours is not None for layer in plan)  # a stage holding only the tied head would own no weights
+    if stages > owning:
+        raise ClovaError(f"{stages} pipeline stages for {owning} layers with parameters; use fewer --pipeline-stages")
+    kind, _, pattern = parallel.partition.partition(":")
+    if kind != "type":
+        return
+    # DeepSpeed's rule: a case-insensitive search in the layer's class name; it balances the matching layers.
+    matched = [layer.module.__name__ for layer in plan if re.search(pattern, layer.module.__name__, re.IGNORECASE)]
+    if len(matched) < stages:
+        classes = ", ".join(dict.fromkeys(layer.module.__name__ for layer in plan))
+        raise ClovaError(
+            f"--partition {parallel.partition} matches {len(matched)} of the pipeline's {len(plan)} layers ({classes}); "
+            f"each of the {stages} stages needs one: try --partition type:Block or --partition parameters"
+        )
 
 
 class PipelineEngine(Engine):
@@ -456,7 +544,7 @@ class PipelineEngine(Engine):
             layers=pipeline_layers(model_cfg),
             num_stages=stages,
             loss_fn=self._loss,
-            partition_method="parameters",
+            partition_method=parallel.partition,
             activation_checkpoint_interval=1 if parallel.activation_checkpointing else 0,
         )
         # Layer i is drawn from seed + i, so the weights do not depend on how layers fall into stages;

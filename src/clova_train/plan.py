@@ -245,3 +245,34 @@ def deepspeed_model_states(cfg: PlanConfig) -> tuple[int, int]:
 def format_duration(seconds: float) -> str:
     days = seconds / 86400
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
+
+
+def plan_table(est: dict, fixes: list[str], *, devices: str = "GPUs", time: bool = True):
+    """The plan as a rich Table: `clova plan` prints it, and `clova train` before step 1.
+
+    ``devices`` names what one rank runs on in the title; ``time`` adds the
+    training-time row (off when the device's peak TFLOP/s is unknown).
+    """
+    from rich.table import Table
+
+    c, b = est["config"], est["bytes"]
+    mode = c["parallel"] + (f", {c['pipeline_stages']} stages" if c["parallel"] == "pipeline" else "")
+    mode += f", offload {c['offload']}" if c["offload"] != "none" else ""
+    title = f"plan: {c['model']} on {c['nodes']} x {c['gpus']} {devices} of {c['gpu_mem']:g} GB ({mode}, {c['precision']})"
+    table = Table(title=title, show_header=False)
+    table.add_row("parameters", f"{est['parameters']:,}")
+    table.add_row("data-parallel ranks", f"{est['data_parallel']}")
+    for k in ("parameters", "gradients", "optimizer"):
+        table.add_row(f"{k} per GPU", f"{b[k] / GB:,.2f} GB")
+    table.add_row("activations per GPU", f"{b['activations'] / GB:,.2f} GB (checkpointing: {b['activations_with_checkpointing'] / GB:,.2f} GB, none: {b['activations_without_checkpointing'] / GB:,.2f} GB)")
+    table.add_row("total per GPU", f"{b['total'] / GB:,.2f} GB of {b['usable'] / GB:,.2f} GB usable")
+    if b["cpu_per_node"]:
+        table.add_row("host memory per node", f"{b['cpu_per_node'] / GB:,.1f} GB of {c['cpu_mem']:g} GB" + ("" if est["host_fits"] else " [red](too much)[/]"))
+    table.add_row("fits", "[green]yes[/]" if est["fits"] else "[red]no[/]")
+    for f in fixes:
+        table.add_row("would fit with", f)
+    if not est["fits"] and not fixes:
+        table.add_row("would fit with", "more GPUs (no stage count or offload on this cluster is enough)")
+    if time:
+        table.add_row(f"time for {c['tokens']:.3g} tokens", f"{format_duration(est['train_seconds'])} at {c['mfu']:.0%} MFU of {c['peak_tflops']:g} TFLOP/s")
+    return table

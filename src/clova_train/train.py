@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import from_dict
+from .config import from_dict, read_json_object
 from .data import DataConfig, data_config_from_specs
 from .errors import ClovaError
 from .model import ModelConfig, pad_vocab
-from .parallel import PRECISIONS, ParallelConfig, template_defaults
+from .parallel import PRECISIONS, ParallelConfig, check_partition, template_defaults, zero_stage
 from .util import atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -180,6 +180,8 @@ class TrainRequest:
     train: dict[str, Any] = field(default_factory=dict)
     parallel: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
+    force: bool = False
+    """Start even when the memory plan says the run cannot fit."""
 
 
 @dataclass
@@ -197,6 +199,7 @@ class RunSpec:
     identity: dict
     resume: bool = False
     checked: bool = False
+    force: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -219,6 +222,7 @@ class RunSpec:
             "identity": self.identity,
             "resume": self.resume,
             "checked": self.checked,
+            "force": self.force,
         }
 
     @classmethod
@@ -235,6 +239,7 @@ class RunSpec:
             identity=d["identity"],
             resume=d["resume"],
             checked=d["checked"],
+            force=d.get("force", False),
         )
 
 
@@ -242,14 +247,7 @@ CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer
 
 
 def _read_config_file(path: Path) -> dict:
-    if not path.is_file():
-        raise ClovaError(f"{path}: config file not found")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ClovaError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise ClovaError(f"{path}: expected a JSON object with sections {', '.join(CONFIG_SECTIONS)}")
+    cfg = read_json_object(path)
     unknown = sorted(set(cfg) - set(CONFIG_SECTIONS))
     if unknown:
         raise ClovaError(f"{path}: unknown section(s) {', '.join(unknown)}; accepted: {', '.join(CONFIG_SECTIONS)}")
@@ -337,10 +335,10 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         )
     train = train.resolved(model)
     stages = parallel.stages(world_size)
+    zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
     if parallel.mode == "pipeline":
         parallel = replace(parallel, pipeline_stages=stages)
-        if stages > model.n_layer + 3:
-            raise ClovaError(f"{stages} pipeline stages for {model.n_layer + 3} layers; use fewer --pipeline-stages")
+        check_partition(model, parallel, stages)
     replicas = world_size // stages
     micro_world = train.micro_batch * replicas
     if train.global_batch % micro_world:
@@ -356,8 +354,9 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "seed": train.seed,
         "tokenizer": tok.hash,
         "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
-        # The checkpoint layout: ZeRO-3 shards and pipeline layer files do not load into each other.
-        "parallel": {"mode": parallel.mode, "stages": stages},
+        # The checkpoint layout: ZeRO-3 shards and pipeline layer files do not load into each other,
+        # nor do optimizer partitions of stages cut differently.
+        "parallel": {"mode": parallel.mode, "stages": stages, **({"partition": parallel.partition} if parallel.mode == "pipeline" else {})},
     }
     spec = RunSpec(
         out=str(run_dir),
@@ -370,6 +369,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         world_size=world_size,
         identity=identity,
         resume=req.resume,
+        force=req.force,
     )
     check_run_dir(spec)
     if check:
@@ -446,9 +446,14 @@ def check_inputs(spec: RunSpec) -> None:
     atomic_write_json(record, stamps)
 
 
-def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: float, local_world: int) -> dict | None:
-    """Estimate memory per rank with plan.py's model; a one-line error with fixes when it cannot fit."""
-    from .plan import GB, PlanConfig, estimate, suggest
+def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: float, local_world: int, *, show=None) -> dict | None:
+    """Estimate memory per rank with plan.py's model, hand ``show`` the plan table, and refuse what cannot fit.
+
+    The refusal (a one-line error with the cheapest fix) is skipped with
+    ``spec.force``: the estimate is conservative, and a user who knows better may try.
+    Returns the estimate, or None for shapes plan.py does not cover (non-preset models).
+    """
+    from .plan import GB, PlanConfig, estimate, plan_table, suggest
     from .presets import PRESETS
 
     m = spec.model
@@ -457,19 +462,23 @@ def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: flo
         return None  # plan.py estimates preset shapes only
     world = spec.world_size
     gpus, nodes = (local_world, world // local_world) if world % local_world == 0 else (world, 1)
+    peak = peak_tflops(device_name, spec.train.peak_tflops)
     pc = PlanConfig(
         model=m.name, gpus=gpus, gpu_mem=device_gb, nodes=nodes, parallel=spec.parallel.mode,
         pipeline_stages=spec.parallel.stages(world), offload=spec.parallel.offload, seq_len=spec.train.seq_len, micro_batch=spec.train.micro_batch,
         vocab_size=m.vocab_size, precision=precision, activation_checkpointing=spec.parallel.activation_checkpointing,
+        tokens=spec.train.steps * spec.train.tokens_per_step, peak_tflops=peak or PlanConfig.peak_tflops,
     )
     est = estimate(pc)
-    if not est["fits"]:
-        fixes = suggest(pc)
+    fixes = [] if est["fits"] else suggest(pc)
+    if show is not None:
+        show(plan_table(est, fixes, devices=f"{device_name} ranks", time=peak is not None))
+    if not est["fits"] and not spec.force:
         hint = f"try {fixes[0]}" if fixes else "use more devices or a smaller --micro-batch"
         raise CollectiveError(
             f"{m.name} needs about {est['bytes']['total'] / GB:.1f} GiB per rank "
             f"(of {est['bytes']['usable'] / GB:.1f} usable on {device_name}) at micro-batch {spec.train.micro_batch} "
-            f"x {spec.train.seq_len} tokens on {world} ranks; {hint}"
+            f"x {spec.train.seq_len} tokens on {world} ranks; {hint}, or pass --force to start anyway"
         )
     return est
 
@@ -951,7 +960,7 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     m = spec.model
     accum = ds_config["gradient_accumulation_steps"]
     stages = spec.parallel.stages(spec.world_size)
-    layout = f"{stages} stages x {spec.world_size // stages} replicas, " if spec.parallel.mode == "pipeline" else ""
+    layout = f"{stages} stages x {spec.world_size // stages} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
     valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
     return (
@@ -993,7 +1002,9 @@ def run_worker(spec: RunSpec) -> str:
     precision = parallel.resolve_precision(spec.train.precision, dist.is_cuda)
     train = replace(spec.train, precision=precision)
     device_name, device_gb = device_memory(dist)
-    estimate = memory_check(spec, precision, device_name, device_gb, dist.local_world)
+    from .progress import console
+
+    estimate = memory_check(spec, precision, device_name, device_gb, dist.local_world, show=console.print if rank0 else None)
     faults = Faults()
 
     seed_all(train.seed)
