@@ -33,16 +33,23 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
         raise ClovaError(f"{where}: {e}") from None
 
 
-def load_json(cls: type[T], path: str | Path) -> T:
-    """Load a dataclass config from a JSON file, strictly."""
+def read_json_object(path: str | Path, missing: str = "config file not found") -> dict[str, Any]:
+    """A JSON file that must hold an object; every failure is one line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ClovaError(f"{path}: config file not found")
+        raise ClovaError(f"{path}: {missing}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ClovaError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    return from_dict(cls, data, where=str(path))
+    if not isinstance(data, dict):
+        raise ClovaError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    """Load a dataclass config from a JSON file, strictly."""
+    return from_dict(cls, read_json_object(path), where=str(path))
 
 
 def override(cfg: T, **flags: Any) -> T:

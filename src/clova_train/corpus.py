@@ -76,6 +76,16 @@ class SkipCounts:
         }
 
 
+def check_read_options(doc_sep: str, on_error: str, workers: int) -> None:
+    """Validate the reading options every stage shares (tokenizer training and sharding)."""
+    if doc_sep not in DOC_SEPS:
+        raise ClovaError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, not {doc_sep!r}")
+    if on_error not in ON_ERROR:
+        raise ClovaError(f"on_error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
+    if workers < 0:
+        raise ClovaError(f"workers must be >= 0, not {workers}")
+
+
 def normalize(text: str, form: str = "NFC") -> str:
     """Unicode normalisation shared by the tokenizer and the shard writer."""
     if form == "none":

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .corpus import DOC_SEPS, ON_ERROR
+from .corpus import check_read_options
 from .errors import ClovaError
 from .util import file_sha256
 
@@ -100,12 +100,7 @@ class ShardConfig:
             raise ClovaError(f"min_chars must be >= 0, not {self.min_chars}")
         if self.max_chars < max(1, self.min_chars):
             raise ClovaError(f"max_chars ({self.max_chars}) must be >= 1 and >= min_chars ({self.min_chars})")
-        if self.doc_sep not in DOC_SEPS:
-            raise ClovaError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, not {self.doc_sep!r}")
-        if self.on_error not in ON_ERROR:
-            raise ClovaError(f"on_error must be one of {', '.join(ON_ERROR)}, not {self.on_error!r}")
-        if self.workers < 0:
-            raise ClovaError(f"workers must be >= 0, not {self.workers}")
+        check_read_options(self.doc_sep, self.on_error, self.workers)
         if self.batch_chars < 1:
             raise ClovaError(f"batch_chars must be >= 1, not {self.batch_chars}")
         if self.num_nodes < 1:

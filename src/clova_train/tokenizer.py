@@ -25,11 +25,10 @@ from typing import Iterable, Iterator, Sequence
 
 from . import __version__
 from .corpus import (
-    DOC_SEPS,
     NORMALIZATIONS,
-    ON_ERROR,
     SkipCounts,
     check_inputs,
+    check_read_options,
     input_size,
     iter_documents,
     normalize,
@@ -90,12 +89,7 @@ class TokenizerConfig:
             raise ClovaError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {self.normalization!r}")
         if not 0.0 < self.sample_fraction <= 1.0:
             raise ClovaError(f"sample_fraction must be in (0, 1], not {self.sample_fraction}")
-        if self.doc_sep not in DOC_SEPS:
-            raise ClovaError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, not {self.doc_sep!r}")
-        if self.on_error not in ON_ERROR:
-            raise ClovaError(f"on_error must be one of {', '.join(ON_ERROR)}, not {self.on_error!r}")
-        if self.workers < 0:
-            raise ClovaError(f"workers must be >= 0, not {self.workers}")
+        check_read_options(self.doc_sep, self.on_error, self.workers)
 
     @property
     def eod_token(self) -> str:
