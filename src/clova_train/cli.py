@@ -14,12 +14,26 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import ClovaError
 
+class _PipelineOrder(TyperGroup):
+    """List commands in pipeline order rather than definition order."""
+
+    ORDER = ("demo", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune")
+
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: self.ORDER.index(n) if n in self.ORDER else len(self.ORDER))
+
+
 app = typer.Typer(
     name="clova",
+    cls=_PipelineOrder,
+    add_completion=False,
     help="Pre-train a Korean GPT-3-class model the HyperCLOVA way, and hand it to Hugging Face.\n\n"
     "Pipeline: tokenizer train -> tokenize -> train -> export -> generate / eval / ptune.",
     no_args_is_help=True,
@@ -190,7 +204,7 @@ def plan_cmd(
 
     Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
     """
-    from .plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, suggest
+    from .plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest
 
     if peak_tflops is None:
         if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
@@ -206,32 +220,7 @@ def plan_cmd(
     if as_json:
         out.print_json(json.dumps({**est, "suggestions": fixes}))
         return
-    print_plan(est, fixes)
-
-
-def print_plan(est: dict, fixes: list[str]) -> None:
-    """The plan table; `clova train` prints the same one before it starts."""
-    from .plan import GB, format_duration
-
-    c, b = est["config"], est["bytes"]
-    mode = c["parallel"] + (f", {c['pipeline_stages']} stages" if c["parallel"] == "pipeline" else "")
-    mode += f", offload {c['offload']}" if c["offload"] != "none" else ""
-    table = Table(title=f"plan: {c['model']} on {c['nodes']} x {c['gpus']} GPUs of {c['gpu_mem']:g} GB ({mode}, {c['precision']})", show_header=False)
-    table.add_row("parameters", f"{est['parameters']:,}")
-    table.add_row("data-parallel ranks", f"{est['data_parallel']}")
-    for k in ("parameters", "gradients", "optimizer"):
-        table.add_row(f"{k} per GPU", f"{b[k] / GB:,.2f} GB")
-    table.add_row("activations per GPU", f"{b['activations'] / GB:,.2f} GB (checkpointing: {b['activations_with_checkpointing'] / GB:,.2f} GB, none: {b['activations_without_checkpointing'] / GB:,.2f} GB)")
-    table.add_row("total per GPU", f"{b['total'] / GB:,.2f} GB of {b['usable'] / GB:,.2f} GB usable")
-    if b["cpu_per_node"]:
-        table.add_row("host memory per node", f"{b['cpu_per_node'] / GB:,.1f} GB of {c['cpu_mem']:g} GB" + ("" if est["host_fits"] else " [red](too much)[/]"))
-    table.add_row("fits", "[green]yes[/]" if est["fits"] else "[red]no[/]")
-    for f in fixes:
-        table.add_row("would fit with", f)
-    if not est["fits"] and not fixes:
-        table.add_row("would fit with", "more GPUs (no stage count or offload on this cluster is enough)")
-    table.add_row(f"time for {c['tokens']:.3g} tokens", f"{format_duration(est['train_seconds'])} at {c['mfu']:.0%} MFU of {c['peak_tflops']:g} TFLOP/s")
-    out.print(table)
+    out.print(plan_table(est, fixes))
 
 
 # ---- tokenize / shards ------------------------------------------------------
@@ -479,6 +468,7 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON with model/train/data/parallel sections (e.g. a run's config.json), loaded strictly; flags override it."),
     deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", help="DeepSpeed JSON to start from (deepspeed_configs/zero3.json, zero3_offload.json); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest complete checkpoint, taking its config.json (flags override); without one, start it."),
+    force: bool = typer.Option(False, "--force", help="Start even if the memory plan (printed before step 1) says the run cannot fit."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048).", rich_help_panel="Batch"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
@@ -492,6 +482,7 @@ def train_cmd(
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).", rich_help_panel="Parallelism"),
     parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="zero3 (default; sharded, optional offload) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
     pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Pipeline stages with --parallel pipeline (default: one per rank).", rich_help_panel="Parallelism"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="How --parallel pipeline cuts layers into stages: parameters (default), uniform or type:REGEX (e.g. type:Block).", rich_help_panel="Parallelism"),
     offload: Optional[str] = typer.Option(None, "--offload", help="ZeRO-3 offload: none, cpu or nvme.", rich_help_panel="Parallelism"),
     nvme_path: Optional[str] = typer.Option(None, "--nvme-path", help="Local NVMe directory for --offload nvme.", rich_help_panel="Parallelism"),
     activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute blocks in the backward pass.", rich_help_panel="Parallelism"),
@@ -524,13 +515,15 @@ def train_cmd(
         config=str(config) if config else None,
         deepspeed=str(deepspeed) if deepspeed else None,
         resume=resume,
+        force=force,
         train=dict(
             seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup=warmup,
             weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, train_tokens=int(train_tokens) if train_tokens else None, precision=precision,
             save_every=save_every, eval_every=eval_every, eval_samples=eval_samples, keep_last=keep_last,
             max_bad_steps=max_bad_steps, peak_tflops=peak_tflops, log_every=log_every, tensorboard=tensorboard, seed=seed,
         ),
-        parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages),
+        parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages,
+                      partition=partition),
     )
     launch = LaunchConfig(nproc_per_node=nproc_per_node, hostfile=str(hostfile) if hostfile else None, master_addr=master_addr, master_port=master_port)
     code = train(request, launch)
@@ -739,12 +732,15 @@ def demo_cmd(
     from .demo import DemoConfig, run_demo
 
     cfg = override(DemoConfig(out=str(out_dir), fresh=fresh), steps=steps, nproc=nproc, prompt=prompt)
-    s = run_demo(cfg, show_progress=not quiet, log=lambda m: err.print(f"[bold cyan]demo[/] {m}", highlight=False))
+    s = run_demo(cfg, show_progress=not quiet, log=lambda m: err.print(f"[bold cyan]demo[/] {escape(m)}", highlight=False))
     table = Table(title="clova demo: done", show_header=False)
-    for stage, path in s["dirs"].items():
-        table.add_row(stage, f"{path}  ({s['seconds'].get(stage if stage != 'run' else 'train', 0):.0f} s)")
-    totals = s["tokens"]
-    table.add_row("tokens", ", ".join(f"{k} {v:,}" for k, v in totals.items() if isinstance(v, int)))
+    stage_of = {"tokenizer": "tokenizer", "shards": "shards", "run": "train", "hf": "export"}
+    for key, path in s["dirs"].items():
+        table.add_row(stage_of[key], f"{path}  ({s['seconds'].get(stage_of[key], 0):.1f} s)")
+    t = s["tokens"]
+    table.add_row("documents", f"{t.get('documents_read', 0):,} read, {t.get('documents_written', 0):,} written, "
+                  + ", ".join(f"{n:,} {reason}" for reason, n in s["skipped"].items()) + " skipped")
+    table.add_row("tokens", f"{t.get('tokens', 0):,} in {t.get('shards', 0)} shards")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     table.add_row("train loss", f"{fmt(s['first_loss'])} -> {fmt(s['final_loss'])}")
     table.add_row("valid loss", fmt(s["final_valid_loss"]))
@@ -760,4 +756,5 @@ def demo_cmd(
         "  clova train --model 1.3b --data shards/ --out runs/1.3b --nproc-per-node 8\n"
         f"  clova generate {d['hf']} \"{s['prompt']}\" --stream",
         highlight=False,
+        soft_wrap=True,
     )
