@@ -70,8 +70,10 @@ def _worker(rank: int, world: int, port: int, args: dict) -> None:
 
     from clova_train.model import GPT, ModelConfig
 
+    from clova_train.parallel import init_distributed
+
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()  # gloo, and no JIT-compiled shared-memory op on CPU
     cfg = ModelConfig(**args["model"])
     with deepspeed.zero.Init(config_dict_or_path=ds_config()):
         torch.manual_seed(0)
