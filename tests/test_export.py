@@ -504,3 +504,23 @@ def test_failed_verification_leaves_old_export_and_no_temp(zero3_run, tmp_path, 
         export_hf(zero3_run, out, export.ExportConfig(dtype="fp32", overwrite=True))
     assert (out / "old.txt").read_text() == "keep me"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_zero_stage_reads_back_however_python_pickled_the_enum():
+    # Python 3.11.0-3.11.4 pickle enum members by name (getattr(ZeroStageEnum, "weights"),
+    # with protocol 2's "__builtin__" module); later versions by value. Checkpoints of both must read.
+    import io
+    import pickle
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from clova_train.consolidate import _LazyUnpickler, _zero_stage
+
+    by_name = (
+        b"\x80\x02}q\x00X\n\x00\x00\x00zero_stageq\x01c__builtin__\ngetattr\nq\x02"
+        b"cdeepspeed.runtime.zero.config\nZeroStageEnum\nq\x03X\x07\x00\x00\x00weightsq\x04\x86q\x05Rq\x06s."
+    )
+    assert pickle.loads(by_name)["zero_stage"] == ZeroStageEnum.weights  # the bytes are a real pickle
+    by_value = pickle.dumps({"zero_stage": ZeroStageEnum.weights}, protocol=2)
+    for data in (by_name, by_value):
+        assert _zero_stage(_LazyUnpickler(io.BytesIO(data)).load()["zero_stage"]) == 3

@@ -164,7 +164,39 @@ class OnDisk:
         return math.prod(self.shape)
 
 
-class _Opaque:
+class _OpaqueMeta(type):
+    def __getattr__(cls, name: str):
+        # Python 3.11.0-3.11.4 pickle enum members by name, as getattr(EnumClass,
+        # "weights"); later versions as EnumClass(3). Both must read back.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _EnumMember(cls.__name__, name)
+
+
+@dataclass(frozen=True)
+class _EnumMember:
+    """An enum member of a class export does not import, known by name only."""
+
+    owner: str
+    name: str
+
+
+_ZERO_STAGES = {"disabled": 0, "optimizer_states": 1, "gradients": 2, "weights": 3}
+
+
+def _zero_stage(value) -> int | None:
+    """DeepSpeed's ZeroStageEnum as an int, however the checkpoint's Python pickled it."""
+    if isinstance(value, _Opaque):
+        value = value.args[0] if value.args else None
+    elif isinstance(value, _EnumMember):
+        value = _ZERO_STAGES.get(value.name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class _Opaque(metaclass=_OpaqueMeta):
     """Stands in for classes the structure mentions but export never needs (DeepSpeed's enums, loss scaler)."""
 
     def __init__(self, *args, **kwargs):
@@ -187,9 +219,11 @@ class _LazyUnpickler(pickle.Unpickler):
             return lambda func, cls, args, state: func(*args)
         if module == "torch" and name.endswith("Storage") and name != "UntypedStorage":
             return StorageType(name)  # as torch.load does; just the dtype, no deprecated storage class
+        if module == "__builtin__":  # protocol-2 pickles name Python 2's module (enums: getattr)
+            module = "builtins"
         if module.split(".")[0] in _ALLOWED_MODULES:
             return super().find_class(module, name)
-        return type(name, (_Opaque,), {"__module__": module})
+        return _OpaqueMeta(name, (_Opaque,), {"__module__": module})
 
     def persistent_load(self, pid):
         kind, storage_type, key, _location, _numel = pid
@@ -381,9 +415,8 @@ class Zero3Checkpoint:
             first = TorchZip(files["optim"][min(files["optim"])])
             self._files.append(first)
             osd = first.obj["optimizer_state_dict"]
-            stage = osd.get("zero_stage")
-            stage = stage.args[0] if isinstance(stage, _Opaque) else stage
-            if int(stage) != 3:
+            stage = _zero_stage(osd.get("zero_stage"))
+            if stage != 3:
                 raise ClovaError(f"{ref.path}: a ZeRO stage {stage} checkpoint, but config.json says 'zero3'")
             world = osd["partition_count"]
             world = max(world) if isinstance(world, (list, tuple)) else int(world)
