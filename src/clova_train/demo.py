@@ -176,7 +176,9 @@ def generate_with_transformers(hf_dir: Path, prompt: str, max_new_tokens: int, s
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the demo has its own summary; a bar for 28 tensors is noise
     tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir))
     model.eval()
