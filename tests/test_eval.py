@@ -204,8 +204,6 @@ def test_every_shipped_template_fits_its_task():
     for task in TASKS.values():
         tpl = load_template(task)
         assert tpl.ptune_query, task.name
-        if task.by_likelihood:
-            assert set(tpl.verbalizers) == set(task.labels)
 
 
 @pytest.mark.parametrize(

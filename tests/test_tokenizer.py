@@ -104,11 +104,16 @@ def test_crossing_count_detects_crossing_tokens():
     assert count_crossing([2, 1, 2], [5]) == 1
 
 
-def test_batch_equals_single_and_cache_is_consistent(tok, konlpy_lines):
+def test_batch_equals_single_and_cache_is_consistent(tok, tokenizer_dir, konlpy_lines):
     sample = konlpy_lines[:50]
     batch = tok.encode_batch(sample)
     assert batch == [tok.encode(t) for t in sample]
     assert batch == tok.encode_batch(sample)  # second call served from the cache
+    # A cold tokenizer whose caches overflow and clear on almost every call gives the same ids.
+    tiny = ClovaTokenizer.load(tokenizer_dir)
+    tiny._cache_entries = 8
+    assert [tiny.encode(t) for t in sample] == batch
+    assert tiny.encode_batch(sample[:5]) + tiny.encode_batch(sample[5:]) == batch
 
 
 def test_special_token_text_is_encoded_as_text(tok):

@@ -136,12 +136,13 @@ def tokenizer_show(
     from .tokenizer import ClovaTokenizer
 
     tok = ClovaTokenizer.load(tokenizer_dir)
-    table = Table(title=f"{len(tok.segment(text))} morphemes, {len(tok.encode(text))} tokens")
+    pieces = tok.segment(text)
+    table = Table(title=f"{len(pieces)} morphemes, {len(tok.encode(text))} tokens")
     table.add_column("morpheme")
     table.add_column("tokens")
     table.add_column("ids", justify="right")
-    for piece in tok.segment(text):
-        ids = tok.encode(piece) if not piece.isspace() else tok.encode(piece)
+    for piece in pieces:
+        ids = tok.encode(piece)
         shown = " | ".join(repr(tok.token_bytes(i).decode("utf-8", "replace"))[1:-1] for i in ids)
         table.add_row(repr(piece)[1:-1], shown, " ".join(map(str, ids)))
     out.print(table)

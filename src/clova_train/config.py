@@ -56,7 +56,3 @@ def override(cfg: T, **flags: Any) -> T:
     """Return ``cfg`` with the flags that were actually given (not None) applied."""
     given = {k: v for k, v in flags.items() if v is not None}
     return dataclasses.replace(cfg, **given) if given else cfg  # type: ignore[type-var]
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -17,7 +17,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from .errors import ClovaError
 
@@ -410,6 +410,3 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
         detect_format(p)
         out.append(p)
     return out
-
-
-ProgressFn = Callable[[int], None]

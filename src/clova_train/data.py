@@ -142,10 +142,16 @@ def blend(weights: np.ndarray, position: int, counts: np.ndarray, n: int) -> tup
         index[:] = np.arange(counts[0], counts[0] + n)
         counts[0] += n
         return choice, index
+    # Plain Python floats: the same float64 arithmetic as numpy, without an
+    # array op per sample (this runs every step, inside the timed region).
+    w, c = weights.tolist(), counts.tolist()
+    datasets = range(len(w))
     for i in range(n):
-        d = int(np.argmax(weights * (position + i + 1) - counts))
-        choice[i], index[i] = d, counts[d]
-        counts[d] += 1
+        t = position + i + 1
+        d = max(datasets, key=lambda j: w[j] * t - c[j])  # first maximum, as argmax
+        choice[i], index[i] = d, c[d]
+        c[d] += 1
+    counts[:] = c
     return choice, index
 
 

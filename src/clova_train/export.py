@@ -34,7 +34,7 @@ from .consolidate import CheckpointRef, Consolidated, empty_model, open_checkpoi
 from .errors import ClovaError
 from .model import GPT, ModelConfig
 from .tokenizer import META_FILE, TOKENIZER_FILE, ClovaTokenizer
-from .util import atomic_write_json, atomic_write_text, fsync_file, replace_dir
+from .util import atomic_write_json, atomic_write_text, fsync_path, replace_dir
 
 RESOURCES = Path(__file__).parent / "resources"
 REMOTE_TOKENIZER = "tokenization_clova.py"
@@ -204,7 +204,7 @@ class SafetensorsWriter:
         if self._next != len(self._entries):
             raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
         self._f.close()
-        fsync_file(self.path)
+        fsync_path(self.path)
 
 
 def plan_shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
@@ -258,17 +258,11 @@ def _pad_token(tok: ClovaTokenizer) -> str:
     return next((t for t in tok.special_tokens if "pad" in t.lower()), tok.meta["eod_token"])
 
 
-def _special_ids(tok: ClovaTokenizer) -> dict[str, int]:
-    """Special token -> id, as tokenizer.json's added_tokens record them."""
-    added = json.loads((tok.path / TOKENIZER_FILE).read_text(encoding="utf-8"))["added_tokens"]
-    return {t["content"]: t["id"] for t in added}
-
-
 def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
     """The GPT2Config that makes GPT2LMHeadModel compute exactly what our GPT does."""
     from transformers import GPT2Config
 
-    pad_id = _special_ids(tok)[_pad_token(tok)]
+    pad_id = tok.token_to_id(_pad_token(tok))
     return GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.block_size,

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Iterable
-
 EOJEOL = re.compile(r"\s*\S+|\s+")
 SEGMENTATION_MODE = "eojeol"
 # MeCab is a C library over fixed buffers: a pathological "word" (a 50 MB line
@@ -104,6 +102,3 @@ class MorphSegmenter:
         for w in EOJEOL.findall(text):
             out.extend(seg(w))
         return out
-
-    def segment_many(self, eojeols: Iterable[str]) -> list[tuple[str, ...]]:
-        return [self.segment_eojeol(w) for w in eojeols]

@@ -149,7 +149,6 @@ def estimate(cfg: PlanConfig) -> dict:
             # keeps the gathered working layer (DeepSpeed: cpu_offload_params=True).
             params, grads, optim = gathered, 0.0, 0.0
             cpu_per_node = 18 * n / cfg.nodes * 1.5 if cfg.offload == "cpu" else 0.0
-        acts = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, cfg.activation_checkpointing, True)
         acts_ckpt = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, True, True)
         acts_full = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, False, True)
         stage_params = n
@@ -158,17 +157,19 @@ def estimate(cfg: PlanConfig) -> dict:
         dp = cfg.world // s
         layers = math.ceil(m.n_layer / s)
         # The first stage holds the embeddings; with one stage it holds the whole model.
-        stage_params = layers * _block_params(m) + m.vocab_size * m.n_embd + m.block_size * m.n_embd
         if s == 1:
             stage_params = n
+        else:
+            stage_params = layers * _block_params(m) + m.vocab_size * m.n_embd + m.block_size * m.n_embd
         # ZeRO-1: weights and gradients replicated in each replica, optimizer state
         # (fp32 master weights and Adam moments in mixed precision) sharded.
         params, grads = w * stage_params, g * stage_params
         optim = o * stage_params / dp
         # 1F1B keeps up to `s` micro-batches in flight on the first stage.
         in_flight = s
-        per = lambda ck: activation_bytes(m, layers, tokens_micro, act_bytes, ck, s == 1) * in_flight  # noqa: E731
-        acts, acts_ckpt, acts_full = per(cfg.activation_checkpointing), per(True), per(False)
+        acts_ckpt = activation_bytes(m, layers, tokens_micro, act_bytes, True, s == 1) * in_flight
+        acts_full = activation_bytes(m, layers, tokens_micro, act_bytes, False, s == 1) * in_flight
+    acts = acts_ckpt if cfg.activation_checkpointing else acts_full
     total = params + grads + optim + acts
     usable = cfg.gpu_mem * GB * USABLE_FRACTION
     host_ok = cpu_per_node <= cfg.cpu_mem * GB * USABLE_FRACTION

@@ -36,7 +36,7 @@ import numpy as np
 
 from .corpus import check_read_options
 from .errors import ClovaError
-from .util import file_sha256
+from .util import file_sha256, fsync_path
 
 MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -152,21 +152,8 @@ def is_tmp_name(name: str) -> bool:
 
 def commit_file(tmp: Path, final: Path) -> None:
     """fsync then rename: the final name only ever holds a complete file."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(tmp)
     os.replace(tmp, final)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames inside ``path`` survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_index(path: Path, dtype, sizes: np.ndarray, pointers: np.ndarray) -> str:

@@ -65,7 +65,6 @@ from .shards import (
     check_shard,
     dtype_code,
     dtype_for_vocab,
-    fsync_dir,
     is_tmp_name,
     prefix_files,
     read_manifest,
@@ -75,7 +74,7 @@ from .shards import (
     write_index,
 )
 from .tokenizer import ClovaTokenizer
-from .util import atomic_write_json, file_sha256
+from .util import atomic_write_json, file_sha256, fsync_path
 
 PROGRESS_VERSION = 1
 # Test hook: the process dies (os._exit, no cleanup) right after committing
@@ -445,7 +444,7 @@ class _Progress:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.state)
-        fsync_dir(self.out_dir)
+        fsync_path(self.out_dir)
 
     def shard_done(self, record: dict) -> None:
         self.state["shards"].append(record)
@@ -600,7 +599,7 @@ def tokenize_corpus(
     manifest["node"] = {"num_nodes": cfg.num_nodes, "node_rank": cfg.node_rank, "input_files_total": len(all_paths)}
     atomic_write_json(out_dir / MANIFEST, manifest)
     (out_dir / PROGRESS).unlink()
-    fsync_dir(out_dir)
+    fsync_path(out_dir)
     return _report(manifest, out_dir, time.perf_counter() - t0, workers=workers, resumed=len(kept), complete=False)
 
 
@@ -763,7 +762,7 @@ def merge_shard_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
         "sit beside a relative symlink to the node's .bin",
     }
     atomic_write_json(out_dir / MANIFEST, manifest)
-    fsync_dir(out_dir)
+    fsync_path(out_dir)
     return _report(manifest, out_dir, 0.0, workers=0, resumed=0, complete=False)
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -190,7 +191,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    with console.status("learning BPE merges inside morphemes", spinner="dots") if show_progress else _null():
+    with console.status("learning BPE merges inside morphemes", spinner="dots") if show_progress else nullcontext():
         tok.train_from_iterator(_train_stream(morphemes), trainer=trainer)
     # At inference each morpheme arrives as its own pre-tokenized word.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -231,14 +232,6 @@ def train_tokenizer(
         "unique_morphemes": len(morphemes),
         "seconds": {"read": t_read, "segment": t_seg, "bpe": t_bpe, "total": time.perf_counter() - t0},
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -338,11 +331,14 @@ class ClovaTokenizer:
         docs = [EOJEOL.findall(t if norm == "none" else normalize(t, norm)) for t in texts]
         cache = self._cache
         missing = {w for ws in docs for w in ws if w not in cache}
+        if len(cache) + len(missing) > self._cache_entries:
+            # Clear before encoding, then encode every word of the batch, so
+            # no look-up below depends on an entry the clear removed.
+            cache.clear()
+            missing = {w for ws in docs for w in ws}
         extra: dict[str, list[int]] = {}
         if missing:
             found = self._encode_eojeols(missing)
-            if len(cache) + len(found) > self._cache_entries:
-                cache.clear()
             for w, ids in found.items():
                 (cache if len(w) <= MAX_CACHED_CHARS else extra)[w] = ids
         if extra:
@@ -359,6 +355,9 @@ class ClovaTokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._full.id_to_token(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._full.token_to_id(token)
 
     def token_bytes(self, i: int) -> bytes:
         """The raw bytes a token stands for (special tokens: their UTF-8 text)."""

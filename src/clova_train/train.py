@@ -36,6 +36,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from .data import DataConfig, data_config_from_specs
 from .errors import ClovaError
 from .model import ModelConfig, pad_vocab
 from .parallel import PRECISIONS, ParallelConfig, check_partition, template_defaults, zero_stage
-from .util import atomic_write_json, atomic_write_text
+from .util import atomic_write_json, atomic_write_text, fsync_path
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -629,21 +630,8 @@ def seed_all(seed: int) -> None:
 def _fsync_tree(directory: Path, rank: int, world: int) -> None:
     """Make a checkpoint durable before it is marked complete; the ranks share the files."""
     files = sorted(p for p in directory.rglob("*") if p.is_file())
-    for i, p in enumerate(files):
-        if i % world == rank:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for p in files[rank::world]:
+        fsync_path(p)
 
 
 def tag_for(step: int) -> str:
@@ -685,7 +673,8 @@ class Checkpointer:
         """The newest complete tag, as rank 0 sees it (every rank gets the same answer)."""
         import torch.distributed as td
 
-        found = [self.complete(self.dir)[-1][1] if self.rank == 0 and self.complete(self.dir) else None]
+        done = self.complete(self.dir) if self.rank == 0 else []
+        found = [done[-1][1] if done else None]
         td.broadcast_object_list(found, src=0)
         return found[0]
 
@@ -706,9 +695,9 @@ class Checkpointer:
             if self.faults.kill_in_save == step:
                 self.faults.kill()
             atomic_write_json(target / MARKER_FILE, {"tag": tag, **marker})
-            _fsync_dir(target)
+            fsync_path(target)
             atomic_write_text(self.dir / LATEST_FILE, tag)
-            _fsync_dir(self.dir)
+            fsync_path(self.dir)
             self.prune()
         td.barrier()
         return tag
@@ -871,7 +860,7 @@ class ProgressLine:
         self.total = total_steps
         self.log_every = log_every
         self.live = None
-        self.times: list[float] = []
+        self.times: deque[float] = deque(maxlen=20)
 
     def __enter__(self) -> "ProgressLine":
         if self.enabled and self.console.is_terminal:
@@ -904,7 +893,7 @@ class ProgressLine:
         return " | ".join(parts)
 
     def eta(self, step: int) -> str:
-        recent = self.times[-20:]
+        recent = self.times
         if not recent:
             return "?"
         s = int(sum(recent) / len(recent) * (self.total - step))
@@ -1080,7 +1069,7 @@ def run_worker(spec: RunSpec) -> str:
     with StopSignal() as stop_signal, progress, contextlib.closing(metrics):
         while step < train.steps:
             step += 1
-            where = stream.describe()
+            at = stream.state_dict()  # the step's data position, described only if it goes bad
             lr = lr_at(step, train)
             t0 = time.perf_counter()
             batch = stream.next_batch()
@@ -1111,7 +1100,7 @@ def run_worker(spec: RunSpec) -> str:
             last["valid_loss"] = record.get("valid_loss", last["valid_loss"])
             metrics.log(record)
             progress.update(record, seconds)
-            guard.update(res.skipped, step, where)
+            guard.update(res.skipped, step, stream.describe(at) if res.skipped else "")
             if rank0 and faults.kill_at_step == step:
                 faults.kill()
             if res.stop or step % train.save_every == 0 or step == train.steps:

@@ -29,7 +29,8 @@ def _update(h, path: Path, chunk: int) -> None:
             h.update(block)
 
 
-def fsync_file(path: str | Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file's data, or a directory's entries (so renames inside it survive a power cut)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
