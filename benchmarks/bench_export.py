@@ -68,9 +68,10 @@ def _worker(rank: int, world: int, port: int, args: dict) -> None:
     import deepspeed
     import torch
 
-    from clova_train.model import GPT, ModelConfig
+    from clova_train.model.gpt import GPT
+    from clova_train.model.config import ModelConfig
 
-    from clova_train.parallel import init_distributed
+    from clova_train.training.distributed import init_distributed
 
     torch.set_num_threads(1)
     init_distributed()  # gloo, and no JIT-compiled shared-memory op on CPU
@@ -129,7 +130,7 @@ def same_weights(ours: Path, theirs: Path) -> tuple[int, float]:
     """(tensors compared, max abs diff) between our HF export and zero_to_fp32's output, streamed."""
     from safetensors import safe_open
 
-    from clova_train.export import _hf_tensors, from_hf
+    from clova_train.export.hf import _hf_tensors, from_hf
 
     theirs_files = {}
     for f in theirs.glob("*.safetensors"):
@@ -152,8 +153,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="Work here and keep the files (default: a temp dir, removed).")
     a = ap.parse_args()
 
-    from clova_train.model import ModelConfig
-    from clova_train.tokenizer import ClovaTokenizer, TokenizerConfig, train_tokenizer
+    from clova_train.model.config import ModelConfig
+    from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer
 
     work = a.keep or Path(tempfile.mkdtemp(prefix="bench_export_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -33,17 +33,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokenizer import generated_lines, konlpy_lines  # noqa: E402  (same corpus recipe)
 
-from clova_train.shards import ShardConfig  # noqa: E402
-from clova_train.tokenize_corpus import _DocumentStream  # noqa: E402
-from clova_train.tokenizer import ClovaTokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from clova_train.shards.format import ShardConfig  # noqa: E402
+from clova_train.shards.build import _DocumentStream  # noqa: E402
+from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
 
 # Runs in a fresh interpreter so that its peak memory is the pipeline's alone
 # (this process holds the whole corpus in memory for the encode_batch reference).
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
 _CHILD = """
 import json, re, resource, sys, time
-from clova_train.shards import ShardConfig
-from clova_train.tokenize_corpus import tokenize_corpus
+from clova_train.shards.format import ShardConfig
+from clova_train.shards.build import tokenize_corpus
 inputs, tok, out, workers = json.loads(sys.argv[1])
 t = time.perf_counter()
 r = tokenize_corpus(inputs, tok, out, ShardConfig(workers=workers), show_progress=False)

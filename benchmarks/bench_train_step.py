@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from clova_train.model import GPT, ModelConfig
-from clova_train.plan import ACCELERATOR_PEAK_TFLOPS
+from clova_train.model.gpt import GPT
+from clova_train.model.config import ModelConfig
+from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
 
 
 def hf_twin(cfg: ModelConfig):

@@ -30,7 +30,7 @@ def konlpy_lines(konlpy_files) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, konlpy_files) -> Path:
     """A morpheme-aware tokenizer trained on the real text (well under a second)."""
-    from clova_train.tokenizer import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_tokenizer(konlpy_files, out, TokenizerConfig(vocab_size=2000), show_progress=False)
@@ -64,8 +64,9 @@ def tiny_lm(tokenizer_dir, konlpy_files):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
-    from clova_train.model import GPT, ModelConfig, pad_vocab
-    from clova_train.tokenizer import ClovaTokenizer
+    from clova_train.model.gpt import GPT
+    from clova_train.model.config import ModelConfig, pad_vocab
+    from clova_train.tokenizer.bpe import ClovaTokenizer
 
     tok = ClovaTokenizer.load(tokenizer_dir)
     # Whole files as documents: end-of-document is rare, so completions run on.
@@ -133,8 +134,8 @@ def clova_cli(*args, env: dict | None = None, timeout: float = 300, **popen):
 @pytest.fixture(scope="session")
 def korean_shards(tmp_path_factory, tokenizer_dir, konlpy_files) -> Path:
     """A shard dir of the konlpy text (about 27K train and 1K valid tokens)."""
-    from clova_train.shards import ShardConfig
-    from clova_train.tokenize_corpus import tokenize_corpus
+    from clova_train.shards.format import ShardConfig
+    from clova_train.shards.build import tokenize_corpus
 
     out = tmp_path_factory.mktemp("shards") / "ko"
     tokenize_corpus(konlpy_files, tokenizer_dir, out, ShardConfig(valid_fraction=0.05, workers=1), show_progress=False)

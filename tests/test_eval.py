@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.errors import ClovaError
-from clova_train.evaluate import (
+from clova_train.core.errors import ClovaError
+from clova_train.evaluation.tasks import (
     TASKS,
     TEMPLATES,
     EvalConfig,
@@ -290,7 +290,7 @@ def hf_dir(tiny_lm, tmp_path_factory) -> Path:
     """The tiny model as a Hugging Face GPT-2 directory, written with export's key map and tokenizer files."""
     from safetensors.torch import save_file
 
-    from clova_train.export import hf_config, to_hf, write_hf_tokenizer
+    from clova_train.export.hf import hf_config, to_hf, write_hf_tokenizer
 
     model, tok = tiny_lm
     out = tmp_path_factory.mktemp("hf")
@@ -306,7 +306,7 @@ def test_saved_scores_recompute_with_transformers_alone(tiny_lm, hf_dir, tmp_pat
     and MODEL may be such a directory (read by export.load_for_inference)."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from clova_train.generate import load_model
+    from clova_train.inference.generate import load_model
 
     train, test = files("nsmc")
     cfg = EvalConfig(task="nsmc", data=str(test), train=str(train), shots=2, out=str(tmp_path / "r.json"))

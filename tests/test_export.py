@@ -14,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.consolidate import consolidate_state_dict, expected_shapes, open_checkpoint, resolve_checkpoint
-from clova_train.errors import ClovaError
-from clova_train.export import (
+from clova_train.export.consolidate import consolidate_state_dict, expected_shapes, open_checkpoint, resolve_checkpoint
+from clova_train.core.errors import ClovaError
+from clova_train.export.hf import (
     HF_KEY_MAP,
     SafetensorsWriter,
     _Entry,
@@ -27,9 +27,10 @@ from clova_train.export import (
     plan_shards,
     to_hf,
 )
-from clova_train.model import GPT, ModelConfig
-from clova_train.parallel import pipeline_layer_names
-from clova_train.tokenizer import ClovaTokenizer
+from clova_train.model.gpt import GPT
+from clova_train.model.config import ModelConfig
+from clova_train.training.pipeline import pipeline_layer_names
+from clova_train.tokenizer.bpe import ClovaTokenizer
 
 from conftest import clova_cli
 
@@ -328,7 +329,7 @@ def test_pipeline_consolidation_reads_fp32_masters_equal_to_deepspeeds_layer_fil
 def test_pipeline_export_logits_match_transformers(pipeline_run, tmp_path, probe):
     from transformers import GPT2LMHeadModel
 
-    from clova_train.data import eval_batches, open_valid_data
+    from clova_train.training.sampler import eval_batches, open_valid_data
 
     run = pipeline_run["run"]
     out = tmp_path / "hf"
@@ -451,7 +452,7 @@ def test_unknown_step_lists_the_complete_ones(zero3_run, tmp_path):
 
 
 def test_tokenizer_that_changed_since_training(zero3_run, tmp_path, konlpy_files):
-    from clova_train.tokenizer import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
 
     other = tmp_path / "other_tok"
     train_tokenizer(konlpy_files[:2], other, TokenizerConfig(vocab_size=600), show_progress=False)
@@ -490,7 +491,7 @@ def test_existing_destination_needs_overwrite(zero3_run, tmp_path):
 
 
 def test_failed_verification_leaves_old_export_and_no_temp(zero3_run, tmp_path, monkeypatch):
-    import clova_train.export as export
+    import clova_train.export.hf as export
 
     out = tmp_path / "o"
     out.mkdir()
@@ -514,7 +515,7 @@ def test_zero_stage_reads_back_however_python_pickled_the_enum():
 
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from clova_train.consolidate import _LazyUnpickler, _zero_stage
+    from clova_train.export.torchzip import _LazyUnpickler, _zero_stage
 
     by_name = (
         b"\x80\x02}q\x00X\n\x00\x00\x00zero_stageq\x01c__builtin__\ngetattr\nq\x02"

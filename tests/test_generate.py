@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.errors import ClovaError
-from clova_train.generate import GenerateConfig, generate, generate_file, generate_ids, load_model, sample_next
-from clova_train.model import KVCache
+from clova_train.core.errors import ClovaError
+from clova_train.inference.generate import GenerateConfig, generate, generate_file, generate_ids, load_model, sample_next
+from clova_train.model.gpt import KVCache
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clova_train.export import REMOTE_TOKENIZER, RESOURCES, write_hf_tokenizer
-from clova_train.morph import MorphSegmenter
-from clova_train.tokenizer import ClovaTokenizer
+from clova_train.export.hf import REMOTE_TOKENIZER, RESOURCES, write_hf_tokenizer
+from clova_train.tokenizer.morph import MorphSegmenter
+from clova_train.tokenizer.bpe import ClovaTokenizer
 
 REMOTE = RESOURCES / REMOTE_TOKENIZER
 
@@ -96,7 +96,7 @@ def test_segments_like_morph_on_long_words(remote):
 
 
 def test_copied_constants_match_morph(remote):
-    from clova_train import morph
+    from clova_train.tokenizer import morph
 
     assert remote.EOJEOL.pattern == morph.EOJEOL.pattern
     assert remote._FALLBACK.pattern == morph._FALLBACK.pattern

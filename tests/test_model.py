@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from clova_train.model import GPT, ModelConfig, lm_loss, pad_vocab
-from clova_train.presets import PRESETS
+from clova_train.model.gpt import GPT, lm_loss
+from clova_train.model.config import ModelConfig, pad_vocab
+from clova_train.model.config import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_initialisation_follows_gpt3(tiny):
 
 def test_pad_vocab_and_config_checks():
     assert pad_vocab(2000) == 2048 and pad_vocab(2048) == 2048 and pad_vocab(51200) == 51200
-    from clova_train.errors import ClovaError
+    from clova_train.core.errors import ClovaError
 
     with pytest.raises(ClovaError, match="not divisible"):
         ModelConfig(n_embd=100, n_head=16)

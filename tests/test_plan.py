@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.errors import ClovaError
-from clova_train.model import GPT, ModelConfig
-from clova_train.plan import GB, PlanConfig, activation_bytes, deepspeed_model_states, estimate, suggest
+from clova_train.core.errors import ClovaError
+from clova_train.model.gpt import GPT
+from clova_train.model.config import ModelConfig
+from clova_train.training.plan import GB, PlanConfig, activation_bytes, deepspeed_model_states, estimate, suggest
 
 runner = CliRunner()
 

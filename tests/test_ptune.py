@@ -11,10 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.errors import ClovaError
-from clova_train.evaluate import EvalConfig, evaluate, get_task, prepare, prompt_embedder, read_examples
-from clova_train.generate import GenerateConfig, generate_ids
-from clova_train.ptune import META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, PTuneConfig, load_prompt, ptune
+from clova_train.core.errors import ClovaError
+from clova_train.evaluation.tasks import EvalConfig, evaluate, get_task, prepare, prompt_embedder, read_examples
+from clova_train.inference.generate import GenerateConfig, generate_ids
+from clova_train.evaluation.ptune import META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, PTuneConfig, load_prompt, ptune
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -94,7 +94,7 @@ def test_ptuning_beats_zero_shot_and_leaves_the_model_alone(tiny_lm, separable, 
 def test_gradients_reach_the_encoder_through_the_frozen_model(tiny_lm, separable):
     model, tok = tiny_lm
     task = get_task("nsmc")
-    from clova_train.evaluate import load_template, sequence_logprobs
+    from clova_train.evaluation.tasks import load_template, sequence_logprobs
 
     template = load_template(task, separable["template"])
     examples = read_examples(task, separable["train"], limit=4)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clova_train.errors import ClovaError
-from clova_train.shards import (
+from clova_train.core.errors import ClovaError
+from clova_train.shards.format import (
     IndexedDataset,
     IndexedDatasetWriter,
     ShardConfig,
@@ -20,7 +20,7 @@ from clova_train.shards import (
     read_manifest,
     verify_shard_dir,
 )
-from clova_train.tokenize_corpus import tokenize_corpus
+from clova_train.shards.build import tokenize_corpus
 
 
 def megatron_read(prefix: Path) -> list[np.ndarray]:
@@ -141,7 +141,7 @@ def shard_dir(tmp_path_factory, konlpy_files, tokenizer_dir) -> Path:
 
 
 def test_pipeline_shards_read_with_the_megatron_reader(shard_dir, tokenizer_dir):
-    from clova_train.tokenizer import ClovaTokenizer
+    from clova_train.tokenizer.bpe import ClovaTokenizer
 
     tok = ClovaTokenizer.load(tokenizer_dir)
     man = read_manifest(shard_dir)
@@ -247,7 +247,7 @@ def test_config_checks_itself(bad):
 
 
 def test_config_loads_strictly(tmp_path):
-    from clova_train.config import load_json
+    from clova_train.core.config import load_json
 
     (tmp_path / "c.json").write_text(json.dumps({"shard_tokens": 123, "dedup": False}))
     assert load_json(ShardConfig, tmp_path / "c.json").shard_tokens == 123

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.errors import ClovaError
-from clova_train.shards import ShardConfig, open_split, read_manifest, verify_shard_dir
-from clova_train.tokenize_corpus import (
+from clova_train.core.errors import ClovaError
+from clova_train.shards.format import ShardConfig, open_split, read_manifest, verify_shard_dir
+from clova_train.shards.build import (
     EXIT_AFTER_SHARDS_ENV,
     KeySet,
     is_valid,
@@ -28,7 +28,7 @@ from clova_train.tokenize_corpus import (
     slurm_node_slice,
     tokenize_corpus,
 )
-from clova_train.tokenizer import ClovaTokenizer
+from clova_train.tokenizer.bpe import ClovaTokenizer
 
 # Small shards and small batches so that the ~140 KB of real text makes ~10
 # shards and many batches: boundaries inside batches get exercised.

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from clova_train.train import CONFIG_FILE, MARKER_FILE, METRICS_FILE, Checkpointer
+from clova_train.training.rundir import CONFIG_FILE, MARKER_FILE, METRICS_FILE
+from clova_train.training.checkpoint import Checkpointer
 
 from conftest import TRAIN_ARGS, clova_cli
 
@@ -146,7 +147,7 @@ def test_sigterm_saves_and_exits_0(tmp_path, korean_shards):
 
 def _srun_tasks(args: list, n: int, extra_env: dict) -> list[subprocess.CompletedProcess]:
     """`srun -n N clova train ARGS` on this machine: N processes with the variables srun gives its tasks."""
-    from clova_train.launch import free_port
+    from clova_train.training.launch import free_port
 
     port = str(free_port())
     procs = []
@@ -184,8 +185,8 @@ def test_srun_tasks_become_ranks_and_non_finite_steps_stop_training(tmp_path, ko
 
 
 def test_hostfile_runs_through_deepspeeds_launcher_on_blended_data(tmp_path, korean_shards, tokenizer_dir, konlpy_files):
-    from clova_train.shards import ShardConfig
-    from clova_train.tokenize_corpus import tokenize_corpus
+    from clova_train.shards.format import ShardConfig
+    from clova_train.shards.build import tokenize_corpus
 
     bills = tmp_path / "bills"  # a second shard dir: the bills alone
     tokenize_corpus(konlpy_files[1:], tokenizer_dir, bills, ShardConfig(valid_fraction=0.05, workers=1), show_progress=False)

@@ -12,34 +12,20 @@ import pytest
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.data import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, parse_data_spec
-from clova_train.errors import ClovaError
-from clova_train.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
-from clova_train.parallel import (
-    ParallelConfig,
-    deepspeed_config,
-    load_template,
-    param_groups,
-    pipeline_layer_names,
-    pipeline_layers,
-    pipeline_names,
-    template_defaults,
-)
-from clova_train.train import (
-    MARKER_FILE,
-    BadStepGuard,
-    Checkpointer,
-    CollectiveError,
-    Faults,
-    MetricsLogger,
-    RunSpec,
-    TrainConfig,
-    TrainRequest,
-    lr_at,
-    plot_losses,
-    prepare,
-    tag_for,
-)
+from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, parse_data_spec
+from clova_train.core.errors import ClovaError
+from clova_train.training.loop import WORKER_MODULE
+from clova_train.training.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
+from clova_train.training.ds_config import ParallelConfig, deepspeed_config, load_template, template_defaults
+from clova_train.training.engine import param_groups
+from clova_train.training.pipeline import pipeline_layer_names, pipeline_layers, pipeline_names
+from clova_train.training.rundir import MARKER_FILE
+from clova_train.training.step import BadStepGuard
+from clova_train.training.checkpoint import Checkpointer, Faults, tag_for
+from clova_train.training.distributed import CollectiveError
+from clova_train.training.metrics import MetricsLogger, plot_losses
+from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
+from clova_train.training.resolve import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((REPO / "deepspeed_configs").glob("*.json"))
@@ -173,7 +159,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_train_config_resolution_and_checks():
-    from clova_train.model import ModelConfig
+    from clova_train.model.config import ModelConfig
 
     m = ModelConfig.from_name("1.3b")
     r = TrainConfig(train_tokens=150_000_000_000).resolved(m)
@@ -226,7 +212,8 @@ def test_parallel_modes_refuse_what_deepspeed_cannot_do():
 
 
 def test_pipeline_names_cover_the_model():
-    from clova_train.model import GPT, ModelConfig
+    from clova_train.model.gpt import GPT
+    from clova_train.model.config import ModelConfig
 
     cfg = ModelConfig.from_name("tiny", vocab_size=256, block_size=16)
     names = pipeline_names(cfg)
@@ -243,8 +230,9 @@ def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_
     import deepspeed.pipe
     import torch
 
-    from clova_train.parallel import Dist, PipelineEngine
-    from clova_train.train import run_config
+    from clova_train.training.distributed import Dist
+    from clova_train.training.pipeline import PipelineEngine
+    from clova_train.training.loop import run_config
 
     for bad, why in (("balanced", "must be parameters, uniform or type:REGEX"), ("type:", "must be parameters"),
                      ("type:Bl(ock", "not a regular expression"), ("type:a:b", "cannot contain ':'")):
@@ -314,7 +302,7 @@ def test_train_prints_the_plan_and_refuses_what_cannot_fit_unless_forced(tmp_pat
 
     from rich.console import Console
 
-    from clova_train.train import memory_check
+    from clova_train.training.preflight import memory_check
 
     req = TrainRequest(out=str(tmp_path / "run"), model="1.3b", data=[str(korean_shards)], train={"steps": 1, "seq_len": 64, "global_batch": 8})
     spec = prepare(req, world_size=2, check=False)
@@ -347,7 +335,8 @@ def test_template_values_become_defaults_and_bad_stage_is_refused():
 
 
 def test_no_weight_decay_on_biases_and_layernorms():
-    from clova_train.model import GPT, ModelConfig
+    from clova_train.model.gpt import GPT
+    from clova_train.model.config import ModelConfig
 
     model = GPT(ModelConfig.from_name("tiny", vocab_size=256, block_size=16))
     decay, plain = param_groups(model, 0.1)
@@ -387,8 +376,8 @@ def test_node_lists_and_hostfiles(tmp_path):
     assert read_hostfile(tmp_path / "hosts") == [("node001", 8), ("node002", 8)]
     cfg = LaunchConfig(hostfile=str(tmp_path / "hosts"))
     assert world_size(cfg) == (16, False)
-    cmd = deepspeed_command(tmp_path / "launch.json", cfg)
-    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[-3:] == ["--module", "clova_train.launch", str(tmp_path / "launch.json")]
+    cmd = deepspeed_command(tmp_path / "launch.json", cfg, WORKER_MODULE)
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[-3:] == ["--module", "clova_train.training.worker", str(tmp_path / "launch.json")]
     (tmp_path / "bad").write_text("node1 8\n")
     with pytest.raises(ClovaError, match="bad:1: expected 'HOST slots=N'"):
         read_hostfile(tmp_path / "bad")
@@ -455,7 +444,7 @@ def _train_args(shards, out, *extra):
 
 
 def test_vocabulary_mismatch_is_refused_before_step_1(tmp_path, korean_shards, konlpy_files):
-    from clova_train.tokenizer import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
 
     other = tmp_path / "other-tok"
     train_tokenizer(konlpy_files[:3], other, TokenizerConfig(vocab_size=1500), show_progress=False)
@@ -527,8 +516,9 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
     import os
     from types import SimpleNamespace
 
-    import clova_train.shards
-    from clova_train.train import VERIFIED_FILE, check_inputs
+    import clova_train.shards.format
+    from clova_train.training.rundir import VERIFIED_FILE
+    from clova_train.training.preflight import check_inputs
 
     shards = tmp_path / "shards"
     shutil.copytree(korean_shards, shards)
@@ -540,7 +530,7 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
         raise AssertionError("re-hashed an unchanged shard dir")
 
     with monkeypatch.context() as m:
-        m.setattr(clova_train.shards, "verify_shard_dir", no_rehash)
+        m.setattr(clova_train.shards.format, "verify_shard_dir", no_rehash)
         check_inputs(spec)  # a restart: same files, no hashing
     binfile = next(p for p in sorted(shards.glob("*.bin")) if p.stat().st_size > 100)
     raw = bytearray(binfile.read_bytes())

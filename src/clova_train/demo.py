@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ClovaError
+from clova_train.core.errors import ClovaError
 
 
 @dataclass
@@ -71,12 +71,13 @@ def konlpy_corpus() -> list[Path]:
 
 def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     """Run (or resume) the demo pipeline; return what each stage produced."""
-    from .export import ExportConfig, export_hf
-    from .launch import LaunchConfig
-    from .shards import ShardConfig, read_manifest
-    from .tokenize_corpus import tokenize_corpus
-    from .tokenizer import TokenizerConfig, train_tokenizer
-    from .train import TrainRequest, train
+    from clova_train.export.hf import ExportConfig, export_hf
+    from clova_train.training.launch import LaunchConfig
+    from clova_train.shards.format import ShardConfig, read_manifest
+    from clova_train.shards.build import tokenize_corpus
+    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.training.config import TrainRequest
+    from clova_train.training.loop import train
 
     root = Path(cfg.out)
     if cfg.fresh and root.exists():

@@ -1,0 +1,129 @@
+"""`clova plan` and `clova train`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from clova_train.cli.common import friendly, out
+from clova_train.core.errors import ClovaError
+
+
+@friendly
+def plan_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs per node."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU, GB."),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes."),
+    cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload)."),
+    parallel: str = typer.Option("zero3", "--parallel", help="zero3 or pipeline (ZeRO-1 across replicas)."),
+    pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
+    offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per step."),
+    vocab_size: int = typer.Option(51200, "--vocab-size", help="Padded vocabulary size."),
+    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
+    tokens: float = typer.Option(150e9, "--tokens", help="Tokens to train on."),
+    mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation."),
+    gpu_type: str = typer.Option("a100", "--gpu-type", help="Peak TFLOP/s from: a100, h100, h200, a10g, l40s, v100."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one GPU (overrides --gpu-type)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Memory per GPU, whether a run fits, what would make it fit, and how long it takes.
+
+    Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
+    """
+    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest
+
+    if peak_tflops is None:
+        if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
+            raise ClovaError(f"unknown --gpu-type {gpu_type!r}; use one of {', '.join(ACCELERATOR_PEAK_TFLOPS)} or --peak-tflops")
+        peak_tflops = ACCELERATOR_PEAK_TFLOPS[gpu_type.lower()]
+    cfg = PlanConfig(
+        model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
+        offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
+        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops,
+    )
+    est = estimate(cfg)
+    fixes = [] if est["fits"] else suggest(cfg)
+    if as_json:
+        out.print_json(json.dumps({**est, "suggestions": fixes}))
+        return
+    out.print(plan_table(est, fixes))
+
+
+@friendly
+def train_cmd(
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run dir; rerunning into it continues the run from its newest complete checkpoint."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
+    data: Optional[List[str]] = typer.Option(None, "--data", "-d", help="Shard dir from `clova tokenize`, optionally DIR:WEIGHT; repeat to blend."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer dir (default: the one in the shards' manifest); its hash must match the shards'."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON with model/train/data/parallel sections (e.g. a run's config.json), loaded strictly; flags override it."),
+    deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", help="DeepSpeed JSON to start from (deepspeed_configs/zero3.json, zero3_offload.json); flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest complete checkpoint, taking its config.json (flags override); without one, start it."),
+    force: bool = typer.Option(False, "--force", help="Start even if the memory plan (printed before step 1) says the run cannot fit."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048).", rich_help_panel="Batch"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the preset's GPT-3 value).", rich_help_panel="Optimizer"),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine decay (default lr/10).", rich_help_panel="Optimizer"),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 375M tokens, at most 10% of the run).", rich_help_panel="Optimizer"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.1).", rich_help_panel="Optimizer"),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Global gradient-norm clip (default 1.0; 0: off).", rich_help_panel="Optimizer"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train.", rich_help_panel="Length"),
+    train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 150e9 (rounded up to whole steps).", rich_help_panel="Length"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).", rich_help_panel="Parallelism"),
+    parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="zero3 (default; sharded, optional offload) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
+    pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Pipeline stages with --parallel pipeline (default: one per rank).", rich_help_panel="Parallelism"),
+    partition: Optional[str] = typer.Option(None, "--partition", help="How --parallel pipeline cuts layers into stages: parameters (default), uniform or type:REGEX (e.g. type:Block).", rich_help_panel="Parallelism"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="ZeRO-3 offload: none, cpu or nvme.", rich_help_panel="Parallelism"),
+    nvme_path: Optional[str] = typer.Option(None, "--nvme-path", help="Local NVMe directory for --offload nvme.", rich_help_panel="Parallelism"),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute blocks in the backward pass.", rich_help_panel="Parallelism"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (default 1000).", rich_help_panel="Checkpoints and logs"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation loss every N steps (default 1000; 0: never).", rich_help_panel="Checkpoints and logs"),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Validation sequences per evaluation (default 256).", rich_help_panel="Checkpoints and logs"),
+    keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep the newest N complete checkpoints (default 0: all).", rich_help_panel="Checkpoints and logs"),
+    max_bad_steps: Optional[int] = typer.Option(None, "--max-bad-steps", help="Stop after N consecutive non-finite steps (default 5).", rich_help_panel="Checkpoints and logs"),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one device for MFU (default: known accelerators).", rich_help_panel="Checkpoints and logs"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Progress line every N steps when not on a terminal (default 10).", rich_help_panel="Checkpoints and logs"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard events in RUN_DIR/tensorboard (default on).", rich_help_panel="Checkpoints and logs"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initialisation and the sample order (default 1234).", rich_help_panel="Checkpoints and logs"),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Local worker processes, one per GPU (default 1; a rerun: as many as wrote its checkpoint).", rich_help_panel="Launch"),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile: run on all its hosts (see cli/hostfile.example).", rich_help_panel="Launch"),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Rank 0's address (default: localhost or the first Slurm node).", rich_help_panel="Launch"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Rank 0's port.", rich_help_panel="Launch"),
+) -> None:
+    """Pre-train a GPT on shard dirs with DeepSpeed (ZeRO-3 or pipeline + ZeRO-1), resumably; under srun each task is a rank.
+
+    Example: [bold]clova train --model 1.3b --data shards/ --out runs/1.3b --train-tokens 150e9 --nproc-per-node 8[/]
+    """
+    from clova_train.training.launch import LaunchConfig
+    from clova_train.training.config import TrainRequest
+    from clova_train.training.loop import train
+
+    request = TrainRequest(
+        out=str(out_dir),
+        model=model,
+        data=list(data or []),
+        tokenizer=str(tokenizer) if tokenizer else None,
+        config=str(config) if config else None,
+        deepspeed=str(deepspeed) if deepspeed else None,
+        resume=resume,
+        force=force,
+        train=dict(
+            seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup=warmup,
+            weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, train_tokens=int(train_tokens) if train_tokens else None, precision=precision,
+            save_every=save_every, eval_every=eval_every, eval_samples=eval_samples, keep_last=keep_last,
+            max_bad_steps=max_bad_steps, peak_tflops=peak_tflops, log_every=log_every, tensorboard=tensorboard, seed=seed,
+        ),
+        parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages,
+                      partition=partition),
+    )
+    launch = LaunchConfig(nproc_per_node=nproc_per_node, hostfile=str(hostfile) if hostfile else None, master_addr=master_addr, master_port=master_port)
+    code = train(request, launch)
+    if code:
+        raise typer.Exit(code)

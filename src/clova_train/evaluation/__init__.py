@@ -1,0 +1,1 @@
+"""Few-shot evaluation (tasks, scorers, prompt templates) and p-tuning."""

@@ -1,0 +1,301 @@
+"""P-tuning (Liu et al. 2021, "GPT Understands, Too"), as HyperCLOVA used it.
+
+N trainable embeddings pass through a small encoder (a bidirectional LSTM
+then an MLP, or an MLP alone) and the resulting vectors take the place of
+the ``{prompt}`` marks in a task template. The language model stays frozen:
+gradients flow through it into its input embeddings and on to the encoder,
+so only the encoder (a small file) is trained and saved. Classification is
+trained with cross-entropy over the labels' verbalizer log-likelihoods, the
+same scores `clova eval` compares; generation tasks with the log-likelihood
+of the reference answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clova_train import __version__
+from clova_train.core.config import from_dict
+from clova_train.core.errors import ClovaError
+from clova_train.evaluation.tasks import (
+    SCORE_MODES,
+    PromptTemplate,
+    Task,
+    get_task,
+    load_template,
+    prepare,
+    prompt_embedder,
+    read_examples,
+    run_task,
+    sequence_logprobs,
+)
+from clova_train.inference.generate import model_device
+from clova_train.model.gpt import GPT
+
+ENCODERS = ("lstm", "mlp")
+WEIGHTS_FILE = "prompt_encoder.safetensors"
+VECTORS_FILE = "prompt_vectors.safetensors"
+META_FILE = "ptune.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PTuneConfig:
+    """A p-tuning run."""
+
+    task: str
+    """One of evaluate.TASKS; its template needs a ptune_query."""
+    train: str
+    """Training examples, in the task's format."""
+    valid: str
+    """Validation examples; the epoch with the best first metric is kept."""
+    out: str
+    """Output directory: the encoder, its prompt vectors and ptune.json."""
+    prompt_tokens: int = 8
+    """Trained vectors, split evenly between the template's {prompt} marks."""
+    encoder: str = "lstm"
+    """lstm: embeddings -> bidirectional LSTM -> MLP (the paper's); mlp: embeddings -> MLP."""
+    hidden_size: int = 256
+    """Width of the encoder; the paper used the model's own width, which at 1.3B makes a 50M-parameter LSTM."""
+    lr: float = 1e-3
+    """AdamW learning rate of the encoder."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the encoder."""
+    epochs: int = 5
+    """Passes over the training examples."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    seed: int = 0
+    """Seed of the encoder's initialisation and the example order."""
+    template: str = ""
+    """A template JSON file; empty: the one shipped for the task."""
+    score: str = "sum"
+    """How label log-likelihoods compare (as in `clova eval`): sum, or mean per token."""
+    batch_tokens: int = 16384
+    """Tokens per validation scoring batch."""
+
+    def __post_init__(self) -> None:
+        get_task(self.task)
+        for name in ("train", "valid", "out"):
+            if not getattr(self, name):
+                raise ClovaError(f"ptune needs --{name}")
+        if self.prompt_tokens < 1:
+            raise ClovaError(f"prompt_tokens must be >= 1, not {self.prompt_tokens}")
+        if self.encoder not in ENCODERS:
+            raise ClovaError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        if self.hidden_size < 2:
+            raise ClovaError(f"hidden_size must be >= 2, not {self.hidden_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ClovaError(f"lr must be > 0 and weight_decay >= 0, not {self.lr} and {self.weight_decay}")
+        if self.epochs < 1 or self.batch_size < 1 or self.batch_tokens < 1:
+            raise ClovaError("epochs, batch_size and batch_tokens must be >= 1")
+        if self.score not in SCORE_MODES:
+            raise ClovaError(f"score must be one of {', '.join(SCORE_MODES)}, not {self.score!r}")
+
+
+class PromptEncoder(nn.Module):
+    """Prompt vectors (n_tokens, n_embd) = MLP(BiLSTM(E)) or MLP(E), E trainable (n_tokens, hidden)."""
+
+    def __init__(self, n_tokens: int, n_embd: int, kind: str = "lstm", hidden_size: int = 256):
+        super().__init__()
+        hidden = hidden_size
+        self.kind = kind
+        self.embedding = nn.Parameter(torch.randn(n_tokens, hidden))
+        # The LSTM makes neighbouring vectors depend on each other (the paper's argument for it).
+        self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True) if kind == "lstm" else None
+        width = 2 * (hidden // 2) if self.lstm is not None else hidden
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
+        # Vectors start at zero rather than several times the size of word embeddings, which
+        # would drown what the prompt reads from the input in the residual stream.
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self) -> torch.Tensor:
+        x = self.embedding
+        if self.lstm is not None:
+            x = self.lstm(x[None])[0][0]  # (1, n, hidden) -> (n, hidden)
+        return self.mlp(x)  # (n_tokens, n_embd)
+
+
+@dataclass
+class TrainedPrompt:
+    """A loaded p-tuning directory."""
+
+    template: PromptTemplate
+    vectors: torch.Tensor
+    """(prompt_tokens, n_embd) on the model's device, in its dtype."""
+    meta: dict
+
+
+def _targets(tok, task: Task, template: PromptTemplate, examples, reserve: int) -> list[list[int]]:
+    """Reference answer ids of generation-task examples, with the first stop string so the
+    prompt also learns where an answer ends."""
+    end = template.stop[0] if template.stop else ""
+    texts = [template.answer_text(ex.gold[0]) + end for ex in examples]
+    return [ids[:reserve] for ids in tok.encode_batch(texts)]
+
+
+class _Objective:
+    """The training loss of a batch of prepared examples, for either kind of task."""
+
+    def __init__(self, model: GPT, tok, task: Task, template: PromptTemplate, score: str):
+        self.model, self.task, self.score = model, task, score
+        if task.by_likelihood:
+            self.labels = list(template.verbalizers)
+            texts = [template.answer_text(template.verbalizers[label]) for label in self.labels]
+            self.cont_ids = tok.encode_batch(texts)
+            self.reserve = max(map(len, self.cont_ids))
+        else:
+            self.reserve = template.max_new_tokens
+
+    def loss(self, batch, targets, embed) -> torch.Tensor:
+        if self.task.by_likelihood:
+            requests = [(p.ids, c) for p in batch for c in self.cont_ids]
+            logp = sequence_logprobs(self.model, requests, embed).view(len(batch), len(self.labels))  # (B, labels)
+            if self.score == "mean":
+                logp = logp / torch.tensor([len(c) for c in self.cont_ids], device=logp.device)
+            gold = torch.tensor([self.labels.index(p.example.gold) for p in batch], device=logp.device)
+            return F.cross_entropy(logp, gold)
+        logp = sequence_logprobs(self.model, [(p.ids, t) for p, t in zip(batch, targets)], embed)
+        return -logp.sum() / sum(map(len, targets))
+
+
+def ptune(model: GPT, tok, cfg: PTuneConfig, *, model_name: str = "", show_progress: bool = True) -> dict:
+    """Train a prompt encoder in front of the frozen ``model``; save it to ``cfg.out``; return a report."""
+    from clova_train.core.progress import progress_bar
+
+    t0 = time.perf_counter()
+    task = get_task(cfg.task)
+    template = load_template(task, cfg.template or None)
+    if not template.ptune_query:
+        raise ClovaError(f"the {task.name} template has no ptune_query: add one with {{prompt}} marks")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise ClovaError(f"{out}: exists and is not a ptune directory; choose another --out")
+    train = read_examples(task, cfg.train)
+    valid = read_examples(task, cfg.valid)
+    device = model_device(model)
+    objective = _Objective(model, tok, task, template, cfg.score)
+    prepared = prepare(model, tok, task, template, train, n_vectors=cfg.prompt_tokens, reserve=objective.reserve)
+    targets = [] if task.by_likelihood else _targets(tok, task, template, train, objective.reserve)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        encoder = PromptEncoder(cfg.prompt_tokens, model.cfg.n_embd, cfg.encoder, cfg.hidden_size)
+    encoder = encoder.to(device)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order_rng = random.Random(cfg.seed)
+
+    def validate(vectors: torch.Tensor | None) -> dict[str, float]:
+        return run_task(model, tok, task, template, valid, score=cfg.score, batch_tokens=cfg.batch_tokens, vectors=vectors)[0]
+
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.requires_grad_(False)
+    model.eval()
+    try:
+        zero_shot = validate(None)
+        history, best, best_state = [], None, None
+        primary = task.metrics[0]
+        for epoch in range(1, cfg.epochs + 1):
+            order = list(range(len(prepared)))
+            order_rng.shuffle(order)
+            encoder.train()
+            total = 0.0
+            with progress_bar(f"ptune epoch {epoch}/{cfg.epochs}", len(order), enabled=show_progress) as advance:
+                for b in range(0, len(order), cfg.batch_size):
+                    idx = order[b : b + cfg.batch_size]
+                    embed = prompt_embedder(model, encoder().to(model.wte.weight.dtype))
+                    loss = objective.loss([prepared[i] for i in idx], [targets[i] for i in idx] if targets else [], embed)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+                    opt.step()
+                    total += loss.item() * len(idx)
+                    advance(len(idx))
+            encoder.eval()
+            with torch.no_grad():
+                metrics = validate(encoder())
+            history.append({"epoch": epoch, "train_loss": total / len(order), "valid": metrics})
+            if best is None or metrics[primary] > best["valid"][primary]:
+                best, best_state = history[-1], copy.deepcopy(encoder.state_dict())
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    encoder.load_state_dict(best_state)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "clova_train_version": __version__,
+        "task": task.name,
+        "config": asdict(cfg),
+        "encoder": {"n_tokens": cfg.prompt_tokens, "n_embd": model.cfg.n_embd, "kind": cfg.encoder, "hidden_size": cfg.hidden_size},
+        "template": asdict(template),
+        "base_model": {"name": model_name, **{k: getattr(model.cfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")}},
+        "tokenizer_hash": getattr(tok, "hash", None),
+        "zero_shot": zero_shot,
+        "best_epoch": best["epoch"],
+        "best": best["valid"],
+        "history": history,
+    }
+    _save(encoder, meta, out)
+    return {
+        "out": str(out),
+        "zero_shot": zero_shot,
+        "best": best["valid"],
+        "best_epoch": best["epoch"],
+        "history": history,
+        "parameters": sum(p.numel() for p in encoder.parameters()),
+        "bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _save(encoder: PromptEncoder, meta: dict, out: Path) -> None:
+    """The encoder, its vectors (for anyone feeding them to another runtime) and ptune.json, atomically."""
+    from safetensors.torch import save_file
+
+    from clova_train.core.files import atomic_write_json, replace_dir
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / WEIGHTS_FILE))
+    with torch.no_grad():
+        save_file({"vectors": encoder().float().cpu().contiguous()}, str(tmp / VECTORS_FILE))
+    atomic_write_json(tmp / META_FILE, meta)
+    replace_dir(tmp, out)
+
+
+def load_prompt(path: str | Path, model: GPT, task: Task) -> TrainedPrompt:
+    """The trained prompt of a `clova ptune` directory, checked against the model and task."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise ClovaError(f"{path}: not a ptune directory (needs {META_FILE} and {WEIGHTS_FILE}); make one with `clova ptune`")
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ClovaError(f"{path / META_FILE}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    if meta["task"] != task.name:
+        raise ClovaError(f"{path}: the prompt was trained for {meta['task']}, not {task.name}; pass --task {meta['task']}")
+    enc = meta["encoder"]
+    if enc["n_embd"] != model.cfg.n_embd:
+        raise ClovaError(f"{path}: the prompt was trained for a model with n_embd {enc['n_embd']}, this one has {model.cfg.n_embd}")
+    encoder = PromptEncoder(enc["n_tokens"], enc["n_embd"], enc["kind"], enc["hidden_size"])
+    encoder.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    with torch.no_grad():
+        vectors = encoder.eval()().to(device=model_device(model), dtype=model.wte.weight.dtype)
+    template = from_dict(PromptTemplate, meta["template"], where=f"{path / META_FILE} template")
+    template.check(task, str(path / META_FILE))
+    return TrainedPrompt(template, vectors, meta)

@@ -1,0 +1,1 @@
+"""Raw text: corpus readers for every input format, normalisation and cleaning."""

@@ -1,0 +1,198 @@
+"""`clova train`'s configs: the optimisation settings, the request as given, and the resolved run every rank receives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from clova_train.core.errors import ClovaError
+from clova_train.model.config import ModelConfig
+from clova_train.training.ds_config import PRECISIONS, ParallelConfig
+from clova_train.training.sampler import DataConfig
+
+# GPT-3 warmed up over its first 375M tokens.
+GPT3_WARMUP_TOKENS = 375_000_000
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, and the loop's cadence."""
+
+    seq_len: int = 2048
+    """Tokens per training sequence."""
+    global_batch: int = 1024
+    """Sequences per optimizer step over all ranks (GPT-3: 1024), reached by gradient accumulation."""
+    micro_batch: int = 1
+    """Sequences per rank per forward pass."""
+    lr: float | None = None
+    """Peak learning rate (None: the model preset's GPT-3 value)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay (None: lr / 10)."""
+    warmup: int | None = None
+    """Linear warm-up steps (None: GPT-3's 375M tokens, at most a tenth of the run)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings (biases and LayerNorms: 0)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2 (GPT-3: 0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    steps: int | None = None
+    """Optimizer steps to train for (give this or train_tokens)."""
+    train_tokens: int | None = None
+    """Tokens to train on, rounded up to whole steps (give this or steps)."""
+    precision: str = "auto"
+    """bf16, fp16 or fp32; auto: bf16 on CUDA, fp32 on CPU."""
+    save_every: int = 1000
+    """Checkpoint every this many steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    eval_every: int = 1000
+    """Evaluate on the valid split every this many steps (0: never)."""
+    eval_samples: int = 256
+    """Validation sequences per evaluation (the first ones of the valid split)."""
+    keep_last: int = 0
+    """Keep only the newest N complete checkpoints (0: keep all)."""
+    seed: int = 1234
+    """Seed of the initialisation and of the global sample order."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient norm."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for MFU (None: from the table of known accelerators)."""
+    log_every: int = 10
+    """Print a progress line every this many steps when stderr is not a terminal."""
+    tensorboard: bool = True
+    """Write TensorBoard events to RUN_DIR/tensorboard through DeepSpeed's monitor."""
+
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "global_batch", "micro_batch", "save_every", "max_bad_steps", "log_every")
+        for f in positive:
+            if getattr(self, f) < 1:
+                raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
+        for f in ("eval_every", "eval_samples", "keep_last", "weight_decay", "grad_clip"):
+            if getattr(self, f) < 0:
+                raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
+        for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops"):
+            v = getattr(self, f)
+            if v is not None and not v > 0:
+                raise ClovaError(f"train {f} must be > 0, not {v}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ClovaError(f"train warmup must be >= 0, not {self.warmup}")
+        if self.steps is not None and self.train_tokens is not None:
+            raise ClovaError("give --steps or --train-tokens, not both")
+        if self.precision not in PRECISIONS:
+            raise ClovaError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.global_batch % self.micro_batch:
+            raise ClovaError(f"global batch {self.global_batch} is not a multiple of micro-batch {self.micro_batch}")
+        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
+            raise ClovaError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        for f in ("beta1", "beta2"):
+            if not 0 <= getattr(self, f) < 1:
+                raise ClovaError(f"train {f} must be in [0, 1), not {getattr(self, f)}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def resolved(self, model: ModelConfig) -> "TrainConfig":
+        """Every None replaced by its value: lr from the preset, steps from tokens, the warm-up."""
+        if self.steps is None and self.train_tokens is None:
+            raise ClovaError("say how long to train: --steps N or --train-tokens N")
+        lr = self.lr if self.lr is not None else model.lr
+        steps = self.steps if self.steps is not None else math.ceil(self.train_tokens / self.tokens_per_step)
+        warmup = self.warmup
+        if warmup is None:
+            warmup = min(math.ceil(GPT3_WARMUP_TOKENS / self.tokens_per_step), steps // 10)
+        return replace(self, lr=lr, min_lr=self.min_lr if self.min_lr is not None else lr / 10, steps=steps, train_tokens=None, warmup=warmup)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine to min_lr."""
+    if step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------ the resolved run
+
+
+@dataclass
+class TrainRequest:
+    """What `clova train` was asked, before resolution (flags left None were not given)."""
+
+    out: str
+    model: str | None = None
+    data: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    config: str | None = None
+    deepspeed: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    force: bool = False
+    """Start even when the memory plan says the run cannot fit."""
+
+
+@dataclass
+class RunSpec:
+    """A fully resolved run, as handed to every rank (RUN_DIR/launch.json)."""
+
+    out: str
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    deepspeed_template: dict
+    tokenizer: dict
+    world_size: int
+    identity: dict
+    resume: bool = False
+    checked: bool = False
+    force: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return {
+            "out": self.out,
+            "model": asdict(self.model),
+            "train": asdict(self.train),
+            "data": asdict(self.data),
+            "parallel": asdict(self.parallel),
+            "deepspeed_template": self.deepspeed_template,
+            "tokenizer": self.tokenizer,
+            "world_size": self.world_size,
+            "identity": self.identity,
+            "resume": self.resume,
+            "checked": self.checked,
+            "force": self.force,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunSpec":
+        return cls(
+            out=d["out"],
+            model=ModelConfig(**d["model"]),
+            train=TrainConfig(**d["train"]),
+            data=DataConfig(**d["data"]),
+            parallel=ParallelConfig(**d["parallel"]),
+            deepspeed_template=d["deepspeed_template"],
+            tokenizer=d["tokenizer"],
+            world_size=d["world_size"],
+            identity=d["identity"],
+            resume=d["resume"],
+            checked=d["checked"],
+            force=d.get("force", False),
+        )

@@ -1,0 +1,71 @@
+"""Processes: joining the process group, the accelerator, and the one error every rank raises alike."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from clova_train.core.errors import ClovaError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    device: torch.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed logs every config key at INFO; our progress line says what matters."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*")
+    # The pipeline engine's p2p broadcasts run inside autograd; its gradients are checked against ZeRO-3 in the tests.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+
+
+def select_accelerator() -> None:
+    """Pin DeepSpeed to the CPU accelerator when there is no GPU (it must be set before the import)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def init_distributed() -> Dist:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by launch.py)."""
+    select_accelerator()
+    import deepspeed
+    import deepspeed.ops
+
+    quiet_deepspeed()
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        # The CPU accelerator would JIT-compile a shared-memory all-reduce for
+        # its torch backend; gloo is enough for CPU runs and needs no compiler.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    import torch.distributed as td
+
+    return Dist(
+        rank=td.get_rank(),
+        world=td.get_world_size(),
+        local_rank=local_rank,
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", td.get_world_size())),
+        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+    )
+
+
+class CollectiveError(ClovaError):
+    """Raised identically on every rank (after a collective); only rank 0 prints it."""

@@ -1,0 +1,247 @@
+"""The training loop of one rank (:func:`run_worker`) and `clova train`'s entry point (:func:`train`).
+
+:func:`~clova_train.training.resolve.prepare` resolves the request, :mod:`launch` starts the ranks, and each
+rank's loop calls :func:`train_step`, an :class:`Evaluator`, a :class:`Checkpointer` and a :class:`MetricsLogger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from clova_train import __version__
+from clova_train.core.errors import ClovaError
+from clova_train.core.files import atomic_write_json
+from clova_train.core.progress import console
+from clova_train.model.config import ModelConfig
+from clova_train.training import launch
+from clova_train.training.checkpoint import Checkpointer, Faults, newest_checkpoint, rng_state, seed_all, set_rng_state, tag_for
+from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
+from clova_train.training.distributed import CollectiveError, Dist, init_distributed
+from clova_train.training.ds_config import resolve_precision
+from clova_train.training.ds_config import ParallelConfig, deepspeed_config
+from clova_train.training.engine import Engine
+from clova_train.training.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
+from clova_train.training.pipeline import PipelineEngine
+from clova_train.training.preflight import _rank0_check, memory_check
+from clova_train.training.resolve import prepare
+from clova_train.training.rundir import CONFIG_FILE
+from clova_train.training.sampler import TrainStream, eval_batches, open_train_data, open_valid_data
+from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
+from clova_train.training.zero import Zero3Engine
+
+
+# The process entry point of a rank (it imports this module; naming it keeps launch free of the loop).
+WORKER_MODULE = "clova_train.training.worker"
+
+
+def build_engine(model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist) -> Engine:
+    engines = {"zero3": Zero3Engine, "pipeline": PipelineEngine}
+    return engines[parallel.mode](model_cfg, ds_config, parallel, seed=seed, dist=dist)
+
+
+def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) -> dict:
+    """RUN_DIR/config.json: everything that decides the run, resolved."""
+    import deepspeed
+
+    return {
+        "model": asdict(spec.model),
+        "train": asdict(train),
+        "data": asdict(spec.data),
+        "parallel": asdict(spec.parallel),
+        "deepspeed": ds_config,
+        "tokenizer": spec.tokenizer,
+        "run": {
+            "world_size": spec.world_size,
+            "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+            "steps": train.steps,
+            "tokens_per_step": train.tokens_per_step,
+            "tokens": train.steps * train.tokens_per_step,
+            "parameters": spec.model.num_params(),
+            "flops_per_token": spec.model.flops_per_token(train.seq_len),
+            "device": device,
+            "config_hash": spec.config_hash,
+            "identity": spec.identity,
+            "versions": {"clova_train": __version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
+        },
+    }
+
+
+def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str, estimate: dict | None, eval_sequences: int) -> str:
+    """The opening line: what is trained, where, and how the global batch is made."""
+    m = spec.model
+    accum = ds_config["gradient_accumulation_steps"]
+    stages = spec.parallel.stages(spec.world_size)
+    layout = f"{stages} stages x {spec.world_size // stages} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
+    mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
+    valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
+    return (
+        f"{m.name}: {m.num_params():,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
+        f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
+        f"{', activation checkpointing' if spec.parallel.activation_checkpointing else ''}); "
+        f"{train.global_batch} x {train.seq_len} tokens per step = micro-batch {train.micro_batch} x {accum} accumulation x "
+        f"{spec.world_size // stages} replicas; {train.steps:,} steps, {train.steps * train.tokens_per_step:,} tokens; {mem}; {valid}"
+    )
+
+
+def run_worker(spec: RunSpec) -> str:
+    """Train on this rank until the last step or a stop signal; returns how it ended ("done" or "stopped")."""
+    dist = init_distributed()
+    if dist.world != spec.world_size:
+        raise ClovaError(f"the run was prepared for {spec.world_size} ranks but {dist.world} joined")
+    rank0 = dist.rank == 0
+    run_dir = spec.run_dir
+    if not spec.checked:
+        _rank0_check(spec, dist.rank)
+    precision = resolve_precision(spec.train.precision, dist.is_cuda)
+    train = replace(spec.train, precision=precision)
+    device_name, device_gb = device_memory(dist)
+    estimate = memory_check(spec, precision, device_name, device_gb, dist.local_world, show=console.print if rank0 else None)
+    faults = Faults()
+
+    seed_all(train.seed)
+    tb_dir = str(run_dir / "tensorboard") if train.tensorboard else None
+    ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda, tensorboard_dir=tb_dir)
+    engine = build_engine(spec.model, ds_config, spec.parallel, seed=train.seed, dist=dist)
+    # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
+    share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
+    datasets = open_train_data(spec.data.paths, train.seq_len, train.seed)
+    stream = TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share)
+    valid = eval_batches(open_valid_data(spec.data.paths, train.seq_len), train.eval_samples if train.eval_every else 0, **share)
+    ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, faults=faults)
+    metrics = MetricsLogger(run_dir, enabled=rank0, monitor=engine.monitor if rank0 else None)
+    guard = BadStepGuard(train.max_bad_steps)
+
+    step = tokens = 0
+    tag = ckpt.latest()
+    if tag is not None:
+        state = ckpt.load(tag)
+        if state["config_hash"] != spec.config_hash:
+            raise CollectiveError(f"{ckpt.dir / tag} belongs to a different configuration; use a new --out")
+        if state["world_size"] != dist.world:
+            raise CollectiveError(
+                f"{ckpt.dir / tag} was written by {state['world_size']} ranks and this run has {dist.world}; "
+                "ZeRO-3 shards are per rank: resume with the same number of ranks"
+            )
+        step, tokens = state["step"], state["tokens"]
+        stream.load_state_dict(state["sampler"])
+        guard = BadStepGuard(train.max_bad_steps, state["bad_steps"], state["consecutive_bad_steps"])
+        set_rng_state(state["rng"][dist.rank])
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / CONFIG_FILE, run_config(spec, train, ds_config, device_name))
+    metrics.resume_at(step)
+
+    evaluator = Evaluator(engine, valid)
+    flops = spec.model.flops_per_token(train.seq_len)
+    peak = peak_tflops(device_name, train.peak_tflops)
+    last = {"loss": None, "valid_loss": None}
+    launcher = os.environ.get("CLOVA_LAUNCHER", "external")
+
+    def save(at: int) -> str:
+        import torch.distributed as td
+
+        rngs = [None] * dist.world
+        td.all_gather_object(rngs, rng_state())
+        client = {
+            "clova": {
+                "step": at,
+                "tokens": tokens,
+                "sampler": stream.state_dict(),
+                "rng": rngs,
+                "config_hash": spec.config_hash,
+                "world_size": dist.world,
+                "bad_steps": guard.total,
+                "consecutive_bad_steps": guard.consecutive,
+            }
+        }
+        marker = {"step": at, "tokens": tokens, "loss": last["loss"], "valid_loss": last["valid_loss"],
+                  "config_hash": spec.config_hash, "world_size": dist.world, "launcher": launcher,
+                  "time": time.time(), "clova_train": __version__}
+        saved = ckpt.save(at, client, marker)
+        metrics.plot()
+        return saved
+
+    progress = ProgressLine(enabled=rank0, total_steps=train.steps, log_every=train.log_every)
+    progress.note(describe_run(spec, train, ds_config, device_name, estimate, eval_sequences=len(valid) * train.micro_batch * engine.data_world))
+    if step >= train.steps:
+        progress.note(f"{run_dir}: already trained to step {step} of {train.steps}; nothing to do")
+        return "done"
+    if step:
+        progress.note(f"resuming from {tag} (step {step}, {tokens:,} tokens)")
+    with StopSignal() as stop_signal, progress, contextlib.closing(metrics):
+        while step < train.steps:
+            step += 1
+            at = stream.state_dict()  # the step's data position, described only if it goes bad
+            lr = lr_at(step, train)
+            t0 = time.perf_counter()
+            batch = stream.next_batch()
+            engine.inject_nan = step in faults.nan_at_steps
+            res = train_step(engine, batch, lr, stop_requested=stop_signal.received is not None, loss_scaling=precision == "fp16")
+            seconds = time.perf_counter() - t0
+            tokens += train.tokens_per_step
+            tps = train.tokens_per_step / seconds
+            tflops = flops * tps / dist.world / 1e12
+            record = {
+                "step": step,
+                "loss": res.loss,
+                "lr": lr,
+                "grad_norm": res.grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": tps,
+                "tflops_per_device": tflops,
+                "mfu": tflops / peak if peak else None,
+                "memory_gb": memory_in_use(dist.is_cuda),
+                "step_seconds": seconds,
+                "skipped": res.skipped,
+                "bad_steps": guard.total + res.skipped,
+                "samples": stream.position,
+            }
+            if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
+                record.update(evaluator())
+            last["loss"] = _finite_or_none(res.loss)
+            last["valid_loss"] = record.get("valid_loss", last["valid_loss"])
+            metrics.log(record)
+            progress.update(record, seconds)
+            guard.update(res.skipped, step, stream.describe(at) if res.skipped else "")
+            if rank0 and faults.kill_at_step == step:
+                faults.kill()
+            if res.stop or step % train.save_every == 0 or step == train.steps:
+                saved = save(step)
+                progress.note(f"checkpoint {saved} saved")
+            if res.stop:
+                how = {
+                    "local": f"clova train --out {run_dir} --resume",
+                    "slurm": f"resubmit the job (srun ... clova train --out {run_dir} --resume)",
+                }.get(launcher, f"clova train --out {run_dir} --resume, started the same way on {dist.world} ranks")
+                progress.note(f"stopped by {stop_signal.name} after step {step}; checkpoint {tag_for(step)} is complete. Resume with: {how}")
+                return "stopped"
+    progress.note(f"done: {step} steps, {tokens:,} tokens; checkpoints in {ckpt.dir}")
+    return "done"
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def train(req: TrainRequest, launch_cfg) -> int:
+    """`clova train`: resolve, check, and start the ranks; the exit code."""
+    if launch_cfg.nproc_per_node is None and not launch_cfg.hostfile:
+        # A rerun continues on as many local workers as wrote the newest checkpoint.
+        marker = newest_checkpoint(Path(req.out).resolve())
+        if marker and marker.get("launcher") == "local":
+            launch_cfg = replace(launch_cfg, nproc_per_node=marker["world_size"])
+    world, external = launch.world_size(launch_cfg)
+    spec = prepare(req, world, check=not external)
+    spec.checked = not external
+    marker = newest_checkpoint(spec.run_dir)
+    if req.resume and marker is None:
+        console.print(f"{spec.run_dir}: no complete checkpoint yet; --resume starts the run from step 0")
+    if marker and marker["step"] >= spec.train.steps:
+        console.print(f"{spec.run_dir}: already trained to step {marker['step']} of {spec.train.steps}; nothing to do")
+        return 0
+    return launch.launch(spec, launch_cfg, worker=run_worker, module=WORKER_MODULE)

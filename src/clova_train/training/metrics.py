@@ -1,0 +1,193 @@
+"""What a run reports: metrics.jsonl, TensorBoard, loss.png, the live progress line, throughput and memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from clova_train.core.files import atomic_write_text
+from clova_train.training.rundir import METRICS_FILE, PLOT_FILE
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class MetricsLogger:
+    """RUN_DIR/metrics.jsonl (one object per optimizer step), TensorBoard events and loss.png; rank 0 only."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, monitor=None):
+        self.path = run_dir / METRICS_FILE
+        self.plot_path = run_dir / PLOT_FILE
+        self.enabled = enabled
+        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
+        self.records: list[dict] = []
+
+    def resume_at(self, step: int) -> None:
+        """Keep what steps 1..step logged; later lines belong to the interrupted attempt."""
+        if not self.enabled:
+            return
+        self.records = []
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", 0) <= step:
+                    self.records.append(rec)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
+        self.records.append(clean)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.monitor is not None:
+            step = record["step"]
+            events = [(f"Train/{k}", record[k], step) for k in ("loss", "lr", "grad_norm", "tokens_per_s") if clean.get(k) is not None]
+            events += [(f"Valid/{k[6:]}", record[k], step) for k in ("valid_loss", "valid_ppl") if clean.get(k) is not None]
+            self.monitor.write_events(events)
+
+    def plot(self) -> None:
+        """Redraw loss.png in the background: the other ranks would otherwise wait for matplotlib."""
+        if self.enabled and self.records:
+            self.close()
+            self._plotter = threading.Thread(target=plot_losses, args=(list(self.records), self.plot_path), daemon=True)
+            self._plotter.start()
+
+    def close(self) -> None:
+        if getattr(self, "_plotter", None) is not None:
+            self._plotter.join()
+            self._plotter = None
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """Train and valid loss against tokens seen (matplotlib's Agg canvas, no pyplot state), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
+    valid = [(r["tokens"], r["valid_loss"]) for r in records if r.get("valid_loss") is not None]
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid", markersize=3)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def peak_tflops(device_name: str, override: float | None) -> float | None:
+    """Dense bf16 peak of one device, from plan.py's table of known accelerators, or the override."""
+    if override:
+        return override
+    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
+
+    name = device_name.lower()
+    for key, value in ACCELERATOR_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def device_memory(dist) -> tuple[str, float]:
+    """(device name, GiB a rank may use): the GPU's memory, or this node's RAM shared by its ranks."""
+    if dist.is_cuda:
+        props = torch.cuda.get_device_properties(dist.local_rank)
+        return props.name, props.total_memory / 1024**3
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return "cpu", ram / max(1, dist.local_world)
+
+
+def memory_in_use(cuda: bool) -> float:
+    """GiB: peak allocated on the GPU, or this process's peak RSS."""
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+class ProgressLine:
+    """Rank 0's live line: step, loss, lr, grad norm, tokens/s, TFLOP/s and MFU per device, memory, ETA."""
+
+    def __init__(self, *, enabled: bool, total_steps: int, log_every: int):
+        from clova_train.core.progress import console
+
+        self.console = console
+        self.enabled = enabled
+        self.total = total_steps
+        self.log_every = log_every
+        self.live = None
+        self.times: deque[float] = deque(maxlen=20)
+
+    def __enter__(self) -> "ProgressLine":
+        if self.enabled and self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live("", console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def format(self, r: dict) -> str:
+        eta = self.eta(r["step"])
+        parts = [
+            f"step {r['step']}/{self.total}",
+            f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss nan (skipped)",
+            f"lr {r['lr']:.2e}",
+            f"grad {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad nan",
+            f"{r['tokens_per_s']:,.0f} tok/s",
+            f"{r['tflops_per_device']:.3g} TFLOP/s/dev",
+        ]
+        if r.get("mfu") is not None:
+            parts.append(f"MFU {r['mfu']:.1%}")
+        parts.append(f"mem {r['memory_gb']:.1f} GiB")
+        if r.get("valid_loss") is not None:
+            parts.append(f"valid {r['valid_loss']:.4f} (ppl {r['valid_ppl']:.1f})")
+        parts.append(f"ETA {eta}")
+        return " | ".join(parts)
+
+    def eta(self, step: int) -> str:
+        recent = self.times
+        if not recent:
+            return "?"
+        s = int(sum(recent) / len(recent) * (self.total - step))
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+    def update(self, record: dict, step_seconds: float) -> None:
+        self.times.append(step_seconds)
+        if not self.enabled:
+            return
+        line = self.format(record)
+        if self.live is not None:
+            self.live.update(line)
+        elif record["step"] % self.log_every == 0 or record["step"] == self.total or "valid_loss" in record:
+            self.console.print(line, highlight=False, soft_wrap=True)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------ one rank

@@ -1,0 +1,151 @@
+"""From what `clova train` was asked to a :class:`RunSpec`: flags over a ``--config`` file over a ``--deepspeed`` template over defaults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from clova_train.core.config import from_dict, read_json_object
+from clova_train.core.errors import ClovaError
+from clova_train.model.config import ModelConfig, pad_vocab
+from clova_train.training.config import RunSpec, TrainConfig, TrainRequest
+from clova_train.training.ds_config import ParallelConfig, template_defaults, zero_stage
+from clova_train.training.pipeline import check_partition
+from clova_train.training.preflight import check_inputs, check_run_dir
+from clova_train.training.rundir import CONFIG_FILE
+from clova_train.training.sampler import DataConfig, data_config_from_specs
+
+CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
+
+
+def _read_config_file(path: Path) -> dict:
+    cfg = read_json_object(path)
+    unknown = sorted(set(cfg) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise ClovaError(f"{path}: unknown section(s) {', '.join(unknown)}; accepted: {', '.join(CONFIG_SECTIONS)}")
+    return cfg
+
+
+def _layer(cls, where: str, *layers: dict, flags: dict):
+    """Build ``cls`` from dict layers (later wins), strictly, then the flags that were given."""
+    merged: dict = {}
+    for layer in layers:
+        merged.update(layer)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    return from_dict(cls, merged, where=where)
+
+
+def _shard_fingerprint(manifest: dict) -> str:
+    """Identifies a shard dir's training data by content, wherever it is mounted."""
+    train = sorted((s["prefix"], s.get("bin_sha256", "")) for s in manifest["shards"] if s["split"] == "train")
+    return hashlib.sha256(json.dumps(train).encode()).hexdigest()
+
+
+def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpec:
+    """Resolve a request into a RunSpec; with ``check``, also verify shards and vocabulary (before step 1)."""
+    from clova_train.shards.format import read_manifest
+    from clova_train.tokenizer.bpe import ClovaTokenizer
+
+    run_dir = Path(req.out).resolve()
+    config_path = Path(req.config) if req.config else None
+    if req.resume and config_path is None and (run_dir / CONFIG_FILE).is_file():
+        config_path = run_dir / CONFIG_FILE
+    file_cfg = _read_config_file(config_path) if config_path else {}
+    where = str(config_path) if config_path else "flags"
+
+    # Data: flags replace the file's list; paths become absolute so the run dir is self-describing.
+    data = data_config_from_specs(req.data) if req.data else from_dict(DataConfig, file_cfg.get("data", {}), where=f"{where}: data")
+    if not data.paths:
+        raise ClovaError("no training data: give --data SHARD_DIR[:WEIGHT]...")
+    manifests = [read_manifest(p) for p in data.paths]
+    data = DataConfig(
+        paths=[str(Path(p).resolve()) for p in data.paths],
+        weights=data.weights or [float(sum(s["tokens"] for s in m["shards"] if s["split"] == "train")) for m in manifests],
+    )
+
+    # Tokenizer: the flag, else the file's, else the one the shards were made with.
+    tok_path = req.tokenizer or (file_cfg.get("tokenizer") or {}).get("path") or manifests[0]["tokenizer"]["path"]
+    tok = ClovaTokenizer.load(tok_path)
+    for path, man in zip(data.paths, manifests):
+        if man["tokenizer"]["hash"] != tok.hash:
+            raise ClovaError(
+                f"{path} was tokenized with tokenizer {man['tokenizer']['hash'][:12]} ({man['tokenizer'].get('path')}) "
+                f"but training would use {tok.hash[:12]} ({tok_path}); retokenize it with this tokenizer "
+                "or pass --tokenizer with the one recorded in its manifest.json"
+            )
+
+    # DeepSpeed template: its settings sit between our defaults and the file/flags.
+    from clova_train.training.ds_config import load_template
+
+    template = load_template(req.deepspeed) if req.deepspeed else dict(file_cfg.get("deepspeed") or {})
+    tmpl_train, tmpl_par = template_defaults(template)
+    file_train = dict(file_cfg.get("train", {}))
+    if req.train.get("steps") is not None or req.train.get("train_tokens") is not None:
+        # A length flag replaces the file's length, whichever way the file put it.
+        file_train.pop("steps", None), file_train.pop("train_tokens", None)
+    train = _layer(TrainConfig, f"{where}: train", tmpl_train, file_train, flags=req.train)
+    parallel = _layer(ParallelConfig, f"{where}: parallel", tmpl_par, file_cfg.get("parallel", {}), flags=req.parallel)
+
+    # Model: the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
+    if req.model:
+        model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size))
+    elif "model" in file_cfg:
+        fields = dict(file_cfg["model"])
+        fields.setdefault("vocab_size", pad_vocab(tok.vocab_size))
+        model = from_dict(ModelConfig, fields, where=f"{where}: model")
+    else:
+        raise ClovaError("which model? give --model PRESET (e.g. tiny, 137m, 1.3b) or a --config with a model section")
+    if tok.vocab_size > model.vocab_size:
+        raise ClovaError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size} embeddings; "
+            f"set model.vocab_size to at least {pad_vocab(tok.vocab_size)} or drop it to take the tokenizer's"
+        )
+    if train.seq_len > model.block_size:
+        raise ClovaError(
+            f"--seq-len {train.seq_len} exceeds the model's {model.block_size} positions; "
+            "use a shorter --seq-len or a --config whose model section sets block_size"
+        )
+    train = train.resolved(model)
+    stages = parallel.stages(world_size)
+    zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
+    if parallel.mode == "pipeline":
+        parallel = replace(parallel, pipeline_stages=stages)
+        check_partition(model, parallel, stages)
+    replicas = world_size // stages
+    micro_world = train.micro_batch * replicas
+    if train.global_batch % micro_world:
+        raise ClovaError(
+            f"global batch {train.global_batch} is not a multiple of micro-batch {train.micro_batch} x {replicas} "
+            f"data-parallel replicas; use a --global-batch that is a multiple of {micro_world}"
+        )
+
+    identity = {
+        "model": asdict(model),
+        "seq_len": train.seq_len,
+        "global_batch": train.global_batch,
+        "seed": train.seed,
+        "tokenizer": tok.hash,
+        "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
+        # The checkpoint layout: ZeRO-3 shards and pipeline layer files do not load into each other,
+        # nor do optimizer partitions of stages cut differently.
+        "parallel": {"mode": parallel.mode, "stages": stages, **({"partition": parallel.partition} if parallel.mode == "pipeline" else {})},
+    }
+    spec = RunSpec(
+        out=str(run_dir),
+        model=model,
+        train=train,
+        data=data,
+        parallel=parallel,
+        deepspeed_template=template,
+        tokenizer={"path": str(Path(tok_path).resolve()), "hash": tok.hash, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
+        world_size=world_size,
+        identity=identity,
+        resume=req.resume,
+        force=req.force,
+    )
+    check_run_dir(spec)
+    if check:
+        check_inputs(spec)
+    return spec
