@@ -130,7 +130,8 @@ def same_weights(ours: Path, theirs: Path) -> tuple[int, float]:
     """(tensors compared, max abs diff) between our HF export and zero_to_fp32's output, streamed."""
     from safetensors import safe_open
 
-    from clova_train.export.hf import _hf_tensors, from_hf
+    from clova_train.export.weights import _hf_tensors
+    from clova_train.export.adapter import from_hf
 
     theirs_files = {}
     for f in theirs.glob("*.safetensors"):
@@ -154,7 +155,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from clova_train.model.config import ModelConfig
-    from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import ClovaTokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     work = a.keep or Path(tempfile.mkdtemp(prefix="bench_export_"))
     work.mkdir(parents=True, exist_ok=True)

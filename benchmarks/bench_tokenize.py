@@ -33,9 +33,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokenizer import generated_lines, konlpy_lines  # noqa: E402  (same corpus recipe)
 
-from clova_train.shards.format import ShardConfig  # noqa: E402
-from clova_train.shards.build import _DocumentStream  # noqa: E402
-from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer  # noqa: E402
+from clova_train.shards.format import ShardConfig
+from clova_train.shards.build import _DocumentStream
+from clova_train.tokenizer.bpe import ClovaTokenizer
+from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
 # Runs in a fresh interpreter so that its peak memory is the pipeline's alone
 # (this process holds the whole corpus in memory for the encode_batch reference).

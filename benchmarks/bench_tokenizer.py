@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer
+from clova_train.tokenizer.bpe import ClovaTokenizer
+from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import konlpy_corpus_dir  # noqa: E402

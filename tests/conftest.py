@@ -30,7 +30,7 @@ def konlpy_lines(konlpy_files) -> list[str]:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, konlpy_files) -> Path:
     """A morpheme-aware tokenizer trained on the real text (well under a second)."""
-    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_tokenizer(konlpy_files, out, TokenizerConfig(vocab_size=2000), show_progress=False)

@@ -14,24 +14,9 @@ from typer.testing import CliRunner
 
 from clova_train.cli import app
 from clova_train.core.errors import ClovaError
-from clova_train.evaluation.tasks import (
-    TASKS,
-    TEMPLATES,
-    EvalConfig,
-    accuracy,
-    bleu,
-    evaluate,
-    f1_for,
-    get_task,
-    korquad_em,
-    korquad_f1,
-    load_template,
-    macro_f1,
-    pick_label,
-    read_examples,
-    sample_demos,
-    score_requests,
-)
+from clova_train.evaluation.tasks import TASKS, accuracy, bleu, f1_for, get_task, korquad_em, korquad_f1, macro_f1, read_examples
+from clova_train.evaluation.prompts import TEMPLATES, load_template, sample_demos
+from clova_train.evaluation.evaluate import EvalConfig, evaluate, pick_label, score_requests
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -290,7 +275,8 @@ def hf_dir(tiny_lm, tmp_path_factory) -> Path:
     """The tiny model as a Hugging Face GPT-2 directory, written with export's key map and tokenizer files."""
     from safetensors.torch import save_file
 
-    from clova_train.export.hf import hf_config, to_hf, write_hf_tokenizer
+    from clova_train.export.adapter import hf_config, to_hf
+    from clova_train.export.hf import write_hf_tokenizer
 
     model, tok = tiny_lm
     out = tmp_path_factory.mktemp("hf")

@@ -16,17 +16,9 @@ from typer.testing import CliRunner
 from clova_train.cli import app
 from clova_train.export.consolidate import consolidate_state_dict, expected_shapes, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
-from clova_train.export.hf import (
-    HF_KEY_MAP,
-    SafetensorsWriter,
-    _Entry,
-    export_hf,
-    from_hf,
-    load_for_inference,
-    parse_size,
-    plan_shards,
-    to_hf,
-)
+from clova_train.export.adapter import HF_KEY_MAP, from_hf, to_hf
+from clova_train.export.weights import SafetensorsWriter, _Entry, parse_size, plan_shards
+from clova_train.export.hf import export_hf, load_for_inference
 from clova_train.model.gpt import GPT
 from clova_train.model.config import ModelConfig
 from clova_train.training.pipeline import pipeline_layer_names
@@ -452,7 +444,7 @@ def test_unknown_step_lists_the_complete_ones(zero3_run, tmp_path):
 
 
 def test_tokenizer_that_changed_since_training(zero3_run, tmp_path, konlpy_files):
-    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     other = tmp_path / "other_tok"
     train_tokenizer(konlpy_files[:2], other, TokenizerConfig(vocab_size=600), show_progress=False)

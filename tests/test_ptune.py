@@ -12,9 +12,12 @@ from typer.testing import CliRunner
 
 from clova_train.cli import app
 from clova_train.core.errors import ClovaError
-from clova_train.evaluation.tasks import EvalConfig, evaluate, get_task, prepare, prompt_embedder, read_examples
+from clova_train.evaluation.evaluate import EvalConfig, evaluate
+from clova_train.evaluation.tasks import get_task, read_examples
+from clova_train.evaluation.prompts import prepare, prompt_embedder
 from clova_train.inference.generate import GenerateConfig, generate_ids
-from clova_train.evaluation.ptune import META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, PTuneConfig, load_prompt, ptune
+from clova_train.evaluation.prompts import META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, load_prompt
+from clova_train.evaluation.ptune import PTuneConfig, ptune
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -94,7 +97,8 @@ def test_ptuning_beats_zero_shot_and_leaves_the_model_alone(tiny_lm, separable, 
 def test_gradients_reach_the_encoder_through_the_frozen_model(tiny_lm, separable):
     model, tok = tiny_lm
     task = get_task("nsmc")
-    from clova_train.evaluation.tasks import load_template, sequence_logprobs
+    from clova_train.evaluation.prompts import load_template
+    from clova_train.evaluation.evaluate import sequence_logprobs
 
     template = load_template(task, separable["template"])
     examples = read_examples(task, separable["train"], limit=4)

@@ -11,15 +11,7 @@ import numpy as np
 import pytest
 
 from clova_train.core.errors import ClovaError
-from clova_train.shards.format import (
-    IndexedDataset,
-    IndexedDatasetWriter,
-    ShardConfig,
-    dtype_for_vocab,
-    open_split,
-    read_manifest,
-    verify_shard_dir,
-)
+from clova_train.shards.format import IndexedDataset, IndexedDatasetWriter, ShardConfig, dtype_for_vocab, open_split, read_manifest, verify_shard_dir
 from clova_train.shards.build import tokenize_corpus
 
 

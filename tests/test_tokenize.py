@@ -19,15 +19,9 @@ from typer.testing import CliRunner
 from clova_train.cli import app
 from clova_train.core.errors import ClovaError
 from clova_train.shards.format import ShardConfig, open_split, read_manifest, verify_shard_dir
-from clova_train.shards.build import (
-    EXIT_AFTER_SHARDS_ENV,
-    KeySet,
-    is_valid,
-    merge_shard_dirs,
-    node_files,
-    slurm_node_slice,
-    tokenize_corpus,
-)
+from clova_train.shards.build import EXIT_AFTER_SHARDS_ENV, node_files, slurm_node_slice, tokenize_corpus
+from clova_train.shards.keys import KeySet, is_valid
+from clova_train.shards.merge import merge_shard_dirs
 from clova_train.tokenizer.bpe import ClovaTokenizer
 
 # Small shards and small batches so that the ~140 KB of real text makes ~10

@@ -16,7 +16,8 @@ from clova_train.cli import app
 from clova_train.core.config import from_dict, load_json
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import MorphSegmenter
-from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, count_crossing, crossing_tokens, train_tokenizer
+from clova_train.tokenizer.bpe import ClovaTokenizer, count_crossing, crossing_tokens
+from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

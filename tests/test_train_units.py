@@ -444,7 +444,7 @@ def _train_args(shards, out, *extra):
 
 
 def test_vocabulary_mismatch_is_refused_before_step_1(tmp_path, korean_shards, konlpy_files):
-    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     other = tmp_path / "other-tok"
     train_tokenizer(konlpy_files[:3], other, TokenizerConfig(vocab_size=1500), show_progress=False)

@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     from clova_train.training.launch import LaunchConfig
     from clova_train.shards.format import ShardConfig, read_manifest
     from clova_train.shards.build import tokenize_corpus
-    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
     from clova_train.training.config import TrainRequest
     from clova_train.training.loop import train
 

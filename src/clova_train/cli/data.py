@@ -111,7 +111,7 @@ def tokenize_merge(
 
     Example: [bold]clova tokenize merge shards-node*/ --out shards/[/]
     """
-    from clova_train.shards.build import merge_shard_dirs
+    from clova_train.shards.merge import merge_shard_dirs
 
     report = merge_shard_dirs(dirs, out_dir)
     out.print(_shard_summary(report, f"merged {len(dirs)} node dirs into {out_dir}"))

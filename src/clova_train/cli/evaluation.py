@@ -39,7 +39,7 @@ def eval_cmd(
     Example: [bold]clova eval hf/ --task nsmc --data ratings_test.txt --train ratings_train.txt --shots 10[/]
     """
     from clova_train.core.config import override
-    from clova_train.evaluation.tasks import EvalConfig, evaluate
+    from clova_train.evaluation.evaluate import EvalConfig, evaluate
     from clova_train.inference.generate import load_model
 
     cfg = override(

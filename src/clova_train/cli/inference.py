@@ -37,7 +37,8 @@ def generate_cmd(
     import sys
 
     from clova_train.core.config import override
-    from clova_train.inference.generate import GenerateConfig, generate, generate_file, load_model, read_lines
+    from clova_train.core.textfiles import read_lines
+    from clova_train.inference.generate import GenerateConfig, generate, generate_file, load_model
 
     if (prompt is None) == (input_file is None):
         raise ClovaError("give either a PROMPT or --input FILE.jsonl")

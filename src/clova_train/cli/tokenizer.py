@@ -38,7 +38,7 @@ def tokenizer_train(
     Example: [bold]clova tokenizer train corpus/*.jsonl.zst --vocab-size 51200 --sample-fraction 0.01 --out tok/[/]
     """
     from clova_train.core.config import load_json, override
-    from clova_train.tokenizer.bpe import TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     cfg = load_json(TokenizerConfig, config) if config else TokenizerConfig()
     specials = [s for s in special_tokens.split(",") if s] if special_tokens is not None else None
@@ -104,7 +104,8 @@ def tokenizer_stats(
 
     Example: [bold]clova tokenizer stats tok/ heldout.jsonl[/]
     """
-    from clova_train.tokenizer.bpe import ClovaTokenizer, tokenizer_stats as stats
+    from clova_train.tokenizer.bpe import ClovaTokenizer
+    from clova_train.tokenizer.training import tokenizer_stats as stats
 
     report = stats(ClovaTokenizer.load(tokenizer_dir), inputs, text_key=text_key, limit=limit)
     if as_json:

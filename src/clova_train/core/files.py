@@ -38,15 +38,50 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
+def tmp_name(path: str | Path, suffix: str = "") -> Path:
+    """Where a file or directory is written before it becomes visible: ``.NAME.tmp-PID[suffix]`` beside it.
+
+    The one pattern every writer uses, so a rerun can recognise (and remove) what a killed one left.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is a :func:`tmp_name` (of any process)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def remove_dead_tmp(path: str | Path) -> None:
+    """Remove the :func:`tmp_name` files or dirs of ``path`` whose writing process is gone (killed runs)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1].split(".")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def commit_file(tmp: str | Path, final: str | Path) -> None:
+    """fsync then rename: the final name only ever holds a complete file."""
+    fsync_path(tmp)
+    os.replace(tmp, final)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary name, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    commit_file(tmp, path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

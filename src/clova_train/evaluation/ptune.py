@@ -13,8 +13,6 @@ of the reference answer.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
 import shutil
 import time
@@ -22,32 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from clova_train import __version__
-from clova_train.core.config import from_dict
 from clova_train.core.errors import ClovaError
-from clova_train.evaluation.tasks import (
-    SCORE_MODES,
-    PromptTemplate,
-    Task,
-    get_task,
-    load_template,
-    prepare,
-    prompt_embedder,
-    read_examples,
-    run_task,
-    sequence_logprobs,
-)
+from clova_train.evaluation.evaluate import run_task, sequence_logprobs
+from clova_train.evaluation.prompts import FORMAT_VERSION, META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, PromptTemplate, load_template, prepare, prompt_embedder
+from clova_train.evaluation.tasks import SCORE_MODES, Task, get_task, read_examples
 from clova_train.inference.generate import model_device
 from clova_train.model.gpt import GPT
 
 ENCODERS = ("lstm", "mlp")
-WEIGHTS_FILE = "prompt_encoder.safetensors"
-VECTORS_FILE = "prompt_vectors.safetensors"
-META_FILE = "ptune.json"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -102,40 +85,6 @@ class PTuneConfig:
             raise ClovaError("epochs, batch_size and batch_tokens must be >= 1")
         if self.score not in SCORE_MODES:
             raise ClovaError(f"score must be one of {', '.join(SCORE_MODES)}, not {self.score!r}")
-
-
-class PromptEncoder(nn.Module):
-    """Prompt vectors (n_tokens, n_embd) = MLP(BiLSTM(E)) or MLP(E), E trainable (n_tokens, hidden)."""
-
-    def __init__(self, n_tokens: int, n_embd: int, kind: str = "lstm", hidden_size: int = 256):
-        super().__init__()
-        hidden = hidden_size
-        self.kind = kind
-        self.embedding = nn.Parameter(torch.randn(n_tokens, hidden))
-        # The LSTM makes neighbouring vectors depend on each other (the paper's argument for it).
-        self.lstm = nn.LSTM(hidden, hidden // 2, num_layers=2, bidirectional=True, batch_first=True) if kind == "lstm" else None
-        width = 2 * (hidden // 2) if self.lstm is not None else hidden
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, n_embd))
-        # Vectors start at zero rather than several times the size of word embeddings, which
-        # would drown what the prompt reads from the input in the residual stream.
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self) -> torch.Tensor:
-        x = self.embedding
-        if self.lstm is not None:
-            x = self.lstm(x[None])[0][0]  # (1, n, hidden) -> (n, hidden)
-        return self.mlp(x)  # (n_tokens, n_embd)
-
-
-@dataclass
-class TrainedPrompt:
-    """A loaded p-tuning directory."""
-
-    template: PromptTemplate
-    vectors: torch.Tensor
-    """(prompt_tokens, n_embd) on the model's device, in its dtype."""
-    meta: dict
 
 
 def _targets(tok, task: Task, template: PromptTemplate, examples, reserve: int) -> list[list[int]]:
@@ -265,9 +214,9 @@ def _save(encoder: PromptEncoder, meta: dict, out: Path) -> None:
     """The encoder, its vectors (for anyone feeding them to another runtime) and ptune.json, atomically."""
     from safetensors.torch import save_file
 
-    from clova_train.core.files import atomic_write_json, replace_dir
+    from clova_train.core.files import atomic_write_json, replace_dir, tmp_name
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / WEIGHTS_FILE))
@@ -276,26 +225,3 @@ def _save(encoder: PromptEncoder, meta: dict, out: Path) -> None:
     atomic_write_json(tmp / META_FILE, meta)
     replace_dir(tmp, out)
 
-
-def load_prompt(path: str | Path, model: GPT, task: Task) -> TrainedPrompt:
-    """The trained prompt of a `clova ptune` directory, checked against the model and task."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise ClovaError(f"{path}: not a ptune directory (needs {META_FILE} and {WEIGHTS_FILE}); make one with `clova ptune`")
-    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ClovaError(f"{path / META_FILE}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-    if meta["task"] != task.name:
-        raise ClovaError(f"{path}: the prompt was trained for {meta['task']}, not {task.name}; pass --task {meta['task']}")
-    enc = meta["encoder"]
-    if enc["n_embd"] != model.cfg.n_embd:
-        raise ClovaError(f"{path}: the prompt was trained for a model with n_embd {enc['n_embd']}, this one has {model.cfg.n_embd}")
-    encoder = PromptEncoder(enc["n_tokens"], enc["n_embd"], enc["kind"], enc["hidden_size"])
-    encoder.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
-    with torch.no_grad():
-        vectors = encoder.eval()().to(device=model_device(model), dtype=model.wte.weight.dtype)
-    template = from_dict(PromptTemplate, meta["template"], where=f"{path / META_FILE} template")
-    template.check(task, str(path / META_FILE))
-    return TrainedPrompt(template, vectors, meta)

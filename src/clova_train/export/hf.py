@@ -1,7 +1,7 @@
 """`clova export`: a run's checkpoint as a Hugging Face GPT-2 model directory.
 
 One path for every parallel mode: :mod:`clova_train.export.consolidate` yields our
-own parameters one at a time; :data:`HF_KEY_MAP` renames (and, for GPT-2's
+own parameters one at a time; :data:`~clova_train.export.adapter.HF_KEY_MAP` renames (and, for GPT-2's
 Conv1D layers, transposes) each one; a streaming safetensors writer puts it
 in the current shard. Beside the weights go ``config.json``,
 ``generation_config.json``, the tokenizer (``tokenizer.json`` byte for byte
@@ -17,99 +17,37 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import re
 import shutil
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from clova_train import __version__
-from clova_train.export.consolidate import CheckpointRef, Consolidated, empty_model, open_checkpoint, resolve_checkpoint
+from clova_train.export.adapter import _pad_token, hf_config, model_config_from_hf
+from clova_train.core.dtypes import TORCH_DTYPES
+from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights
+from clova_train.export.consolidate import CheckpointRef, empty_model, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
 from clova_train.model.gpt import GPT
 from clova_train.model.config import ModelConfig
 from clova_train.tokenizer.bpe import META_FILE, REMOTE_CODE, TOKENIZER_FILE, ClovaTokenizer
-from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path, replace_dir
+from clova_train.core.files import atomic_write_json, atomic_write_text, remove_dead_tmp, replace_dir, tmp_name
 
 RESOURCES = REMOTE_CODE.parent
 REMOTE_TOKENIZER = REMOTE_CODE.name
 REMOTE_TOKENIZER_CLASS = "ClovaTokenizerFast"
 EXPORT_META = "clova_export.json"
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-
-# ---------------------------------------------------------------- the one key map
-
-# Our name -> (Hugging Face GPT2LMHeadModel name, transposed?). GPT-2 keeps its
-# attention and MLP projections as Conv1D, whose weight is (in, out): the
-# transpose of nn.Linear's (out, in). The output head is tied to wte and is
-# not stored (GPT2LMHeadModel ties lm_head.weight to transformer.wte.weight).
-HF_KEY_MAP: dict[str, tuple[str, bool]] = {
-    "wte.weight": ("transformer.wte.weight", False),
-    "wpe.weight": ("transformer.wpe.weight", False),
-    "blocks.{i}.ln_1.weight": ("transformer.h.{i}.ln_1.weight", False),
-    "blocks.{i}.ln_1.bias": ("transformer.h.{i}.ln_1.bias", False),
-    "blocks.{i}.attn.qkv.weight": ("transformer.h.{i}.attn.c_attn.weight", True),
-    "blocks.{i}.attn.qkv.bias": ("transformer.h.{i}.attn.c_attn.bias", False),
-    "blocks.{i}.attn.proj.weight": ("transformer.h.{i}.attn.c_proj.weight", True),
-    "blocks.{i}.attn.proj.bias": ("transformer.h.{i}.attn.c_proj.bias", False),
-    "blocks.{i}.ln_2.weight": ("transformer.h.{i}.ln_2.weight", False),
-    "blocks.{i}.ln_2.bias": ("transformer.h.{i}.ln_2.bias", False),
-    "blocks.{i}.mlp.fc.weight": ("transformer.h.{i}.mlp.c_fc.weight", True),
-    "blocks.{i}.mlp.fc.bias": ("transformer.h.{i}.mlp.c_fc.bias", False),
-    "blocks.{i}.mlp.proj.weight": ("transformer.h.{i}.mlp.c_proj.weight", True),
-    "blocks.{i}.mlp.proj.bias": ("transformer.h.{i}.mlp.c_proj.bias", False),
-    "ln_f.weight": ("transformer.ln_f.weight", False),
-    "ln_f.bias": ("transformer.ln_f.bias", False),
-}
-_FROM_HF = {hf: (ours, t) for ours, (hf, t) in HF_KEY_MAP.items()}
-_LAYER = re.compile(r"^(blocks|transformer\.h)\.(\d+)\.")
-
-
-def _lookup(name: str, table: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
-    m = _LAYER.match(name)
-    key = name[: m.start(2)] + "{i}" + name[m.end(2) :] if m else name
-    if key not in table:
-        raise KeyError(name)
-    target, transpose = table[key]
-    return (target.format(i=m.group(2)) if m else target), transpose
-
-
-def to_hf(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Our (name, tensor) as Hugging Face GPT-2's."""
-    hf, transpose = _lookup(name, HF_KEY_MAP)
-    return hf, tensor.t() if transpose else tensor
-
-
-def from_hf(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Hugging Face GPT-2's (name, tensor) as ours."""
-    ours, transpose = _lookup(name, _FROM_HF)
-    return ours, tensor.t() if transpose else tensor
-
-
-def hf_shape(name: str, shape: torch.Size) -> tuple[str, tuple[int, ...]]:
-    hf, transpose = _lookup(name, HF_KEY_MAP)
-    return hf, tuple(reversed(shape)) if transpose else tuple(shape)
-
 
 # ---------------------------------------------------------------- configuration
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 # Logit tolerance per export dtype, times max(1, |logits|): the Hugging Face model
 # computes in the exported dtype, ours in fp32 on the same (rounded) weights.
 # Measured drift on random 2-4 layer models: bf16 about 0.4-0.8% of the largest
 # logit, fp16 about 0.1%; a wrong key map or transpose is off by about 100%.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 PROBE_TEXT = (
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.\n"
@@ -117,17 +55,6 @@ PROBE_TEXT = (
     "HyperCLOVA는 GPT-3 구조를 따른다; 토큰 <|endoftext|> 는 글자로 적혀도 글자다. "
     "\u1112\u1161\u11ab\u1100\u1173\u11af 자모 NFC 정규화, 漢字, emoji 🙂, tab\tend"
 )
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' (10^9 bytes, as Hugging Face counts), '500MiB', '2000000' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE.match(str(text))
-    unit = m.group(2).upper() if m else ""
-    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
-        raise ClovaError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB, 2GiB or a byte count")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @dataclass
@@ -144,174 +71,12 @@ class ExportConfig:
     """Replace an existing output directory."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ClovaError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ClovaError(f"--dtype must be one of {', '.join(TORCH_DTYPES)}, not {self.dtype!r}")
         parse_size(self.max_shard_size)
 
 
-# ---------------------------------------------------------------- streaming safetensors
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    """Hugging Face name."""
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-class SafetensorsWriter:
-    """One .safetensors file written tensor by tensor, in an order fixed up front.
-
-    The format is an 8-byte little-endian header length, a JSON header naming
-    every tensor's dtype, shape and byte range, then the bytes; knowing every
-    shape in advance lets the header go first and each tensor follow as it
-    arrives, so a shard never sits in memory.
-    """
-
-    def __init__(self, path: Path, entries: list[_Entry], dtype: torch.dtype):
-        self.path = path
-        self._entries = entries
-        self._next = 0
-        self._dtype = dtype
-        header: dict = {"__metadata__": {"format": "pt"}}
-        start = 0
-        for e in entries:
-            header[e.name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(e.shape), "data_offsets": [start, start + e.nbytes]}
-            start += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._f.close()  # the caller discards the whole temporary directory
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        e = self._entries[self._next]
-        if name != e.name or tuple(tensor.shape) != e.shape:
-            raise RuntimeError(f"safetensors writer expected {e.name} {e.shape}, got {name} {tuple(tensor.shape)}")
-        data = tensor.to(self._dtype).contiguous().reshape(-1).view(torch.uint8)
-        self._f.write(memoryview(data.numpy()))
-        self._next += 1
-
-    def close(self) -> None:
-        if self._next != len(self._entries):
-            raise RuntimeError(f"{self.path}: {len(self._entries) - self._next} tensors were never written")
-        self._f.close()
-        fsync_path(self.path)
-
-
-def plan_shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    """Consecutive groups of tensors, each at most ``max_bytes`` (a bigger tensor goes alone)."""
-    shards: list[list[_Entry]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    return shards
-
-
-def write_weights(ckpt: Consolidated, out: Path, dtype: torch.dtype, max_bytes: int, advance=lambda n: None) -> dict:
-    """Stream ``ckpt`` into safetensors shard(s) under ``out``; returns file names and sizes."""
-    itemsize = dtype.itemsize
-    entries = []
-    for name, shape in ckpt.shapes.items():
-        hf, hs = hf_shape(name, shape)
-        entries.append(_Entry(hf, hs, math.prod(hs) * itemsize))
-    shards = plan_shards(entries, max_bytes)
-    names = (
-        [WEIGHTS]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {e.name: f for f, shard in zip(names, shards) for e in shard}
-    stream = ckpt.tensors()
-    for fname, shard in zip(names, shards):
-        with SafetensorsWriter(out / fname, shard, dtype) as writer:
-            for _ in shard:
-                name, tensor = next(stream)
-                hf, t = to_hf(name, tensor)
-                writer.write(hf, t)
-                advance(t.numel() * itemsize)
-                del tensor, t  # one parameter resident at a time
-    if next(stream, None) is not None:
-        raise RuntimeError("the checkpoint yielded more tensors than its shapes announced")
-    total = sum(e.nbytes for e in entries)
-    if len(shards) > 1:
-        atomic_write_json(out / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return {"files": names, "bytes": total, "tensors": len(entries)}
-
-
 # ---------------------------------------------------------------- config, tokenizer, card
-
-
-def _pad_token(tok: ClovaTokenizer) -> str:
-    return next((t for t in tok.special_tokens if "pad" in t.lower()), tok.meta["eod_token"])
-
-
-def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
-    """The GPT2Config that makes GPT2LMHeadModel compute exactly what our GPT does."""
-    from transformers import GPT2Config
-
-    pad_id = tok.token_to_id(_pad_token(tok))
-    return GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_inner=4 * cfg.n_embd,
-        activation_function="gelu",  # exact erf GELU, as F.gelu; "gelu_new" would be the tanh one
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        initializer_range=cfg.init_std,
-        scale_attn_weights=True,
-        tie_word_embeddings=True,
-        bos_token_id=tok.eod_id,
-        eos_token_id=tok.eod_id,
-        pad_token_id=pad_id,
-        architectures=["GPT2LMHeadModel"],
-        dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
-    )
-
-
-def model_config_from_hf(config: dict) -> ModelConfig:
-    """Our ModelConfig for a GPT-2 config.json, refusing GPT-2 variants our GPT does not compute."""
-    d = config.get("n_embd")
-    checks = {
-        "model_type": (config.get("model_type"), "gpt2"),
-        "activation_function": (config.get("activation_function"), "gelu"),
-        "n_inner": (config.get("n_inner") or 4 * (d or 0), 4 * (d or 0)),
-        "tie_word_embeddings": (config.get("tie_word_embeddings", True), True),
-        "scale_attn_weights": (config.get("scale_attn_weights", True), True),
-        "scale_attn_by_inverse_layer_idx": (config.get("scale_attn_by_inverse_layer_idx", False), False),
-    }
-    bad = [f"{k}={got!r} (needs {want!r})" for k, (got, want) in checks.items() if got != want]
-    if bad:
-        raise ClovaError(f"config.json describes a model our GPT cannot run: {', '.join(bad)}")
-    return ModelConfig(
-        name="hf",
-        n_layer=config["n_layer"],
-        n_embd=d,
-        n_head=config["n_head"],
-        vocab_size=config["vocab_size"],
-        block_size=config["n_positions"],
-        dropout=config.get("resid_pdrop", 0.0),
-        layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
-        init_std=config.get("initializer_range", 0.02),
-    )
 
 
 def write_hf_tokenizer(tok: ClovaTokenizer, out: Path, model_max_length: int) -> None:
@@ -453,7 +218,7 @@ def verify_export(hf_dir: Path, ckpt_factory, tok: ClovaTokenizer, cfg: ModelCon
     if hf_tok.decode(ids) != tok.decode(ids):
         raise ClovaError("export check failed: AutoTokenizer decodes the probe ids differently from the training tokenizer")
 
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     ckpt = ckpt_factory()
     try:
         sd = {n: t.to(torch_dtype).float() for n, t in ckpt.tensors()}
@@ -530,20 +295,6 @@ def _run_tokenizer(ref: CheckpointRef, override: str | Path | None) -> ClovaToke
     return tok
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary dirs of exports that were killed (their process is gone) are garbage."""
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
-
-
 def export_hf(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -565,11 +316,11 @@ def export_hf(
     if out.resolve() == ref.run_dir.resolve() or ref.run_dir.resolve() in out.resolve().parents:
         raise ClovaError(f"{out}: is inside the run dir; choose an --out outside {ref.run_dir}")
     tok = _run_tokenizer(ref, tokenizer)
-    dtype = DTYPES[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_dead_tmp(out)
+    tmp = tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -642,33 +393,6 @@ def _gpt_from_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> GPT:
     except RuntimeError as e:
         raise ClovaError(f"weights do not fit the model config: {str(e).splitlines()[0]}") from None
     return model.eval()
-
-
-def _hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    index = path / WEIGHTS_INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
-    for f in files:
-        if not (path / f).is_file():
-            raise ClovaError(f"{path / f}: missing; the model directory is incomplete")
-        with safe_open(str(path / f), framework="pt") as st:
-            for k in st.keys():
-                yield k, st.get_tensor(k)
-
-
-def load_hf_state_dict(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict from a Hugging Face GPT-2 directory (tied lm_head dropped)."""
-    sd = {}
-    for k, t in _hf_tensors(Path(path)):
-        if k == "lm_head.weight" or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
-            continue  # the tied head, and old GPT-2 exports' causal-mask buffers
-        try:
-            name, t = from_hf(k, t)
-        except KeyError:
-            raise ClovaError(f"{path}: tensor {k!r} has no place in our GPT; not a GPT-2 model we can run") from None
-        sd[name] = t.to(dtype).contiguous()
-    return sd
 
 
 def load_for_inference(path: str | Path, *, dtype: torch.dtype = torch.float32, step: int | str = "latest"):

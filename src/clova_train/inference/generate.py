@@ -16,10 +16,12 @@ import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from clova_train.core.textfiles import iter_jsonl
+from clova_train.core.dtypes import BY_LONG_NAME
 from clova_train.core.errors import ClovaError
 from clova_train.model.gpt import GPT, KVCache
 
@@ -92,7 +94,6 @@ def resolve_device(device: str) -> torch.device:
         raise ClovaError(f"unknown device {device!r}: {e}") from None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -106,8 +107,8 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
     fields, or a run config with a ``model`` section) and ``tokenizer/`` is
     read here: the simplest way to hand over a model trained in a notebook.
     """
-    if dtype not in DTYPES:
-        raise ClovaError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype not in BY_LONG_NAME:
+        raise ClovaError(f"dtype must be one of {', '.join(BY_LONG_NAME)}, not {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise ClovaError(f"{path}: no such model directory")
@@ -116,10 +117,10 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
     else:
         from clova_train.export.hf import load_for_inference
 
-        model, tok = load_for_inference(path, dtype=DTYPES[dtype])
+        model, tok = load_for_inference(path, dtype=BY_LONG_NAME[dtype])
     if not hasattr(tok, "eod_id"):
         tok = HFTokenizer(tok)
-    model = model.to(device=resolve_device(device), dtype=DTYPES[dtype])
+    model = model.to(device=resolve_device(device), dtype=BY_LONG_NAME[dtype])
     return model.eval(), tok
 
 
@@ -394,32 +395,6 @@ def generate(
 
 
 # ------------------------------------------------------------------ files
-
-
-def iter_jsonl(path: str | Path, hint: str = "each line must be one JSON object") -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an error ending in ``hint``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClovaError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ClovaError(f"{path}:{n}: not valid JSON ({e.msg}); {hint}") from None
-            if not isinstance(obj, dict):
-                raise ClovaError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}; {hint}")
-            yield n, obj
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """Non-blank lines of a text file, stripped (the banned-words list)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClovaError(f"{path}: file not found")
-    return [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
 def generate_file(

@@ -3,9 +3,9 @@
 Token + learned position embeddings, pre-LayerNorm blocks (causal attention
 through ``scaled_dot_product_attention`` so CUDA uses flash kernels; exact
 GELU MLP), a final LayerNorm and an output head tied to the token embedding.
-Parameter names are the contract with export (see ``export.HF_KEY_MAP``);
+Parameter names are the contract with export (see ``export.adapter.HF_KEY_MAP``);
 parallel wiring (ZeRO-3, pipeline stages, activation checkpointing) lives in
-``parallel.py`` and never here.
+``training/`` (``zero.py``, ``pipeline.py``) and never here.
 """
 
 from __future__ import annotations

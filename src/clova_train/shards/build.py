@@ -25,11 +25,9 @@ node's .bin.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import time
 import unicodedata
@@ -41,7 +39,8 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clova_train import __version__
+from clova_train.shards.keys import KeySet, digest
+from clova_train.shards.manifest import build_manifest, report
 from clova_train.text.readers import (
     Document,
     SkipCounts,
@@ -52,37 +51,15 @@ from clova_train.text.readers import (
 )
 from clova_train.core.errors import ClovaError
 from clova_train.core.progress import progress_bar
-from clova_train.shards.format import (
-    KEY_DTYPE,
-    MANIFEST,
-    MANIFEST_FORMAT,
-    MANIFEST_VERSION,
-    PROGRESS,
-    SPLITS,
-    IndexedDataset,
-    IndexedDatasetWriter,
-    ShardConfig,
-    check_shard,
-    dtype_code,
-    dtype_for_vocab,
-    is_tmp_name,
-    prefix_files,
-    read_manifest,
-    tmp_name,
-    verify_shard_dir,
-    write_bytes,
-    write_index,
-)
+from clova_train.shards.format import KEY_DTYPE, MANIFEST, PROGRESS, SPLITS, IndexedDatasetWriter, ShardConfig, check_shard, dtype_for_vocab, prefix_files, read_manifest, verify_shard_dir, write_bytes
 from clova_train.tokenizer.bpe import ClovaTokenizer
-from clova_train.core.files import atomic_write_json, file_sha256, fsync_path
+from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_tmp_name
 
 PROGRESS_VERSION = 1
 # Test hook: the process dies (os._exit, no cleanup) right after committing
 # this many shards, as a killed job would.
 EXIT_AFTER_SHARDS_ENV = "CLOVA_TEST_EXIT_AFTER_SHARDS"
 TRAIN, VALID = 0, 1
-SPLIT_METHOD = "valid if the last 8 bytes of blake2b-128(cleaned UTF-8 text) < valid_fraction * 2**64"
-DEDUP_METHOD = "exact: the first 8 bytes of blake2b-128(cleaned UTF-8 text); the first occurrence is kept"
 
 
 # ------------------------------------------------------------------ slices of the input
@@ -133,49 +110,6 @@ def resolve_workers(workers: int) -> int:
 
 
 # ------------------------------------------------------------------ dedup
-
-
-class KeySet:
-    """Exact set of 64-bit keys at about 8 bytes each (a Python set costs ~9x more).
-
-    Keys live in sorted runs whose sizes halve from first to last, merged like
-    a binary counter, so membership costs O(log^2 n) per key, vectorised per batch.
-    """
-
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
-
-    def __len__(self) -> int:
-        return sum(len(r) for r in self._runs)
-
-    def add_new(self, keys: np.ndarray) -> np.ndarray:
-        """Add ``keys``; True where a key was not seen before (first occurrence within the batch)."""
-        keys = np.asarray(keys, dtype=np.uint64)
-        new = np.zeros(len(keys), dtype=bool)
-        if not len(keys):
-            return new
-        new[np.unique(keys, return_index=True)[1]] = True
-        for run in self._runs:
-            pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            new &= run[pos] != keys
-        fresh = np.sort(keys[new])
-        if len(fresh):
-            self._runs.append(fresh)
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            b, a = self._runs.pop(), self._runs.pop()
-            self._runs.append(np.sort(np.concatenate([a, b])))
-        return new
-
-
-def digest(data: bytes) -> bytes:
-    """16 bytes of a cleaned text's UTF-8: dedup key (first 8) and split draw (last 8), little-endian."""
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def is_valid(text: str, valid_fraction: float) -> bool:
-    """Whether a cleaned text lands in the validation split (the rule the pipeline applies)."""
-    draw = int.from_bytes(digest(text.encode("utf-8"))[8:], "little")
-    return draw < int(valid_fraction * 2**64)
 
 
 # ------------------------------------------------------------------ workers
@@ -546,7 +480,7 @@ def tokenize_corpus(
     done, kept = _prepare_out_dir(out_dir, fingerprint, stats)
     if done is not None:
         verify_shard_dir(out_dir)  # "nothing to do" must also mean "nothing lost"
-        return _report(done, out_dir, time.perf_counter() - t0, workers=0, resumed=len(done["shards"]), complete=True)
+        return report(done, out_dir, time.perf_counter() - t0, workers=0, resumed=len(done["shards"]), complete=True)
 
     tokenizer_info = {
         "path": str(Path(tokenizer_dir).resolve()),
@@ -595,228 +529,14 @@ def tokenize_corpus(
             raise
         input_records = [s.record() for s in stream.inputs]
 
-    manifest = _manifest(cfg, tokenizer_info, dtype, fingerprint, input_records, progress.state["shards"])
+    manifest = build_manifest(cfg, tokenizer_info, dtype, fingerprint, input_records, progress.state["shards"])
     manifest["node"] = {"num_nodes": cfg.num_nodes, "node_rank": cfg.node_rank, "input_files_total": len(all_paths)}
     atomic_write_json(out_dir / MANIFEST, manifest)
     (out_dir / PROGRESS).unlink()
     fsync_path(out_dir)
-    return _report(manifest, out_dir, time.perf_counter() - t0, workers=workers, resumed=len(kept), complete=False)
-
-
-def _manifest(cfg: ShardConfig, tokenizer: dict, dtype: np.dtype, fingerprint: dict, inputs: list, shards: list) -> dict:
-    # Train and valid shards finish interleaved in an order that depends on batching;
-    # listing them split by split keeps the manifest identical for any --workers.
-    shards = sorted(shards, key=lambda r: SPLITS.index(r["split"]))
-    skipped = SkipCounts()
-    for rec in inputs:
-        skipped.merge(_skips_from_dict(rec["skipped"]))
-    split = {"valid_fraction": cfg.valid_fraction, "method": SPLIT_METHOD}
-    for s in SPLITS:
-        mine = [r for r in shards if r["split"] == s]
-        split[s] = {
-            "shards": len(mine),
-            "documents": sum(r["documents"] for r in mine),
-            "tokens": sum(r["tokens"] for r in mine),
-        }
-    return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "created_by": f"clova-train {__version__}: clova tokenize",
-        "tokenizer": tokenizer,
-        "dtype": dtype.name,
-        "dtype_code": dtype_code(dtype),
-        "layout": "Megatron-LM MMapIndexedDataset: prefix.bin + prefix.idx, one sequence per document, "
-        "each ending with eod_id; prefix.keys holds the dedup key (<u8) of each document",
-        "config": cfg.recorded_fields,
-        "fingerprint": fingerprint,
-        "dedup": {"enabled": cfg.dedup, "method": DEDUP_METHOD},
-        "split": split,
-        "inputs": inputs,
-        "shards": shards,
-        "totals": {
-            "input_files": len(inputs),
-            "input_bytes": sum(r["bytes"] for r in inputs),
-            "documents_read": sum(r["documents_read"] for r in inputs),
-            "documents_written": split["train"]["documents"] + split["valid"]["documents"],
-            "documents_skipped": skipped.total,
-            "tokens": split["train"]["tokens"] + split["valid"]["tokens"],
-            "shards": len(shards),
-        },
-        "skipped": skipped.to_dict(),
-    }
-
-
-def _skips_from_dict(d: dict) -> SkipCounts:
-    s = SkipCounts()
-    for reason, n in d["by_reason"].items():
-        s.counts[reason] += n
-        s.examples[reason] = list(d["examples"].get(reason, []))
-    return s
-
-
-def _report(manifest: dict, out_dir: Path, seconds: float, *, workers: int, resumed: int, complete: bool) -> dict:
-    t = manifest["totals"]
-    return {
-        "out": str(out_dir),
-        "already_complete": complete,
-        "resumed_shards": resumed,
-        "workers": workers,
-        "seconds": seconds,
-        "mb_per_s": t["input_bytes"] / 1e6 / seconds if seconds > 0 else 0.0,
-        "docs_per_s": t["documents_read"] / seconds if seconds > 0 else 0.0,
-        "split": manifest["split"],
-        "skipped": manifest["skipped"],
-        **t,
-    }
+    return report(manifest, out_dir, time.perf_counter() - t0, workers=workers, resumed=len(kept), complete=False)
 
 
 # ------------------------------------------------------------------ merge
 
 
-def merge_shard_dirs(dirs: Sequence[str | Path], out_dir: str | Path) -> dict:
-    """Join per-node shard dirs into one dataset in ``out_dir`` without copying tokens.
-
-    The merged manifest points at node shards by relative path. Documents that
-    duplicate one in a lower-ranked node are dropped (when dedup was on) by a
-    new .idx in ``out_dir`` that skips them, beside a relative symlink to the
-    node's .bin; the result equals a single-node run in content and order.
-    """
-    if not dirs:
-        raise ClovaError("no shard dirs given; pass the per-node output dirs of `clova tokenize`")
-    out_dir = Path(out_dir)
-    nodes = []
-    for d in dirs:
-        d = Path(d)
-        man = read_manifest(d)
-        if "node_rank" not in man.get("node", {}):
-            raise ClovaError(f"{d}: is itself a merged dir; merge the per-node dirs instead")
-        nodes.append((d, man))
-    nodes.sort(key=lambda dm: dm[1]["node"]["node_rank"])
-    first = nodes[0][1]
-    k = first["node"]["num_nodes"]
-    for d, man in nodes:
-        if man["tokenizer"]["hash"] != first["tokenizer"]["hash"]:
-            raise ClovaError(f"{d}: made with another tokenizer than {nodes[0][0]}; merge dirs of one run only")
-        if _without_rank(man["fingerprint"]) != _without_rank(first["fingerprint"]):
-            raise ClovaError(f"{d}: made with other inputs or settings than {nodes[0][0]}; merge dirs of one run only")
-    ranks = [man["node"]["node_rank"] for _, man in nodes]
-    if ranks != list(range(k)):
-        missing = sorted(set(range(k)) - set(ranks))
-        dup = sorted({r for r in ranks if ranks.count(r) > 1})
-        raise ClovaError(
-            f"the run had {k} nodes; "
-            + (f"missing node rank(s) {missing}" if missing else f"node rank(s) {dup} given twice")
-            + "; pass every node's dir exactly once"
-        )
-    resolved_out = out_dir.resolve()
-    if any(Path(d).resolve() == resolved_out for d, _ in nodes):
-        raise ClovaError(f"{out_dir}: is one of the node dirs; choose another --out")
-    _prepare_merge_dir(out_dir)
-
-    dedup = first["config"]["dedup"]
-    seen = KeySet()
-    inputs: list[dict] = []
-    shards: list[dict] = []
-    cross = 0
-    for d, man in nodes:
-        offset = len(inputs)
-        node_inputs = [dict(r, skipped=_skips_from_dict(r["skipped"]), documents_written=dict(r["documents_written"])) for r in man["inputs"]]
-        for rec in man["shards"]:
-            prefix = d / rec["prefix"]
-            keys = _read_keys(prefix, rec, d)
-            keep = seen.add_new(keys) if dedup else np.ones(len(keys), dtype=bool)
-            per_doc_src = np.repeat([s for s, _ in rec["sources"]], [n for _, n in rec["sources"]])
-            for i in np.flatnonzero(~keep):
-                r = node_inputs[per_doc_src[i]]
-                r["skipped"].add("duplicate", f"{r['path']} (across nodes; {rec['prefix']} document {i})")
-                r["documents_written"][rec["split"]] -= 1
-            cross += int((~keep).sum())
-            if not keep.any():
-                continue
-            rel = os.path.relpath(prefix.resolve(), resolved_out)
-            if keep.all():
-                new = dict(rec, prefix=rel)
-            else:
-                new = _write_view(out_dir, f"n{man['node']['node_rank']:03d}-{rec['prefix']}", prefix, rec, keep, per_doc_src)
-                new["view_of"] = rel
-            new["sources"] = [[s + offset, n] for s, n in new["sources"]]
-            shards.append(new)
-        for r in node_inputs:
-            r["skipped"] = r["skipped"].to_dict()
-            r["documents_skipped"] = r["skipped"]["total"]
-        inputs.extend(node_inputs)
-
-    cfg = ShardConfig(**dict(first["config"], node_rank=0))
-    manifest = _manifest(
-        cfg, first["tokenizer"], np.dtype(first["dtype"]), _without_rank(first["fingerprint"]), inputs, shards
-    )
-    manifest["config"]["node_rank"] = None
-    manifest["node"] = {
-        "num_nodes": k,
-        "merged_from": [
-            {"dir": os.path.relpath(d.resolve(), resolved_out), "node_rank": m["node"]["node_rank"], "manifest_sha256": file_sha256(d / MANIFEST)}
-            for d, m in nodes
-        ],
-        "cross_node_duplicates": cross,
-        "layout": "shard prefixes are relative to this dir; nX-*.idx files skip cross-node duplicates and "
-        "sit beside a relative symlink to the node's .bin",
-    }
-    atomic_write_json(out_dir / MANIFEST, manifest)
-    fsync_path(out_dir)
-    return _report(manifest, out_dir, 0.0, workers=0, resumed=0, complete=False)
-
-
-def _read_keys(prefix: Path, rec: dict, node_dir: Path) -> np.ndarray:
-    path = prefix_files(prefix)[2]
-    size = path.stat().st_size if path.is_file() else -1
-    if size != 8 * rec["documents"]:
-        raise ClovaError(
-            f"{path}: missing or not {rec['documents']} dedup keys; check the node dir with `clova shards verify {node_dir}`"
-        )
-    return np.fromfile(path, dtype=KEY_DTYPE)
-
-
-def _without_rank(fingerprint: dict) -> dict:
-    return {**fingerprint, "config": {**fingerprint["config"], "node_rank": None}}
-
-
-def _prepare_merge_dir(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        man = out_dir / MANIFEST
-        merged = man.is_file() and "merged_from" in json.loads(man.read_text(encoding="utf-8")).get("node", {})
-        if not merged:
-            raise ClovaError(f"{out_dir}: exists, is not empty and is not a merged shard dir; choose another --out")
-        man.unlink()  # a re-merge replaces the old one
-        for f in out_dir.iterdir():
-            if _VIEW_NAME.fullmatch(f.name) or is_tmp_name(f.name):
-                f.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-_VIEW_NAME = re.compile(r"n\d{3,}-(train|valid)-\d{5,}\.(bin|idx|keys)")
-
-
-def _write_view(out_dir: Path, name: str, prefix: Path, rec: dict, keep: np.ndarray, per_doc_src: np.ndarray) -> dict:
-    """A shard holding only the kept documents of ``prefix``: new .idx and .keys, symlinked .bin."""
-    ds = IndexedDataset(prefix)
-    bin_path, idx_path, keys_path = prefix_files(out_dir / name)
-    link = tmp_name(bin_path)
-    link.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(prefix_files(prefix)[0].resolve(), out_dir.resolve()), link)
-    os.replace(link, bin_path)
-    sizes, pointers = ds.sizes[keep], ds.pointers[keep]
-    idx_sha = write_index(idx_path, ds.dtype, sizes, pointers)
-    keys = _read_keys(prefix, rec, prefix.parent)[keep]
-    keys_sha = write_bytes(keys_path, keys.tobytes())
-    src = per_doc_src[keep]
-    cuts = np.flatnonzero(np.diff(src)) + 1
-    return dict(
-        rec,
-        prefix=name,
-        view=True,
-        documents=int(keep.sum()),
-        tokens=int(sizes.sum(dtype=np.int64)),
-        idx_sha256=idx_sha,
-        keys_sha256=keys_sha,
-        sources=[[int(run[0]), len(run)] for run in np.split(src, cuts)],
-    )

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 
 from clova_train.text.readers import check_read_options
 from clova_train.core.errors import ClovaError
-from clova_train.core.files import file_sha256, fsync_path
+from clova_train.core.files import commit_file, file_sha256, tmp_name
 
 MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -139,21 +138,6 @@ def prefix_files(prefix: str | Path) -> tuple[Path, Path, Path]:
 
 
 # ------------------------------------------------------------------ writing
-
-
-def tmp_name(path: Path) -> Path:
-    """Where a file is written before it becomes visible (stale ones are removed on resume)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def is_tmp_name(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    """fsync then rename: the final name only ever holds a complete file."""
-    fsync_path(tmp)
-    os.replace(tmp, final)
 
 
 def write_index(path: Path, dtype, sizes: np.ndarray, pointers: np.ndarray) -> str:

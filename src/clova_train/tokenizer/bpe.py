@@ -14,30 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
-from collections import Counter
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
-from clova_train import __version__
 from clova_train.text.readers import (
-    NORMALIZATIONS,
-    SkipCounts,
-    check_inputs,
-    check_read_options,
-    input_size,
-    iter_documents,
     normalize,
 )
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import EOJEOL, MAX_CACHED_CHARS, MorphSegmenter, analyzer_info
-from clova_train.core.progress import console, progress_bar
-from clova_train.core.files import atomic_write_json, file_sha256, replace_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "clova_tokenizer.json"
@@ -45,195 +30,6 @@ META_FILE = "clova_tokenizer.json"
 REMOTE_CODE = Path(__file__).with_name("tokenization_clova.py")
 FORMAT_VERSION = 1
 BYTE_ALPHABET = 256
-# Joins repeated morphemes into one string while training, so Rust does the
-# counting; a noncharacter, so real text essentially never contains it.
-_TRAIN_SEP = "\uffff"
-
-
-@dataclass
-class TokenizerConfig:
-    """How a tokenizer is learned. Loaded strictly from tokenizer/*.json recipes."""
-
-    vocab_size: int = 51200
-    """Total vocabulary, special tokens included (the model pads it to a multiple of 128)."""
-    min_frequency: int = 2
-    """A merge must be seen this often to be learned."""
-    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
-    """Tokens never produced from text; the first one is the end-of-document token."""
-    normalization: str = "NFC"
-    """Unicode normalisation applied before segmentation: NFC, NFKC or none."""
-    sample_fraction: float = 1.0
-    """Fraction of documents used (the paper learned its tokenizer on about 1%)."""
-    seed: int = 0
-    """Seed of the stable, hash-based document sample."""
-    text_key: str = "text"
-    """Field holding the text in jsonl, parquet and datasets inputs."""
-    doc_sep: str = "line"
-    """In .txt inputs, one document per line or per blank-line-separated block."""
-    on_error: str = "raise"
-    """raise: stop at the first bad document; skip: count it by reason and go on."""
-    workers: int = 0
-    """Threads for BPE training (0: all cores)."""
-
-    def __post_init__(self) -> None:
-        if not self.special_tokens:
-            raise ClovaError("special_tokens must name at least the end-of-document token")
-        if len(set(self.special_tokens)) != len(self.special_tokens):
-            raise ClovaError(f"special_tokens has duplicates: {self.special_tokens}")
-        floor = BYTE_ALPHABET + len(self.special_tokens)
-        if self.vocab_size < floor + 1:
-            raise ClovaError(
-                f"vocab_size {self.vocab_size} is too small: the byte alphabet ({BYTE_ALPHABET}) plus "
-                f"{len(self.special_tokens)} special tokens already take {floor}; use a larger --vocab-size"
-            )
-        if self.min_frequency < 1:
-            raise ClovaError(f"min_frequency must be >= 1, not {self.min_frequency}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ClovaError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {self.normalization!r}")
-        if not 0.0 < self.sample_fraction <= 1.0:
-            raise ClovaError(f"sample_fraction must be in (0, 1], not {self.sample_fraction}")
-        check_read_options(self.doc_sep, self.on_error, self.workers)
-
-    @property
-    def eod_token(self) -> str:
-        return self.special_tokens[0]
-
-
-def _keep(text: str, fraction: float, seed: int) -> bool:
-    """Stable document sample: the same text is kept or dropped on every run."""
-    if fraction >= 1.0:
-        return True
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(h, "little") < fraction * 2**64
-
-
-def _train_stream(morphemes: Counter, batch_chars: int = 1 << 16) -> Iterator[str]:
-    """Each morpheme as often as it occurred, joined by a separator Rust splits on."""
-    for m, c in morphemes.items():
-        reps = max(1, batch_chars // (len(m) + 1))
-        unit = m + _TRAIN_SEP
-        while c > 0:
-            n = min(c, reps)
-            yield unit * n
-            c -= n
-
-
-def train_tokenizer(
-    inputs: Sequence[str | Path], out_dir: str | Path, cfg: TokenizerConfig, *, show_progress: bool = True
-) -> dict:
-    """Learn a morpheme-aware byte-level BPE from ``inputs`` into ``out_dir``; return a report."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    paths = check_inputs(list(inputs))
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META_FILE).exists():
-        raise ClovaError(f"{out_dir}: exists and is not a tokenizer directory; choose another --out")
-    if cfg.workers:
-        # tokenizers sizes its Rust thread pool from this on first use.
-        os.environ["RAYON_RS_NUM_CPUS"] = str(cfg.workers)
-
-    t0 = time.perf_counter()
-    segmenter = MorphSegmenter()
-    skips = SkipCounts()
-    eojeols: Counter = Counter()
-    docs_read = docs_used = chars = 0
-    inputs_meta = []
-    with progress_bar("reading", sum(input_size(p) for p in paths), enabled=show_progress, unit="bytes") as advance:
-        for path in paths:
-            n_before = docs_read
-            size = input_size(path)
-            seen = 0
-            for doc in iter_documents(
-                path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips
-            ):
-                docs_read += 1
-                nbytes = len(doc.text) + 1  # characters: cheap and close enough for a bar
-                seen += nbytes
-                if seen <= size:
-                    advance(nbytes)
-                if not _keep(doc.text, cfg.sample_fraction, cfg.seed):
-                    continue
-                text = normalize(doc.text, cfg.normalization)
-                docs_used += 1
-                chars += len(text)
-                eojeols.update(EOJEOL.findall(text))
-            if seen < size:
-                advance(size - seen)
-            inputs_meta.append(
-                {"path": str(path), "bytes": size, "sha256": file_sha256(path), "documents": docs_read - n_before}
-            )
-    if not eojeols:
-        raise ClovaError(
-            f"no text to learn from: {docs_read} documents read, {docs_used} kept, {skips.total} skipped; "
-            "check the inputs, --text-key and --sample-fraction"
-        )
-    t_read = time.perf_counter() - t0
-
-    morphemes: Counter = Counter()
-    with progress_bar("segmenting", len(eojeols), enabled=show_progress) as advance:
-        for i, (w, c) in enumerate(eojeols.items()):
-            for m in segmenter.segment_eojeol(w):
-                morphemes[m] += c
-            if i % 4096 == 4095:
-                advance(4096)
-        advance(len(eojeols) % 4096)
-    t_seg = time.perf_counter() - t0 - t_read
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(_TRAIN_SEP, behavior="removed"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size,
-        min_frequency=cfg.min_frequency,
-        special_tokens=list(cfg.special_tokens),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    with console.status("learning BPE merges inside morphemes", spinner="dots") if show_progress else nullcontext():
-        tok.train_from_iterator(_train_stream(morphemes), trainer=trainer)
-    # At inference each morpheme arrives as its own pre-tokenized word.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    t_bpe = time.perf_counter() - t0 - t_read - t_seg
-
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "clova_train_version": __version__,
-        "kind": "morpheme-aware byte-level BPE",
-        **analyzer_info(),
-        "normalization": cfg.normalization,
-        "special_tokens": list(cfg.special_tokens),
-        "eod_token": cfg.eod_token,
-        "eod_id": tok.token_to_id(cfg.eod_token),
-        "vocab_size": tok.get_vocab_size(),
-        "config": asdict(cfg),
-        "inputs": inputs_meta,
-        "documents": {"read": docs_read, "used": docs_used, "skipped": skips.to_dict()},
-        "characters": chars,
-        "unique_eojeols": len(eojeols),
-        "unique_morphemes": len(morphemes),
-    }
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(str(tmp / TOKENIZER_FILE))
-    atomic_write_json(tmp / META_FILE, meta)
-    replace_dir(tmp, out_dir)
-    return {
-        "out": str(out_dir),
-        "vocab_size": meta["vocab_size"],
-        "documents_read": docs_read,
-        "documents_used": docs_used,
-        "skipped": skips.to_dict(),
-        "characters": chars,
-        "unique_eojeols": len(eojeols),
-        "unique_morphemes": len(morphemes),
-        "seconds": {"read": t_read, "segment": t_seg, "bpe": t_bpe, "total": time.perf_counter() - t0},
-    }
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -400,36 +196,3 @@ def crossing_tokens(tok: ClovaTokenizer, text: str) -> tuple[int, int]:
     return len(ids), count_crossing(pieces, (len(tok.token_bytes(i)) for i in ids))
 
 
-def tokenizer_stats(tok: ClovaTokenizer, inputs: Sequence[str | Path], *, text_key: str = "text", limit: int = 0) -> dict:
-    """Encode throughput and compression on ``inputs``, plus the morpheme-crossing check."""
-    texts: list[str] = []
-    for path in check_inputs(list(inputs)):
-        for doc in iter_documents(path, text_key=text_key):
-            texts.append(doc.text)
-            if limit and len(texts) >= limit:
-                break
-        if limit and len(texts) >= limit:
-            break
-    if not texts:
-        raise ClovaError("no documents to measure in the given inputs")
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    t0 = time.perf_counter()
-    ids = tok.encode_batch(texts)
-    dt = time.perf_counter() - t0
-    n_tokens = sum(map(len, ids))
-    chars = sum(len(t) for t in texts)
-    words = sum(len(t.split()) for t in texts)
-    crossing = sum(crossing_tokens(tok, t)[1] for t in texts)
-    roundtrip_failures = sum(tok.decode(i) != tok.normalize(t) for i, t in zip(ids, texts))
-    return {
-        "documents": len(texts),
-        "bytes": nbytes,
-        "tokens": n_tokens,
-        "encode_mb_per_s": nbytes / 1e6 / dt if dt > 0 else float("inf"),
-        "tokens_per_char": n_tokens / max(chars, 1),
-        "tokens_per_word": n_tokens / max(words, 1),
-        "bytes_per_token": nbytes / max(n_tokens, 1),
-        "crossing_tokens": crossing,
-        "crossing_fraction": crossing / max(n_tokens, 1),
-        "roundtrip_failures": roundtrip_failures,
-    }

@@ -41,7 +41,7 @@ def select_accelerator() -> None:
 
 
 def init_distributed() -> Dist:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by launch.py)."""
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher, see launch.py)."""
     select_accelerator()
     import deepspeed
     import deepspeed.ops

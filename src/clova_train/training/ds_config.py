@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from clova_train.core.config import read_json_object
+from clova_train.core import dtypes
 from clova_train.core.errors import ClovaError
 
 MODES = ("zero3", "pipeline")
 OFFLOADS = ("none", "cpu", "nvme")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = ("auto", *dtypes.PRECISIONS)
 
 
 @dataclass

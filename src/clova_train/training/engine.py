@@ -68,7 +68,7 @@ class Engine:
         return self.ds.monitor
 
     def save(self, directory: Path, tag: str, client_state: dict) -> None:
-        # `latest` is ours to write once the checkpoint is complete (see train.Checkpointer).
+        # `latest` is ours to write once the checkpoint is complete (see checkpoint.Checkpointer).
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: Path, tag: str) -> dict:

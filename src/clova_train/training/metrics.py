@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from clova_train.core.files import atomic_write_text
+from clova_train.core.textfiles import iter_jsonl
+from clova_train.core.files import atomic_write_text, commit_file, tmp_name
 from clova_train.training.rundir import METRICS_FILE, PLOT_FILE
 
 
@@ -33,15 +34,8 @@ class MetricsLogger:
         """Keep what steps 1..step logged; later lines belong to the interrupted attempt."""
         if not self.enabled:
             return
-        self.records = []
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if rec.get("step", 0) <= step:
-                    self.records.append(rec)
+        logged = iter_jsonl(self.path, skip_bad=True) if self.path.is_file() else ()
+        self.records = [rec for _, rec in logged if rec.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def log(self, record: dict) -> None:
@@ -89,13 +83,13 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    tmp = tmp_name(path, ".png")  # savefig picks the format from the suffix
     fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    commit_file(tmp, path)
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:
-    """Dense bf16 peak of one device, from plan.py's table of known accelerators, or the override."""
+    """Dense bf16 peak of one device, from the plan's table of known accelerators, or the override."""
     if override:
         return override
     from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS

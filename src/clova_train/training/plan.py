@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
+from clova_train.training.ds_config import MODES, OFFLOADS
 from clova_train.model.config import ModelConfig
 
 GB = 1024**3
@@ -28,9 +30,6 @@ ACCELERATOR_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "a10g": 
 USABLE_FRACTION = 0.9
 ACT_VALUES_PER_LAYER = 16  # x hidden x tokens, measured for model.Block
 ACT_VALUES_OUTSIDE = 2  # embedding output and final LayerNorm input, x hidden x tokens
-PARALLEL_MODES = ("zero3", "pipeline")
-OFFLOAD_MODES = ("none", "cpu", "nvme")
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 @dataclass
@@ -71,10 +70,10 @@ class PlanConfig:
     """Peak dense TFLOP/s of one GPU at this precision."""
 
     def __post_init__(self) -> None:
-        if self.parallel not in PARALLEL_MODES:
-            raise ClovaError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, not {self.parallel!r}")
-        if self.offload not in OFFLOAD_MODES:
-            raise ClovaError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, not {self.offload!r}")
+        if self.parallel not in MODES:
+            raise ClovaError(f"parallel must be one of {', '.join(MODES)}, not {self.parallel!r}")
+        if self.offload not in OFFLOADS:
+            raise ClovaError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
         if self.precision not in PRECISIONS:
             raise ClovaError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.parallel == "pipeline" and self.offload != "none":
