@@ -32,6 +32,8 @@ from pathlib import Path
 
 from typing import Callable
 
+from rich.markup import escape
+
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text
 from clova_train.core.progress import console
@@ -344,12 +346,12 @@ def worker_main(spec, worker: Callable) -> int:
         return 0
     except ClovaError as e:
         if rank == 0 or not isinstance(e, CollectiveError):
-            who = "" if rank == 0 else f"[rank {rank}] "
+            who = "" if rank == 0 else f"\\[rank {rank}] "  # escaped: rich would read [rank 1] as markup
             console.print(f"[bold red]error:[/] {who}{e}", highlight=False, soft_wrap=True)
         return 2
     except RuntimeError as e:
         lost = lost_peer_message(e, spec.run_dir)
         if lost is None:
             raise
-        console.print(f"[bold red]error:[/] [rank {rank}] {lost}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] \\[rank {rank}] {escape(lost)}", highlight=False, soft_wrap=True)
         return 1
