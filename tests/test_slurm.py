@@ -26,6 +26,7 @@ from clova_train.training.rundir import MARKER_FILE, METRICS_FILE
 
 from conftest import clova_cli
 from slurm_cluster import missing_binaries, slurm_cluster
+from ssh_server import missing_binaries as ssh_missing, ssh_server
 from test_train import compared, metrics
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,17 @@ def slurm_run(slurm, tmp_path_factory, korean_shards) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def local_run(tmp_path_factory, korean_shards) -> Path:
+    """The reference: the same arguments on one machine, `clova train --nproc-per-node 2`."""
+    run = tmp_path_factory.mktemp("local_train") / "run"
+    r = clova_cli("train", "--model", "tiny", "--data", korean_shards, "--out", run, "--deepspeed",
+                  REPO / "deepspeed_configs" / "zero3.json", *EXTRA, "--nproc-per-node", "2",
+                  env={"OMP_NUM_THREADS": ""})  # the launcher's own choice, cores // 2
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run
+
+
 def test_templates_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         needs(["shellcheck"], "shellcheck is not installed")
@@ -125,15 +137,11 @@ def test_array_tokenize_then_merge_equals_one_process(slurm, tmp_path, tokenizer
         assert ours == ref and ref, split
 
 
-def test_train_sbatch_on_two_nodes_equals_a_local_two_process_run(slurm, slurm_run, tmp_path, korean_shards):
-    """Same arguments, same ranks, same threads per rank: the same metrics.jsonl, bit for bit."""
+def test_train_sbatch_on_two_nodes_equals_a_local_two_process_run(slurm_run, local_run):
+    """Same arguments, same ranks, same threads per rank (--cpus-per-task = cores // 2): the same metrics.jsonl, bit for bit."""
     marker = json.loads((slurm_run / "checkpoints" / "step_00000024" / MARKER_FILE).read_text())
     assert marker["launcher"] == "slurm" and marker["world_size"] == 2
-    local = tmp_path / "local"
-    r = clova_cli("train", "--model", "tiny", "--data", korean_shards, "--out", local, "--deepspeed",
-                  REPO / "deepspeed_configs" / "zero3.json", *EXTRA, "--nproc-per-node", "2", env=slurm.env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    two_nodes, here = metrics(slurm_run), metrics(local)
+    two_nodes, here = metrics(slurm_run), metrics(local_run)
     assert [x["step"] for x in two_nodes] == list(range(1, 25))
     assert compared(two_nodes) == compared(here)
 
@@ -191,3 +199,38 @@ def test_a_node_that_stops_answering_fails_the_job_with_a_clear_message(slurm, t
                                         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
     for p in files:
         assert torch.load(p, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------ --hostfile through ssh
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    missing = ssh_missing()
+    if os.geteuid() != 0:
+        missing.append("root (sshd and root login by key)")
+    if missing:
+        needs(missing, "no local ssh server")
+    with ssh_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+def test_hostfile_trains_through_ssh_and_pdsh_like_a_local_run(sshd, local_run, tmp_path, korean_shards):
+    """`clova train --hostfile` with two hosts that are both this machine (localhost, 127.0.0.1): DeepSpeed's launcher
+    checks ssh, asks the first host its address (`hostname -I`, no --master-addr) and starts one rank per host
+    through pdsh over ssh. OMP_NUM_THREADS travels to the hosts (RUN_DIR/deepspeed_env), so the two
+    ranks run with the local run's threads and reproduce its metrics bit for bit.
+    """
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    run = tmp_path / "run"
+    env = {"PATH": f"{sshd.bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": str(CPUS)}
+    r = clova_cli("train", "--model", "tiny", "--data", korean_shards, "--out", run, "--deepspeed",
+                  REPO / "deepspeed_configs" / "zero3.json", *EXTRA, "--hostfile", hosts, env=env, cwd=REPO)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text
+    assert "pdsh -S -f 1024 -w localhost,127.0.0.1" in text and "--node_rank=%n" in text, text
+    assert (run / "deepspeed_env").read_text() == f"OMP_NUM_THREADS={CPUS}\n"
+    logins = (sshd.root / "sshd.log").read_text()
+    assert logins.count("Accepted publickey for root") >= 3, logins  # the check, the address, one per host
+    assert compared(metrics(run)) == compared(metrics(local_run))
