@@ -234,3 +234,42 @@ def test_hostfile_trains_through_ssh_and_pdsh_like_a_local_run(sshd, local_run, 
     logins = (sshd.root / "sshd.log").read_text()
     assert logins.count("Accepted publickey for root") >= 3, logins  # the check, the address, one per host
     assert compared(metrics(run)) == compared(metrics(local_run))
+
+
+# ------------------------------------------------------------------ the pieces, without daemons
+
+
+def test_threads_per_rank_are_decided_one_way_on_every_launch_path():
+    from clova_train.training.launch import cpu_threads
+
+    cores = usable_cores()
+    assert cpu_threads(2, {}) == max(1, cores // 2)  # local workers share the host
+    assert cpu_threads(2, {"OMP_NUM_THREADS": "3"}) == 3  # the user's choice wins everywhere
+    srun = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}
+    assert cpu_threads(8, {**srun, "SLURM_CPUS_PER_TASK": "5"}) == 5  # what Slurm gave the task
+    assert cpu_threads(1, {**srun}) == cores  # no --cpus-per-task: the cores, as for one rank on the host
+    # A batch script that runs `clova train --nproc-per-node` itself is not a task of srun: its workers share the cores.
+    assert cpu_threads(2, {"SLURM_CPUS_PER_TASK": "5"}) == max(1, cores // 2)
+
+
+def test_collective_timeout_and_the_lost_peer_line(tmp_path):
+    from datetime import timedelta
+
+    from clova_train.core.errors import ClovaError
+    from clova_train.training.distributed import collective_timeout
+    from clova_train.training.launch import lost_peer_message
+
+    assert collective_timeout({}) == timedelta(minutes=30)
+    assert collective_timeout({"CLOVA_COLLECTIVE_TIMEOUT": "20"}) == timedelta(seconds=20)
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(ClovaError, match="CLOVA_COLLECTIVE_TIMEOUT"):
+            collective_timeout({"CLOVA_COLLECTIVE_TIMEOUT": bad})
+    gloo = RuntimeError("[/src/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:22446: Connection reset by peer. "
+                        "This is typically caused by a remote worker hanging or bugs in the application.")
+    line = lost_peer_message(gloo, tmp_path)
+    assert line.startswith("lost contact with another rank (Read error [127.0.0.1]:22446: Connection reset by peer)")
+    assert "there is no complete checkpoint yet" in line and "pair.cc" not in line
+    (tmp_path / "checkpoints" / "step_00000008").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000008" / MARKER_FILE).write_text(json.dumps({"tag": "step_00000008", "step": 8}))
+    assert "the last complete checkpoint is step_00000008" in lost_peer_message(gloo, tmp_path)
+    assert lost_peer_message(RuntimeError("shape mismatch"), tmp_path) is None  # a bug stays a traceback
