@@ -42,9 +42,12 @@ EXTRA = ["--seq-len", "64", "--global-batch", "8", "--micro-batch", "2", "--lr",
          "--save-every", "12", "--eval-every", "6", "--eval-samples", "16", "--log-every", "6", "--no-tensorboard"]
 
 
-def needs(binaries_missing: list[str], why: str):
-    """Skip outside CI; in CI (CI=true) a missing prerequisite fails the run instead of hiding these tests."""
-    msg = f"{why}: {', '.join(binaries_missing)} (apt-get install slurmctld slurmd slurm-client munge, as root)"
+def needs(missing: list[str], why: str, *, root: bool = False):
+    """Skip outside CI when something is missing; in CI (CI=true) fail instead of hiding these tests."""
+    missing = [*missing, *(["root"] if root and os.geteuid() != 0 else [])]
+    if not missing:
+        return
+    msg = f"{why}: {', '.join(missing)} missing (see .ci/run for the apt-get line; run as root)"
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(msg)
     pytest.skip(msg)
@@ -52,11 +55,7 @@ def needs(binaries_missing: list[str], why: str):
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    missing = missing_binaries()
-    if os.geteuid() != 0:
-        missing.append("root (the daemons run as SlurmUser=root)")
-    if missing:
-        needs(missing, "no local Slurm cluster")
+    needs(missing_binaries(), "no local Slurm cluster", root=True)  # the daemons run as SlurmUser=root
     with slurm_cluster(tmp_path_factory.mktemp("slurm"), cpus_per_node=CPUS, repo=REPO) as cluster:
         yield cluster
 
@@ -106,8 +105,7 @@ def local_run(tmp_path_factory, korean_shards) -> Path:
 
 
 def test_templates_pass_shellcheck():
-    if shutil.which("shellcheck") is None:
-        needs(["shellcheck"], "shellcheck is not installed")
+    needs([] if shutil.which("shellcheck") else ["shellcheck"], "cannot lint the templates")
     r = subprocess.run(["shellcheck", TRAIN_SBATCH, TOKENIZE_SBATCH], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -206,11 +204,7 @@ def test_a_node_that_stops_answering_fails_the_job_with_a_clear_message(slurm, t
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
-    missing = ssh_missing()
-    if os.geteuid() != 0:
-        missing.append("root (sshd and root login by key)")
-    if missing:
-        needs(missing, "no local ssh server")
+    needs(ssh_missing(), "no local ssh server", root=True)  # sshd, and root login by key
     with ssh_server(tmp_path_factory.mktemp("sshd")) as server:
         yield server
 
