@@ -10,7 +10,8 @@ this module never imports the loop it starts):
   when one dies, stops the others so nobody waits forever in a collective.
 * ``--hostfile FILE``: the same, but DeepSpeed's launcher starts the workers
   on every host of the hostfile (pdsh over ssh); RUN_DIR must be on a shared
-  filesystem.
+  filesystem, and RUN_DIR/deepspeed_env carries OMP_NUM_THREADS and the
+  CLOVA_* variables to the hosts.
 * Under ``srun`` (SLURM_STEP_ID set) or torchrun / the DeepSpeed launcher
   (RANK and WORLD_SIZE set), every process already is a rank: it trains
   in place, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID becoming
