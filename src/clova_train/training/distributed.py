@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -40,6 +41,29 @@ def select_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+DEFAULT_COLLECTIVE_TIMEOUT = 1800  # seconds; DeepSpeed's own default
+
+
+def collective_timeout(env=None) -> timedelta:
+    """How long a rank waits in one collective for a peer (CLOVA_COLLECTIVE_TIMEOUT seconds, default 30 minutes).
+
+    A peer that dies closes its sockets and its partners fail at once; a
+    node that hangs or drops off the network answers nothing, and only this
+    bounds the wait. It must outlast the slowest checkpoint save.
+    """
+    env = os.environ if env is None else env
+    raw = env.get("CLOVA_COLLECTIVE_TIMEOUT", "")
+    if not raw:
+        return timedelta(seconds=DEFAULT_COLLECTIVE_TIMEOUT)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise ClovaError(f"CLOVA_COLLECTIVE_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
 def init_distributed() -> Dist:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher, see launch.py)."""
     select_accelerator()
@@ -55,7 +79,7 @@ def init_distributed() -> Dist:
         # The CPU accelerator would JIT-compile a shared-memory all-reduce for
         # its torch backend; gloo is enough for CPU runs and needs no compiler.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=collective_timeout())
     import torch.distributed as td
 
     return Dist(

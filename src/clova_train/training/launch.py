@@ -10,7 +10,8 @@ this module never imports the loop it starts):
   when one dies, stops the others so nobody waits forever in a collective.
 * ``--hostfile FILE``: the same, but DeepSpeed's launcher starts the workers
   on every host of the hostfile (pdsh over ssh); RUN_DIR must be on a shared
-  filesystem.
+  filesystem, and RUN_DIR/deepspeed_env carries OMP_NUM_THREADS and the
+  CLOVA_* variables to the hosts.
 * Under ``srun`` (SLURM_STEP_ID set) or torchrun / the DeepSpeed launcher
   (RANK and WORLD_SIZE set), every process already is a rank: it trains
   in place, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID becoming
@@ -32,10 +33,13 @@ from pathlib import Path
 
 from typing import Callable
 
+from rich.markup import escape
+
 from clova_train.core.errors import ClovaError
-from clova_train.core.files import atomic_write_json
+from clova_train.core.files import atomic_write_json, atomic_write_text
 from clova_train.core.progress import console
-from clova_train.training.distributed import CollectiveError
+from clova_train.training.checkpoint import newest_checkpoint
+from clova_train.training.distributed import CollectiveError, collective_timeout
 from clova_train.training.rundir import LAUNCH_FILE
 
 DEFAULT_PORT = 29500
@@ -149,6 +153,43 @@ def world_size(cfg: LaunchConfig) -> tuple[int, bool]:
     return cfg.nproc_per_node or 1, False
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which Slurm and taskset narrow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_threads(local_ranks: int, env=None) -> int:
+    """Intra-op threads of one rank, decided the same way on every launch path.
+
+    CPU kernels split their sums by thread, so two runs are bit-identical only
+    with the same threads per rank: OMP_NUM_THREADS if set, else the CPUs Slurm
+    gave the task (SLURM_CPUS_PER_TASK, under srun), else this host's usable
+    cores shared by its ranks.
+    """
+    env = os.environ if env is None else env
+    cores = usable_cores()
+    if under_srun(env) and env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        cores, local_ranks = int(env["SLURM_CPUS_PER_TASK"]), 1
+    given = env.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, cores // max(1, local_ranks))
+
+
+def pin_cpu_threads() -> int:
+    """Apply :func:`cpu_threads` to this rank (torch and any OpenMP child it starts); the count."""
+    import torch
+
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or "1"  # LOCAL_SIZE: DeepSpeed's launcher
+    n = cpu_threads(int(local) if local.isdigit() else 1)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -173,7 +214,8 @@ def launch(spec, cfg: LaunchConfig, *, worker: Callable, module: str) -> int:
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_path, spec.to_json())
     if cfg.hostfile:
-        return subprocess.call(deepspeed_command(spec_path, cfg, module))
+        env = {**os.environ, "DS_ENV_FILE": str(forwarded_env_file(spec.run_dir))}
+        return subprocess.call(deepspeed_command(spec_path, cfg, module), env=env)
     return spawn_local(spec_path, cfg, module)
 
 
@@ -191,6 +233,19 @@ def deepspeed_command(spec_path: Path, cfg: LaunchConfig, module: str) -> list[s
     return cmd + ["--module", module, str(spec_path)]
 
 
+# What decides a rank's numerics and its failure handling travels to every host;
+# DeepSpeed's launcher passes on only PYTHON*-style variables by itself.
+FORWARDED = ("OMP_NUM_THREADS", "CLOVA_COLLECTIVE_TIMEOUT", "CLOVA_FAULT")
+
+
+def forwarded_env_file(run_dir: Path) -> Path:
+    """RUN_DIR/deepspeed_env: the FORWARDED variables that are set here, in DeepSpeed's KEY=VALUE format (DS_ENV_FILE)."""
+    lines = [f"{k}={os.environ[k]}" for k in FORWARDED if os.environ.get(k)]
+    path = run_dir / "deepspeed_env"
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return path
+
+
 def worker_env(rank: int, n: int, port: int, cfg: LaunchConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -203,7 +258,7 @@ def worker_env(rank: int, n: int, port: int, cfg: LaunchConfig) -> dict[str, str
         CLOVA_LAUNCHER="local",  # recorded in checkpoints: a resume may take its worker count from them
     )
     # CPU workers share the cores; without this each would start one thread per core.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env["OMP_NUM_THREADS"] = str(cpu_threads(n, env))
     return env
 
 
@@ -264,14 +319,40 @@ def spawn_local(spec_path: Path, cfg: LaunchConfig, module: str) -> int:
     return 128 - first if first < 0 else first
 
 
+# What gloo and NCCL say when a peer is gone (its process died) or silent past the collective timeout.
+_PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Timed out waiting|Socket Timeout|Broken pipe"
+                        r"|NCCL communicator was aborted|Watchdog caught collective operation timeout")
+
+
+def lost_peer_message(error: BaseException, run_dir: Path) -> str | None:
+    """One line for a collective that failed because another rank died or stopped answering; None for other errors."""
+    text = str(error).strip()
+    if not _PEER_LOST.search(text):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # gloo's C++ source path says nothing to a user
+    detail = detail.split(". This is typically")[0][:160]
+    marker = newest_checkpoint(Path(run_dir))
+    where = f"the last complete checkpoint is {marker['tag']}" if marker else "there is no complete checkpoint yet"
+    return (f"lost contact with another rank ({detail}): a node died, hung or left the network "
+            f"(collective timeout {collective_timeout().total_seconds():g} s, CLOVA_COLLECTIVE_TIMEOUT). "
+            f"See that rank's log; {where}, and resubmitting the job continues from it")
+
+
 def worker_main(spec, worker: Callable) -> int:
     """One rank: run ``worker(spec)``, print a user error once (rank 0 for collective ones), return the exit code."""
+    pin_cpu_threads()
+    rank = int(os.environ.get("RANK", 0))
     try:
         worker(spec)
         return 0
     except ClovaError as e:
-        rank = int(os.environ.get("RANK", 0))
         if rank == 0 or not isinstance(e, CollectiveError):
-            who = "" if rank == 0 else f"[rank {rank}] "
+            who = "" if rank == 0 else f"\\[rank {rank}] "  # escaped: rich would read [rank 1] as markup
             console.print(f"[bold red]error:[/] {who}{e}", highlight=False, soft_wrap=True)
         return 2
+    except RuntimeError as e:
+        lost = lost_peer_message(e, spec.run_dir)
+        if lost is None:
+            raise
+        console.print(f"[bold red]error:[/] \\[rank {rank}] {escape(lost)}", highlight=False, soft_wrap=True)
+        return 1
