@@ -133,6 +133,8 @@ def _top_ngram_fraction(words: list[str], n: int, total: int) -> float:
     if not grams:
         return 0.0
     gram, count = grams.most_common(1)[0]
+    if count < 2:  # an n-gram seen once is no repetition, however short the document
+        return 0.0
     return count * sum(map(len, gram)) / total
 
 
