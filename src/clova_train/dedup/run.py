@@ -162,7 +162,11 @@ def dedup_corpus(
         for name, pipeline, tasks in stages:
             logger.remove()
             ex = local(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(work / "logs" / name), start_method=start)
-            ex.run()
+            if ex.workers > 1:
+                ex.run()
+            else:  # in this process, without the manager process datatrove starts for its pool
+                for rank in ex.get_incomplete_ranks():
+                    ex._run_for_rank(rank)
             advance(tasks)
     manifest = finish(work, out_dir)
     return _report(manifest, out_dir, time.perf_counter() - t0, complete=False)

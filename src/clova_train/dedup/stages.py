@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -40,7 +41,8 @@ from clova_train.dedup.config import DedupConfig
 from clova_train.text.quality import QualityRecipe, check_document, line_keys, strip_boilerplate
 from clova_train.text.readers import SkipCounts, iter_documents, normalize, strip_control
 
-# Test hook: the process dies (os._exit, no cleanup) when this stage's task of this rank starts, e.g. "signature:1".
+# Test hook: when this stage's task of this rank starts (e.g. "signature:1"), SIGKILL goes to the whole
+# process group, as a killed job's processes all die at once; run the command in its own session.
 EXIT_AT_ENV = "CLOVA_TEST_DEDUP_EXIT_AT"
 # datatrove's default normalisation NFD-decomposes text and drops combining marks, which turns every
 # Hangul syllable into jamo; Korean keeps its syllables (the text is already NFC).
@@ -50,7 +52,7 @@ SAMPLE_CHARS = 2000
 
 def _maybe_die(stage: str, rank: int) -> None:
     if os.environ.get(EXIT_AT_ENV) == f"{stage}:{rank}":
-        os._exit(9)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------ small file helpers
