@@ -52,7 +52,7 @@ class DemoConfig:
     """Seed of the training run and of the sampled continuation."""
     inputs: list[str] = field(default_factory=list)
     """Corpus files (default: konlpy's constitution and bills)."""
-    dedup_min_chars: int = 20
+    dedup_min_chars: int = 10
     """The dedup stage's shortest document: konlpy's paragraphs are short (headings, article numbers)."""
 
     def __post_init__(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,19 +98,14 @@ def load_recipe(path: str | Path | None) -> QualityRecipe:
     return QualityRecipe() if path is None else load_json(QualityRecipe, path)
 
 
-def _is_hangul(c: str) -> bool:
-    o = ord(c)
-    return 0xAC00 <= o <= 0xD7A3 or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
+_LETTER = re.compile(r"[^\W\d_]")
+_HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 
 
 def hangul_share(text: str) -> float:
     """Hangul among letters (Hanja and Latin count as letters; digits and punctuation do not)."""
-    letters = hangul = 0
-    for c in text:
-        if c.isalpha():
-            letters += 1
-            hangul += _is_hangul(c)
-    return hangul / letters if letters else 0.0
+    letters = len(_LETTER.findall(text))
+    return len(_HANGUL.findall(text)) / letters if letters else 0.0
 
 
 def _dup_lines(text: str) -> tuple[float, float]:
@@ -128,26 +122,32 @@ def _dup_lines(text: str) -> tuple[float, float]:
     return dup / len(lines), dup_chars / sum(map(len, lines))
 
 
-def _top_ngram_fraction(words: list[str], n: int, total: int) -> float:
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
-        return 0.0
-    gram, count = grams.most_common(1)[0]
-    if count < 2:  # an n-gram seen once is no repetition, however short the document
-        return 0.0
-    return count * sum(map(len, gram)) / total
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: n-gram keys h(n) = h(n-1) * MIX + id wrap mod 2**64
 
 
-def _dup_ngram_fraction(words: list[str], n: int, total: int) -> float:
-    """Characters of the words covered by n-grams that occur more than once (each word counted once)."""
-    seen: set[tuple[str, ...]] = set()
-    covered = np.zeros(len(words), dtype=bool)
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            covered[i : i + n] = True
-        seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total
+def _ngram_stats(words: list[str], sizes: set[int]) -> dict[int, tuple[float, float]]:
+    """n -> (chars of the most frequent repeated n-gram x its count, chars covered by repeated n-grams), as shares."""
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    total = int(lengths.sum()) or 1
+    index: dict[str, int] = {}
+    ids = np.fromiter((index.setdefault(w, len(index)) for w in words), dtype=np.uint64, count=len(words))
+    keys, out = ids, {}
+    for n in range(1, max(sizes, default=0) + 1):
+        if n > 1:
+            keys = keys[:-1] * _MIX + ids[n - 1 :]
+        if n not in sizes:
+            continue
+        if keys.size == 0:
+            out[n] = (0.0, 0.0)
+            continue
+        _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        gram_chars = np.convolve(lengths, np.ones(n, dtype=np.int64), mode="valid")  # chars of the n-gram at i
+        most = int(counts.max())  # of the n-grams tied for most frequent, the longest
+        top_share = most * int(gram_chars[first[counts == most]].max()) / total if most >= 2 else 0.0
+        repeat = np.arange(keys.size) != first[inverse.reshape(-1)]  # an occurrence after the first
+        covered = np.convolve(repeat.astype(np.int64), np.ones(n, dtype=np.int64), mode="full")[: len(words)] > 0
+        out[n] = (float(top_share), float(lengths[covered].sum() / total))
+    return out
 
 
 def check_document(text: str, recipe: QualityRecipe) -> str | None:
@@ -162,13 +162,12 @@ def check_document(text: str, recipe: QualityRecipe) -> str | None:
     if lines > recipe.max_dup_line_fraction or line_chars > recipe.max_dup_line_char_fraction:
         return "repeated_lines"
     words = _WORD.findall(text)
-    total = sum(map(len, words)) or 1
-    for n, limit in recipe.max_top_ngram_char_fraction.items():
-        if _top_ngram_fraction(words, int(n), total) > limit:
-            return "repeated_ngrams"
-    for n, limit in recipe.max_dup_ngram_char_fraction.items():
-        if _dup_ngram_fraction(words, int(n), total) > limit:
-            return "repeated_ngrams"
+    top, dup = recipe.max_top_ngram_char_fraction, recipe.max_dup_ngram_char_fraction
+    stats = _ngram_stats(words, {int(n) for n in top} | {int(n) for n in dup})
+    if any(stats[int(n)][0] > limit for n, limit in top.items()):
+        return "repeated_ngrams"
+    if any(stats[int(n)][1] > limit for n, limit in dup.items()):
+        return "repeated_ngrams"
     return None
 
 
