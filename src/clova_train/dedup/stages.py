@@ -36,10 +36,10 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from clova_train.core.files import file_sha256, fsync_path
+from clova_train.core.files import atomic_write_json, file_sha256, fsync_path
 from clova_train.dedup.config import DedupConfig
 from clova_train.text.quality import QualityRecipe, check_document, line_keys, strip_boilerplate
-from clova_train.text.readers import SkipCounts, iter_documents, normalize, strip_control
+from clova_train.text.readers import SkipCounts, input_size, iter_documents, normalize, strip_control
 
 # Test hook: when this stage's task of this rank starts (e.g. "signature:1"), SIGKILL goes to the whole
 # process group, as a killed job's processes all die at once; run the command in its own session.
@@ -122,9 +122,7 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 def save_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
-    _commit(tmp, path)
+    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------ removed-document bookkeeping
@@ -208,7 +206,7 @@ class ReadStep(PipelineStep):
             self.work / "read" / f"{rank:05d}.json",
             {
                 "path": path,
-                "bytes": _size(path),
+                "bytes": input_size(Path(path)),
                 "sha256": file_sha256(path),
                 "documents_read": yielded + skips.total,
                 "passed": kept,
@@ -216,12 +214,6 @@ class ReadStep(PipelineStep):
                 "removed": removed.to_dict(),
             },
         )
-
-
-def _size(path: str) -> int:
-    from clova_train.text.readers import input_size
-
-    return input_size(Path(path))
 
 
 # ------------------------------------------------------------------ 2. count
