@@ -114,26 +114,47 @@ def test_counts_per_input_with_skipped_bad_documents(tmp_path, planted):
     assert duplicates(tmp_path / "out")[f"{b}:line 1"]["kept_id"] == f"{a}:line 1"  # across inputs, the earlier input wins
 
 
-def test_same_bytes_for_any_worker_count(planted, planted_out, tmp_path):
-    path, _, _ = planted
-    out, _ = planted_out
-    dedup_corpus([path], tmp_path / "w2", DedupConfig(workers=2), show_progress=False)
-    assert files(tmp_path / "w2") == files(out)
+@pytest.fixture(scope="session")
+def split_corpus(planted, tmp_path_factory):
+    """The planted corpus in three inputs (so every per-input stage has tasks to spread), deduped with one worker."""
+    _, rows, _ = planted
+    d = tmp_path_factory.mktemp("split")
+    texts = [t for t, _, _ in rows]
+    paths = [write_jsonl(d / f"in{k}.jsonl", texts[k::3]) for k in range(3)]
+    dedup_corpus(paths, d / "w1", DedupConfig(workers=1), show_progress=False)
+    return paths, d / "w1"
 
 
-@pytest.mark.parametrize("stage,workers", [("signature:0", 1), ("write:0", 2)])
-def test_a_killed_run_resumes_to_the_same_bytes(planted, planted_out, tmp_path, stage, workers):
-    path, _, _ = planted
-    out = tmp_path / "out"
-    args = ["dedup", path, "--out", out, "--quiet", "--workers", workers]
+def test_same_bytes_for_any_worker_count(split_corpus, tmp_path):
+    paths, w1 = split_corpus
+    dedup_corpus(paths, tmp_path / "w2", DedupConfig(workers=2), show_progress=False)
+    assert files(tmp_path / "w2") == files(w1)
+    man = json.loads((w1 / "manifest.json").read_text())
+    assert [p["name"] for p in man["parts"]] == ["part-00000.jsonl.zst", "part-00001.jsonl.zst", "part-00002.jsonl.zst"]
+    assert man["totals"]["removed"].get("near_duplicate", 0) > 0
+
+
+def _killed_then_resumed(paths, out: Path, stage: str, workers: int) -> None:
+    args = ["dedup", *paths, "--out", out, "--quiet", "--workers", workers]
     r = clova_cli(*args, env={EXIT_AT_ENV: stage}, start_new_session=True)
     assert r.returncode == -9, r.stderr  # every process SIGKILLed, as a killed job's: no cleanup, no manifest
     assert not (out / "manifest.json").exists() and (out / ".work").is_dir()
     r = clova_cli(*args)
     assert r.returncode == 0, r.stderr
-    assert files(out) == files(planted_out[0])
     r = clova_cli(*args, env={"COLUMNS": "200"})
     assert r.returncode == 0 and "already complete" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("stage", ["signature:0", "write:0"])
+def test_a_killed_run_resumes_to_the_same_bytes(planted, planted_out, tmp_path, stage):
+    _killed_then_resumed([planted[0]], tmp_path / "out", stage, 1)
+    assert files(tmp_path / "out") == files(planted_out[0])
+
+
+def test_a_killed_parallel_run_resumes_to_the_same_bytes(split_corpus, tmp_path):
+    paths, w1 = split_corpus
+    _killed_then_resumed(paths, tmp_path / "out", "signature:1", 2)
+    assert files(tmp_path / "out") == files(w1)
 
 
 def test_a_rerun_with_other_settings_is_refused(planted, planted_out):
