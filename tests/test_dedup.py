@@ -230,3 +230,29 @@ def test_output_is_accepted_by_clova_tokenize(planted_out, tokenizer_dir, tmp_pa
     man = read_manifest(tmp_path / "shards")
     assert man["totals"]["documents_read"] == report["totals"]["documents_kept"]
     assert man["totals"]["documents_skipped"] == 0  # nothing left for tokenize's exact dedup to drop
+
+
+def test_slurm_stages_pickle_and_a_missing_sbatch_is_one_line(planted, tmp_path, monkeypatch):
+    import dill
+
+    from clova_train.dedup.run import SlurmOptions
+    from clova_train.dedup.stages import ReadStep
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here, as on a machine outside the cluster
+    with pytest.raises(ClovaError, match="needs Slurm's sbatch"):
+        dedup_corpus([planted[0]], tmp_path / "out", DedupConfig(), slurm=SlurmOptions(partition="cpu"), show_progress=False)
+    # datatrove pickled the first stage for its jobs before calling sbatch: our steps travel to the nodes
+    with open(tmp_path / "out" / ".work" / "logs" / "read" / "executor.pik", "rb") as f:
+        executor = dill.load(f)
+    assert isinstance(executor.pipeline[0], ReadStep) and executor.tasks == 1
+
+
+def test_slurm_template_is_valid_bash_and_its_flags_exist():
+    import subprocess
+
+    template = ROOT / "cli" / "slurm_dedup.sbatch"
+    r = subprocess.run(["bash", "-n", str(template)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    help_text = CliRunner().invoke(app, ["dedup", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--slurm-partition", "--slurm-time", "--on-error", "--quiet", "--out"):
+        assert flag in template.read_text() and flag in help_text

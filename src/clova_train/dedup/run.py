@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,7 +193,12 @@ def _submit_slurm(stages: list, work: Path, out_dir: Path, s: SlurmOptions) -> d
             venv_path=venv,
             depends=prev,
         )
-    prev.run()  # submits the whole chain, each job depending on the one before
+    try:
+        prev.run()  # submits the whole chain, each job depending on the one before
+    except FileNotFoundError:
+        raise ClovaError("--slurm-partition needs Slurm's sbatch on PATH: run this on the cluster's login node") from None
+    except subprocess.CalledProcessError as e:
+        raise ClovaError(f"sbatch refused a dedup stage (exit {e.returncode}); see the message above and {work / 'slurm_logs'}") from None
     return {"submitted": True, "out": str(out_dir), "stages": [n for n, _, _ in stages], "already_complete": False}
 
 
