@@ -27,6 +27,9 @@ def demo(tmp_path_factory):
 
 def test_demo_runs_every_stage(demo):
     out, r = demo
+    clean = json.loads((out / "clean" / "manifest.json").read_text())
+    removed = clean["totals"]["removed"]
+    assert removed.get("exact_duplicate", 0) > 0 and removed.get("near_duplicate", 0) > 0  # konlpy repeats itself
     assert (out / "tokenizer" / "clova_tokenizer.json").is_file()
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert any(s["split"] == "valid" for s in manifest["shards"])
@@ -46,6 +49,6 @@ def test_demo_rerun_reuses_finished_stages(demo):
     out, _ = demo
     r = _clova("demo", "--out", "run", "--steps", "24", "--quiet", cwd=out.parent)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stderr.count("reusing finished output") == 4
-    for stage in ("tokenizer", "shards", "train", "export"):
+    assert r.stderr.count("reusing finished output") == 5
+    for stage in ("dedup", "tokenizer", "shards", "train", "export"):
         assert f"[{stage}] reusing finished output" in r.stderr

@@ -52,6 +52,8 @@ class DemoConfig:
     """Seed of the training run and of the sampled continuation."""
     inputs: list[str] = field(default_factory=list)
     """Corpus files (default: konlpy's constitution and bills)."""
+    dedup_min_chars: int = 10
+    """The dedup stage's shortest document: konlpy's paragraphs are short (headings, article numbers)."""
 
     def __post_init__(self) -> None:
         for f in ("vocab_size", "seq_len", "global_batch", "micro_batch", "steps", "nproc", "max_new_tokens"):
@@ -71,7 +73,10 @@ def konlpy_corpus() -> list[Path]:
 
 def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     """Run (or resume) the demo pipeline; return what each stage produced."""
+    from clova_train.dedup.config import DedupConfig
+    from clova_train.dedup.run import dedup_corpus
     from clova_train.export.hf import ExportConfig, export_hf
+    from clova_train.text.quality import QualityRecipe
     from clova_train.training.launch import LaunchConfig
     from clova_train.shards.format import ShardConfig, read_manifest
     from clova_train.shards.build import tokenize_corpus
@@ -83,8 +88,9 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     if cfg.fresh and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    inputs = [Path(p) for p in cfg.inputs] or konlpy_corpus()
-    tok_dir, shard_dir, run_dir, hf_dir = root / "tokenizer", root / "shards", root / "run", root / "hf"
+    raw = [Path(p) for p in cfg.inputs] or konlpy_corpus()
+    clean_dir, tok_dir, shard_dir, run_dir, hf_dir = root / "clean", root / "tokenizer", root / "shards", root / "run", root / "hf"
+    inputs = [clean_dir]
     summary: dict = {"dirs": {}, "seconds": {}}
 
     def stage(name: str, done: bool, fn) -> None:
@@ -96,6 +102,13 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
             fn()
         summary["seconds"][name] = time.perf_counter() - t
 
+    stage(
+        "dedup",
+        (clean_dir / "manifest.json").exists(),
+        lambda: dedup_corpus(
+            raw, clean_dir, DedupConfig(doc_sep=cfg.doc_sep), QualityRecipe(min_chars=cfg.dedup_min_chars), show_progress=show_progress
+        ),
+    )
     stage(
         "tokenizer",
         (tok_dir / "clova_tokenizer.json").exists(),
@@ -146,11 +159,12 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     summary["seconds"]["generate"] = time.perf_counter() - t
 
     manifest = read_manifest(shard_dir)
+    summary["dedup"] = json.loads((clean_dir / "manifest.json").read_text(encoding="utf-8"))["totals"]
     records = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
     train_losses = [r["loss"] for r in records if r.get("loss") is not None]
     valid_losses = [r["valid_loss"] for r in records if r.get("valid_loss") is not None]
     summary.update(
-        dirs={"tokenizer": str(tok_dir), "shards": str(shard_dir), "run": str(run_dir), "hf": str(hf_dir)},
+        dirs={"clean": str(clean_dir), "tokenizer": str(tok_dir), "shards": str(shard_dir), "run": str(run_dir), "hf": str(hf_dir)},
         tokens=manifest.get("totals", {}),
         skipped=manifest.get("skipped", {}).get("by_reason", {}),
         first_loss=train_losses[0] if train_losses else None,

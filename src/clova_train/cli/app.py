@@ -10,13 +10,13 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from clova_train.cli import data, demo, evaluation, export, inference, tokenizer, train
+from clova_train.cli import data, dedup, demo, evaluation, export, inference, tokenizer, train
 
 
 class _PipelineOrder(TyperGroup):
     """List commands in pipeline order rather than definition order."""
 
-    ORDER = ("demo", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune")
+    ORDER = ("demo", "dedup", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -28,13 +28,14 @@ app = typer.Typer(
     cls=_PipelineOrder,
     add_completion=False,
     help="Pre-train a Korean GPT-3-class model the HyperCLOVA way, and hand it to Hugging Face.\n\n"
-    "Pipeline: tokenizer train -> tokenize -> train -> export -> generate / eval / ptune.",
+    "Pipeline: dedup -> tokenizer train -> tokenize -> train -> export -> generate / eval / ptune.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+app.command("dedup", no_args_is_help=True)(dedup.dedup_cmd)
 app.add_typer(tokenizer.app, name="tokenizer")
 app.command("tokenize", cls=data.TokenizeCommand, no_args_is_help=True)(data.tokenize)
 app.add_typer(data.shards_app, name="shards")

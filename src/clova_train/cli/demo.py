@@ -31,9 +31,12 @@ def demo_cmd(
     cfg = override(DemoConfig(out=str(out_dir), fresh=fresh), steps=steps, nproc=nproc, prompt=prompt)
     s = run_demo(cfg, show_progress=not quiet, log=lambda m: err.print(f"[bold cyan]demo[/] {escape(m)}", highlight=False))
     table = Table(title="clova demo: done", show_header=False)
-    stage_of = {"tokenizer": "tokenizer", "shards": "shards", "run": "train", "hf": "export"}
+    stage_of = {"clean": "dedup", "tokenizer": "tokenizer", "shards": "shards", "run": "train", "hf": "export"}
     for key, path in s["dirs"].items():
         table.add_row(stage_of[key], f"{path}  ({s['seconds'].get(stage_of[key], 0):.1f} s)")
+    d = s["dedup"]
+    table.add_row("dedup", f"{d['documents_read']:,} read, {d['documents_kept']:,} kept; removed "
+                  + ", ".join(f"{n:,} {reason}" for reason, n in d["removed"].items()))
     t = s["tokens"]
     table.add_row("documents", f"{t.get('documents_read', 0):,} read, {t.get('documents_written', 0):,} written, "
                   + ", ".join(f"{n:,} {reason}" for reason, n in s["skipped"].items()) + " skipped")
@@ -47,8 +50,9 @@ def demo_cmd(
     d = s["dirs"]
     out.print(
         "[bold]Next, on your own corpus:[/]\n"
-        "  clova tokenizer train corpus/*.jsonl --config tokenizer/hyperclova.json --out tok/\n"
-        "  clova tokenize corpus/*.jsonl --tokenizer tok/ --out shards/ --valid-fraction 0.005\n"
+        "  clova dedup corpus/*.jsonl --out clean/\n"
+        "  clova tokenizer train clean/ --config tokenizer/hyperclova.json --out tok/\n"
+        "  clova tokenize clean/ --tokenizer tok/ --out shards/ --valid-fraction 0.005\n"
         "  clova plan --model 1.3b --gpus 8 --gpu-mem 80\n"
         "  clova train --model 1.3b --data shards/ --out runs/1.3b --nproc-per-node 8\n"
         f"  clova generate {d['hf']} \"{s['prompt']}\" --stream",

@@ -27,6 +27,9 @@ COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 NORMALIZATIONS = ("NFC", "NFKC", "none")
 ON_ERROR = ("raise", "skip")
 DOC_SEPS = ("line", "blank")
+# A `clova dedup` output dir: manifest.json with this format names its jsonl.zst parts in order.
+DEDUP_FORMAT = "clova-dedup"
+MANIFEST_NAME = "manifest.json"
 
 # Control characters other than newline and tab carry no text and confuse
 # downstream tools (a NUL ends a C string inside MeCab).
@@ -407,6 +410,33 @@ def check_inputs(paths: list[str | Path]) -> list[Path]:
     out = []
     for p in paths:
         p = Path(p)
+        parts = dedup_parts(p)
+        if parts is not None:
+            out.extend(parts)
+            continue
         detect_format(p)
         out.append(p)
     return out
+
+
+def dedup_parts(path: Path) -> list[Path] | None:
+    """The parts of a `clova dedup` output dir in order (so it is one input), or None for anything else."""
+    manifest = path / MANIFEST_NAME
+    if not path.is_dir() or not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != DEDUP_FORMAT:
+        return None
+    parts = []
+    for rec in data.get("parts", []):
+        name = rec.get("name") if isinstance(rec, dict) else None
+        if not isinstance(name, str) or Path(name).name != name:
+            raise ClovaError(f"{manifest}: part entry {rec!r} is not a file name inside the dir; re-run `clova dedup`")
+        part = path / name
+        if not part.is_file():
+            raise ClovaError(f"{part}: listed in {manifest} but missing; re-run `clova dedup` into {path}")
+        parts.append(part)
+    return parts

@@ -1,0 +1,56 @@
+"""The settings of one `clova dedup` run: MinHash-LSH parameters, shingles, reading options, execution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clova_train.core.errors import ClovaError
+from clova_train.text.readers import check_read_options
+
+SHINGLES = ("morpheme", "eojeol")
+
+
+@dataclass
+class DedupConfig:
+    """MinHash-LSH defaults for Jaccard 0.8 as in FineWeb (Penedo et al. 2024): 5-grams, 14 bands x 8 rows = 112 hashes."""
+
+    threshold: float = 0.8
+    """A candidate pair is a near-duplicate when its estimated Jaccard (share of equal minhashes) reaches this."""
+    ngram: int = 5
+    """Shingle size, in units of ``shingle``."""
+    bands: int = 14
+    """LSH bands; two documents become a candidate pair when all rows of one band agree."""
+    rows: int = 8
+    """Minhashes per band; P(candidate) = 1 - (1 - J**rows)**bands (0.92 at J = 0.8 with 14 x 8)."""
+    shingle: str = "morpheme"
+    """'morpheme' (MeCab-ko morphemes, robust to edits inside an eojeol) or 'eojeol' (whitespace words)."""
+    seed: int = 1
+    """Seed of the minhash permutations and of the sample of removed documents."""
+    samples_per_reason: int = 20
+    """Removed documents kept per reason in samples.jsonl for inspection."""
+    text_key: str = "text"
+    """Text field of jsonl/parquet/datasets inputs."""
+    doc_sep: str = "line"
+    """.txt documents: 'line' or 'blank' (blank-line separated)."""
+    on_error: str = "raise"
+    """'raise' on bad input, or 'skip' it (counted by reason)."""
+    workers: int = 1
+    """Processes running tasks at once (0: all cores); the output is the same for any count."""
+    line_partitions: int = 16
+    """Hash partitions of the boilerplate line count (each counting task holds 1/N of the line keys)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
+            raise ClovaError(f"threshold must be in (0, 1], not {self.threshold!r}")
+        for name in ("ngram", "bands", "rows", "line_partitions"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ClovaError(f"{name} must be an integer >= 1, not {getattr(self, name)!r}")
+        if self.samples_per_reason < 0:
+            raise ClovaError(f"samples_per_reason must be >= 0, not {self.samples_per_reason}")
+        if self.shingle not in SHINGLES:
+            raise ClovaError(f"shingle must be one of {', '.join(SHINGLES)}, not {self.shingle!r}")
+        check_read_options(self.doc_sep, self.on_error, self.workers)
+
+    def result_keys(self) -> dict:
+        """The settings that change the output (``workers`` does not)."""
+        return {k: v for k, v in self.__dict__.items() if k != "workers"}
