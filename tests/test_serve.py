@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -28,12 +27,6 @@ MODEL = "tiny-ko"
 PROMPTS = ["대한민국은 민주공화국이다.", "국회는", "모든 국민은", "제1조", "대통령은", "법률은", "국가는", "헌법"]
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _common_word(texts: list[str]) -> str:
@@ -65,9 +58,37 @@ def banned(local) -> str:
     return _common_word(texts)
 
 
+def start_server(args: list, log: Path) -> tuple[subprocess.Popen, str]:
+    """`clova serve ARGS --port 0` in a child process; (process, base URL) once /health answers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLOVA_API_KEY": KEY}
+    cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", *map(str, args), "--port", "0", "--device", "cpu"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())
+        try:
+            if found and _get(found[1] + "/health")[0] == 200:
+                return proc, found[1]
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"clova serve did not come up:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_hf_dir, banned, tmp_path_factory):
-    """`clova serve` in a child process; yields {"url", "filters", "log"}."""
+    """`clova serve` with filters and two workers in a child process; yields {"url", "filters", "log"}."""
     d = tmp_path_factory.mktemp("serve")
     filters = d / "filters.json"
     filters.write_text(json.dumps({
@@ -77,31 +98,9 @@ def server(tiny_hf_dir, banned, tmp_path_factory):
         "max_tokens": 1000,
         "description": "test filters",
     }, ensure_ascii=False), encoding="utf-8")  # fmt: skip
-    port = _free_port()
-    log = d / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLOVA_API_KEY": KEY}
-    cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", str(tiny_hf_dir),
-           "--port", str(port), "--filters", str(filters), "--workers", "2", "--device", "cpu"]  # fmt: skip
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if _get(url + "/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"clova serve did not come up:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield {"url": url, "filters": filters, "log": log, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    proc, url = start_server([tiny_hf_dir, "--filters", filters, "--workers", 2], d / "server.log")
+    yield {"url": url, "filters": filters, "log": d / "server.log"}
+    stop_server(proc)
 
 
 def _get(url: str, key: str | None = None) -> tuple[int, str]:
@@ -377,14 +376,77 @@ def test_playground_in_headless_chromium(server, client, local, tmp_path, capsys
         page.fill("#stop-strings", "")
         page.click("#generate")
         page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
-        page.wait_for_function("document.querySelectorAll('#tokens tbody tr').length > 0")
         shown = page.text_content("#completion")
-        morphemes = page.eval_on_selector_all("#tokens tbody tr td:first-child", "tds => tds.map(t => t.textContent)")
+        pieces = local[1].segment(prompt)
+        page.wait_for_function(
+            "want => JSON.stringify([...document.querySelectorAll('#tokens tbody tr td:first-child')].map(t => t.textContent)) === want",
+            arg=json.dumps(pieces, ensure_ascii=False, separators=(",", ":")),
+        )
+        ids = page.eval_on_selector_all("#tokens tbody tr td.ids", "tds => tds.map(t => t.textContent)")
         shot = tmp_path / "playground.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     with capsys.disabled():
         print(f"\nplayground screenshot: {shot}")
     assert shown == want and HANGUL.search(shown)
-    assert morphemes == local[1].segment(prompt)
+    assert [int(i) for row in ids for i in row.split()] == local[1].encode(prompt)
     assert shot.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- start-up errors and p-tuned prompts
+
+
+def test_start_up_errors_are_one_line(tiny_hf_dir, server, tmp_path):
+    from typer.testing import CliRunner
+
+    from clova_train.cli import app
+
+    bad = tmp_path / "filters.json"
+    bad.write_text('{"input_banned_words": ["x"], "output_banned": ["y"]}', encoding="utf-8")
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "mine.json").write_text('{"name": "mine"}', encoding="utf-8")
+    port = server["url"].rsplit(":", 1)[1]
+    cases = [
+        (["--filters", bad], [str(bad), "output_banned"]),
+        (["--filters", tmp_path / "missing.json"], ["missing.json", "not found"]),
+        (["--presets", presets], ["mine.json", "prompt"]),
+        (["--port", port], [f"127.0.0.1:{port}", "--port"]),
+    ]
+    for args, fragments in cases:
+        r = CliRunner().invoke(app, ["serve", str(tiny_hf_dir), "--device", "cpu", *map(str, args)])
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and all(f in lines[0] for f in fragments), r.output
+
+
+def test_serving_a_ptuned_prompt(tiny_lm, tiny_hf_dir, local, tmp_path):
+    from clova_train.cli.serve import _ptuned
+    from clova_train.evaluation.ptune import PTuneConfig, ptune
+
+    rows = ["id\tdocument\tlabel"] + [f"{i}\t{'자유 권리' if i % 2 else '국회 정부'}\t{i % 2}" for i in range(8)]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    template = {"query": "{document}\n답:", "verbalizers": {"0": "법률", "1": "국민"}, "ptune_query": "{prompt}{document}{prompt}"}
+    (tmp_path / "template.json").write_text(json.dumps(template, ensure_ascii=False), encoding="utf-8")
+    cfg = PTuneConfig(
+        task="nsmc", train=str(tmp_path / "train.tsv"), valid=str(tmp_path / "train.tsv"), out=str(tmp_path / "p"),
+        template=str(tmp_path / "template.json"), prompt_tokens=4, hidden_size=16, epochs=1,
+    )  # fmt: skip
+    ptune(tiny_lm[0], tiny_lm[1], cfg, show_progress=False)
+
+    model, tok = local
+    embed, encode = _ptuned(model, tok, tmp_path / "p")
+    text = "자유 권리 평등"
+    ids = encode([text])[0]
+    assert ids == [model.cfg.vocab_size, model.cfg.vocab_size + 1, *tok.encode(text), model.cfg.vocab_size + 2, model.cfg.vocab_size + 3]
+    want = generate_ids(model, tok, [ids], GenerateConfig(max_new_tokens=16, temperature=0.9, seed=4), embed=embed)[0]
+    plain = generate_ids(model, tok, [tok.encode(text)], GenerateConfig(max_new_tokens=16, temperature=0.9, seed=4))[0]
+    assert want.token_ids != plain.token_ids  # the vectors change what the model writes
+
+    proc, url = start_server([tiny_hf_dir, "--ptune", tmp_path / "p"], tmp_path / "server.log")
+    try:
+        status, r = _post(url + "/v1/completions", {"prompt": text, "max_tokens": 16, "temperature": 0.9, "seed": 4})
+    finally:
+        stop_server(proc)
+    assert status == 200, r
+    assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)

@@ -30,6 +30,8 @@ def serve_cmd(
 
     Example: [bold]clova serve hf/ --port 8000 --filters filters.json[/], then open http://127.0.0.1:8000/
     """
+    import sys
+
     from clova_train.inference.generate import load_model
     from clova_train.inference.server import ServeConfig, serve
 
@@ -41,7 +43,11 @@ def serve_cmd(
     embed = encode = None
     if ptune is not None:
         embed, encode = _ptuned(model, tok, ptune)
-    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=lambda url: out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False))
+    def ready(url: str) -> None:
+        out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready)
 
 
 def _ptuned(model, tok, path: Path):

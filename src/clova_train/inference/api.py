@@ -75,10 +75,20 @@ class CompletionRequest(_Sampling):
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Union[str, list[TextPart]]
+    """Text, or a list of text parts (newer clients' form), joined."""
     name: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatRequest(_Sampling):
@@ -112,7 +122,7 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
 
 def chat_prompt(messages: list[Message]) -> tuple[str, list[str]]:
     """(prompt text, stop strings) of the plain chat template in this module's docstring."""
-    system = [m.content.strip() for m in messages if m.role == "system"]
+    system = [m.text.strip() for m in messages if m.role == "system"]
     lines, labels = [], {USER_LABEL, ASSISTANT_LABEL}
     reply_label = ASSISTANT_LABEL
     for m in messages:
@@ -122,7 +132,7 @@ def chat_prompt(messages: list[Message]) -> tuple[str, list[str]]:
         labels.add(label)
         if m.role == "assistant" and m.name:
             reply_label = m.name
-        lines.append(f"{label}: {m.content.strip()}")
+        lines.append(f"{label}: {m.text.strip()}")
     text = "".join(s + "\n\n" for s in system) + "".join(line + "\n" for line in lines) + f"{reply_label}:"
     return text, [f"\n{label}:" for label in sorted(labels)]
 

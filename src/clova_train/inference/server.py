@@ -251,7 +251,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
     _check_model(server, req.model)
     filters = server.filters.current()
     for i, m in enumerate(req.messages):
-        hit = filters.check_input(m.content)
+        hit = filters.check_input(m.text)
         if hit:
             raise server.reject(hit[0], hit[1], f"messages.{i}.content")
     text, stops = api.chat_prompt(req.messages)
@@ -419,13 +419,28 @@ def create_app(server: Server):
 
 
 def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C)."""
+    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` once the port is bound (port 0: a free one)."""
+    import socket
+
     import uvicorn
 
     server = Server(model, tok, cfg, embed=embed, encode=encode)
-    if on_ready:
-        on_ready(f"http://{cfg.host}:{cfg.port}/")
+    # Bound here rather than by uvicorn, so a busy port is one clear line and port 0 reports its number.
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        sock.close()
+        server.scheduler.close()
+        raise ClovaError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; choose another --port or --host") from None
+    port = sock.getsockname()[1]
+    if on_ready:
+        on_ready(f"http://{cfg.host}:{port}/")
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         server.scheduler.close()
+        sock.close()

@@ -52,10 +52,13 @@ function applyPreset() {
 let tokenTimer = null;
 function scheduleTokens() { clearTimeout(tokenTimer); tokenTimer = setTimeout(showTokens, 300); }
 
+let tokenRequests = 0;
 async function showTokens() {
   const body = $("tokens").querySelector("tbody");
+  const mine = ++tokenRequests;
   let data;
   try { data = await api("/v1/tokenize", { text: $("prompt").value }); } catch (e) { $("token-count").textContent = e.message; return; }
+  if (mine !== tokenRequests) return; // a newer edit's answer is on its way
   body.replaceChildren();
   for (const m of data.morphemes) {
     const tr = document.createElement("tr");
