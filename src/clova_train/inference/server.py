@@ -431,6 +431,7 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.host, cfg.port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
         server.scheduler.close()
