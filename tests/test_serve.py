@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -450,3 +451,57 @@ def test_serving_a_ptuned_prompt(tiny_lm, tiny_hf_dir, local, tmp_path):
         stop_server(proc)
     assert status == 200, r
     assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)
+
+
+# ---------------------------------------------------------------- the pieces, in process
+
+
+def test_scheduler_batches_equal_greedy_jobs_and_keeps_the_rest_apart(tiny_lm):
+    from clova_train.inference.scheduler import Job, Scheduler
+
+    model, tok = tiny_lm
+    sched = Scheduler(model, tok, workers=0)  # no threads: the test takes and runs batches itself
+    greedy = GenerateConfig(max_new_tokens=12, temperature=0)
+    jobs = [
+        Job([tok.encode(PROMPTS[0])], greedy),
+        Job([tok.encode(PROMPTS[1])], GenerateConfig(max_new_tokens=12, temperature=0.8, seed=3)),
+        Job([tok.encode(PROMPTS[2])], greedy, logprobs=0),
+        Job([tok.encode(PROMPTS[3])], GenerateConfig(max_new_tokens=13, temperature=0)),
+        Job([tok.encode(PROMPTS[4])], greedy, on_text=lambda i, t: None),
+        Job([tok.encode(PROMPTS[5])] * 2, greedy),
+    ]
+    for job in jobs:
+        sched.submit(job)
+    batches = []
+    while sched.queued:
+        batch = sched._take()
+        batches.append([jobs.index(j) for j in batch])
+        sched._run(batch)
+        sched.busy -= 1
+    assert batches == [[0, 2, 5], [1], [3], [4]] and sched.batched == 2
+    for job in jobs:
+        alone = generate_ids(model, tok, job.prompts, dataclasses.replace(job.cfg, batch_size=len(job.prompts)))
+        assert [c.token_ids for c in job.future.result().completions] == [c.token_ids for c in alone]
+    assert jobs[2].future.result().tokens is not None and jobs[0].future.result().tokens is None
+
+
+def test_filter_file_and_chat_template_checks():
+    from clova_train.core.errors import ClovaError
+    from clova_train.inference.filters import FilterConfig
+
+    cfg = FilterConfig(input_banned_words=["Spam"], input_banned_patterns=[r"\d{3}-\d{4}-\d{4}"], max_prompt_chars=20)
+    assert cfg.check_input("no SPAM here")[0] == "banned_word"
+    assert cfg.check_input("전화 010-1234-5678")[0] == "banned_pattern"
+    assert cfg.check_input("가" * 21)[0] == "prompt_chars"
+    assert cfg.check_input("괜찮은 문장") is None
+    for bad in (dict(input_banned_patterns=["("]), dict(output_banned_words=[""]), dict(max_tokens=-1)):
+        with pytest.raises(ClovaError):
+            FilterConfig(**bad)
+    text, stops = chat_prompt([
+        Message(role="system", content="한결은 조선의 선비다."),
+        Message(role="user", content="안녕하세요"),
+        Message(role="assistant", name="한결", content="반갑소."),
+        Message(role="user", content=[{"type": "text", "text": "무슨 책을 "}, {"type": "text", "text": "읽으세요?"}]),
+    ])  # fmt: skip
+    assert text == "한결은 조선의 선비다.\n\n사용자: 안녕하세요\n한결: 반갑소.\n사용자: 무슨 책을 읽으세요?\n한결:"
+    assert set(stops) == {"\n사용자:", "\nAI:", "\n한결:"}

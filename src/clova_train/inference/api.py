@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 USER_LABEL = "사용자"
 ASSISTANT_LABEL = "AI"
 MAX_N = 16
+# Most completions (prompts times n) one request may ask for.
+MAX_CHOICES = 64
 MAX_LOGPROBS = 20
 
 FINISH = {"eod": "stop", "stop": "stop", "length": "length", "filtered": "content_filter"}
@@ -115,7 +117,8 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported by this server (only 0)", param=name)
-    if req.stream and getattr(req, "logprobs", None) not in (None, False):
+    wants_logprobs = getattr(req, "logprobs", None)
+    if req.stream and wants_logprobs is not None and wants_logprobs is not False:
         raise ApiError(400, "logprobs are not streamed by this server; ask without stream", param="logprobs")
     return req
 

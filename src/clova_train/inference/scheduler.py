@@ -86,6 +86,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.busy = 0
         self.cancelled = 0
+        self.batched = 0  # jobs that joined an earlier job's batch
         self._on_tokens = on_tokens or (lambda n: None)
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -137,6 +138,7 @@ class Scheduler:
                         self._pending.remove(other)
                         jobs.append(other)
                         room -= len(other.prompts)
+            self.batched += len(jobs) - 1
             self.busy += 1
             return jobs
 

@@ -93,6 +93,7 @@ class Server:
         m.gauge("clova_queued_requests", lambda: self.scheduler.queued)
         m.gauge("clova_busy_workers", lambda: self.scheduler.busy)
         m.gauge("clova_cancelled_requests", lambda: self.scheduler.cancelled)
+        m.gauge("clova_batched_requests", lambda: self.scheduler.batched)
         m.gauge("clova_filter_reload_errors", lambda: self.filters.reload_errors)
 
     # ------------------------------------------------------------ checks
@@ -229,6 +230,8 @@ async def completions(server: Server, request: Request) -> Response:
     req: CompletionRequest = api.parse(CompletionRequest, await _body(request))
     _check_model(server, req.model)
     ids, texts = server.prompt_ids(req.prompt)
+    if len(ids) * req.n > api.MAX_CHOICES:
+        raise ApiError(400, f"{len(ids)} prompts with n={req.n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
     cfg = server.generate_config(req, ids, req.max_tokens, [])
     job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
