@@ -318,6 +318,7 @@ BAD = [
     ("bad role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, KEY, 400, None),
     ("token id out of range", "/v1/completions", {"prompt": [10**7]}, KEY, 400, None),
     ("unknown path", "/v1/engines", None, KEY, 404, "not_found"),
+    ("too many completions", "/v1/completions", {"prompt": ["국회는"] * 8, "n": 9}, KEY, 400, None),
 ]
 
 
@@ -333,6 +334,21 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(server, case):
     assert set(data) == {"error"} and data["error"]["message"] and data["error"]["type"]
     if code:
         assert data["error"]["code"] == code, data
+    assert _get(server["url"] + "/health")[0] == 200
+
+
+def test_a_body_too_large_is_refused_before_it_is_read(server):
+    import http.client
+
+    host, port = server["url"].rsplit("/", 1)[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    for k, v in (("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"), ("Content-Length", str(9 << 20))):
+        conn.putheader(k, v)
+    conn.endheaders()  # the body never comes: the answer must not wait for it
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "body_too_large"
+    conn.close()
     assert _get(server["url"] + "/health")[0] == 200
 
 

@@ -38,6 +38,8 @@ PLAYGROUND = Path(__file__).parent / "playground"
 STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions")
 CHAT_MAX_TOKENS = 256
+# Request bodies above this are refused before they are read whole (a prompt of 1M characters is 4 MiB at most).
+MAX_BODY_BYTES = 8 << 20
 log = logging.getLogger("clova.serve")
 
 
@@ -173,7 +175,15 @@ class Server:
 
 
 async def _body(request: Request) -> dict:
-    raw = await request.body()
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
