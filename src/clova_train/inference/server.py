@@ -108,9 +108,10 @@ class Server:
         if not hmac.compare_digest(token.encode(), self.cfg.api_key.encode()):
             raise ApiError(401, "incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
 
-    def reject(self, reason: str, message: str, param: str | None = None, code: str = "input_filtered") -> ApiError:
+    def reject(self, reason: str, message: str, param: str | None = None, code: str = "") -> ApiError:
+        """A filter's refusal, counted by reason."""
         self.metrics.inc("clova_filter_rejections_total", reason=reason)
-        return ApiError(400, message, param=param, code=code)
+        return ApiError(400, message, param=param, code=code or ("prompt_too_long" if reason.startswith("prompt_") else "input_filtered"))
 
     def prompt_ids(self, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
         """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it."""
