@@ -27,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	for b in dedup tokenizer tokenize train_step export; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+	for b in dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
 lint: install
 	$(BIN)/python -m compileall -q src tests benchmarks

@@ -176,3 +176,49 @@ def pipeline_run(tmp_path_factory, korean_shards) -> dict:
 
 
 # ---- end train --------------------------------------------------------------
+
+
+# ---- serve (issue 18) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tiny_lm, tmp_path_factory) -> Path:
+    """The tiny trained GPT written as an exported HF dir by the export code (weights, config, tokenizer).
+
+    Its position table is extended from 192 to 1024 rows (the new ones at their
+    initial scale), so a streamed request can run long enough to be cut off.
+    """
+    import dataclasses
+
+    import torch
+
+    from clova_train.export.consolidate import expected_shapes
+    from clova_train.export.hf import hf_config, write_hf_tokenizer, write_weights
+
+    model, tok = tiny_lm
+    cfg = dataclasses.replace(model.cfg, block_size=1024)
+    state = dict(model.state_dict())
+    extra = torch.randn(cfg.block_size - model.cfg.block_size, cfg.n_embd, generator=torch.Generator().manual_seed(0))
+    state["wpe.weight"] = torch.cat([state["wpe.weight"], cfg.init_std * extra])
+
+    class InMemory:
+        """The trained weights seen as export's Consolidated checkpoint."""
+
+        source = "a GPT trained in the test process"
+        shapes = expected_shapes(cfg)
+
+        def tensors(self):
+            return ((name, state[name]) for name in self.shapes)
+
+        def close(self):
+            pass
+
+    out = tmp_path_factory.mktemp("tiny_hf") / "tiny-ko"
+    out.mkdir()
+    write_weights(InMemory(), out, torch.float32, 1 << 40)
+    hf_config(cfg, tok, "fp32").to_json_file(str(out / "config.json"))
+    write_hf_tokenizer(tok, out, cfg.block_size)
+    return out
+
+
+# ---- end serve --------------------------------------------------------------

@@ -40,6 +40,7 @@ COMMANDS = [
     ["generate"],
     ["eval"],
     ["ptune"],
+    ["serve"],
 ]
 
 
@@ -63,7 +64,7 @@ def test_help_snapshot(args):
 
 def test_every_command_has_a_summary_and_an_example():
     top = _help([])
-    for name in ("demo", "dedup", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune"):
+    for name in ("demo", "dedup", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune", "serve"):
         assert re.search(rf"^\W*{name}\s+\S", top, re.M), f"{name} lacks a one-line summary in clova --help"
     for args in COMMANDS:
         if args and args[0] not in ("tokenizer", "shards") or len(args) > 1:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from clova_train.cli import data, dedup, demo, evaluation, export, inference, tokenizer, train
+from clova_train.cli import data, dedup, demo, evaluation, export, inference, serve, tokenizer, train
 
 
 class _PipelineOrder(TyperGroup):
     """List commands in pipeline order rather than definition order."""
 
-    ORDER = ("demo", "dedup", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune")
+    ORDER = ("demo", "dedup", "tokenizer", "tokenize", "shards", "plan", "train", "export", "generate", "eval", "ptune", "serve")
 
     def list_commands(self, ctx):
         names = super().list_commands(ctx)
@@ -28,7 +28,7 @@ app = typer.Typer(
     cls=_PipelineOrder,
     add_completion=False,
     help="Pre-train a Korean GPT-3-class model the HyperCLOVA way, and hand it to Hugging Face.\n\n"
-    "Pipeline: dedup -> tokenizer train -> tokenize -> train -> export -> generate / eval / ptune.",
+    "Pipeline: dedup -> tokenizer train -> tokenize -> train -> export -> generate / eval / ptune / serve.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
@@ -45,4 +45,5 @@ app.command("export")(export.export_cmd)
 app.command("generate", no_args_is_help=True)(inference.generate_cmd)
 app.command("eval", no_args_is_help=True)(evaluation.eval_cmd)
 app.command("ptune", no_args_is_help=True)(evaluation.ptune_cmd)
+app.command("serve", no_args_is_help=True)(serve.serve_cmd)
 app.command("demo")(demo.demo_cmd)

@@ -1,1 +1,1 @@
-"""Using a trained model: loading it, and generation with a key/value cache."""
+"""Using a trained model: loading it, generation with a key/value cache, and `clova serve` (server, scheduler, filters, playground)."""

@@ -1,0 +1,84 @@
+"""`clova serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, friendly, out
+from clova_train.core.errors import ClovaError
+
+
+@friendly
+def serve_cmd(
+    model_dir: Path = typer.Argument(..., metavar="HF_DIR", help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CLOVA_API_KEY", show_envvar=True, help="Clients must send 'Authorization: Bearer KEY'."),
+    ptune: Optional[Path] = typer.Option(None, "--ptune", help="A `clova ptune` dir: its trained vectors go where its template says; prompts fill the task's input."),
+    filters: Optional[Path] = typer.Option(None, "--filters", help="Input/output filter JSON (banned words, patterns, length limits); reloaded when it changes."),
+    presets: Optional[Path] = typer.Option(None, "--presets", help="A folder of your own playground presets (*.json)."),
+    workers: int = typer.Option(1, "--workers", help="Generation threads (each runs one batch at a time)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond this get 429."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's name in the API (default: the directory's name)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) with a prompt playground at /.
+
+    Example: [bold]clova serve hf/ --port 8000 --filters filters.json[/], then open http://127.0.0.1:8000/
+    """
+    import sys
+
+    from clova_train.inference.generate import load_model
+    from clova_train.inference.server import ServeConfig, serve
+
+    cfg = ServeConfig(
+        host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
+        presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name,
+    )  # fmt: skip
+    model, tok = load_model(model_dir, device=device, dtype=dtype)
+    embed = encode = None
+    if ptune is not None:
+        embed, encode = _ptuned(model, tok, ptune)
+    def ready(url: str) -> None:
+        out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready)
+
+
+def _ptuned(model, tok, path: Path):
+    """(embed, encode) that put a trained prompt's vectors around each request's text, as its template says.
+
+    The CLI does this because evaluation (which owns p-tuning) sits above inference.
+    """
+    import json
+
+    from clova_train.evaluation.ptune import META_FILE, load_prompt
+    from clova_train.evaluation.tasks import PROMPT_MARK, encode_pieces, get_task, prompt_embedder
+
+    meta = path / META_FILE
+    if not meta.is_file():
+        raise ClovaError(f"{path}: not a ptune directory (no {META_FILE}); make one with `clova ptune`")
+    task = get_task(json.loads(meta.read_text(encoding="utf-8")).get("task", ""))
+    if len(task.inputs) != 1:
+        raise ClovaError(f"{path}: serving a p-tuned prompt needs a task with one input; {task.name} has {', '.join(task.inputs)}")
+    prompt = load_prompt(path, model, task)
+    parts = prompt.template.ptune_query.split(PROMPT_MARK)
+    n, marks = len(prompt.vectors), len(parts) - 1
+    # Placeholders are filled by splitting on the field, never by str.format on user text.
+    field = "{" + task.inputs[0] + "}"
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        pieces = []
+        for text in texts:
+            row: list[str | int] = [text.join(parts[0].split(field))]
+            for i, part in enumerate(parts[1:]):
+                row += [n // marks + (i < n % marks), text.join(part.split(field))]
+            pieces.append([p for p in row if p != ""])
+        return encode_pieces(tok, pieces, model.cfg.vocab_size)
+
+    return prompt_embedder(model, prompt.vectors), encode

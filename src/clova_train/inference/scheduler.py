@@ -1,0 +1,227 @@
+"""Bounded generation workers: a queue of jobs, a fixed number of threads running ``generate_ids``.
+
+A job is one request: its prompts (``n`` copies for ``n`` choices), one
+:class:`GenerateConfig`, and for streaming a callback. A worker takes the
+oldest job; when it is greedy and not streamed, every queued greedy job with
+the same settings joins it in one left-padded batch (greedy tokens do not
+depend on the batch, so each client gets what it would get alone). Sampled
+jobs run alone, because their seed drives one generator for the whole batch.
+A streamed job whose client went away is cancelled: a queued one is dropped,
+a running one stops at its next piece of text, and the worker moves on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from clova_train.inference.generate import Completion, GenerateConfig, generate_ids, model_device
+
+# Most prompts one batched forward pass takes (the model's own batch size caps it too).
+MAX_BATCH = 16
+
+
+class Cancelled(Exception):
+    """The client of a job went away."""
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the server accepts."""
+
+
+@dataclass
+class TokenInfo:
+    """One token of a completion (or of an echoed prompt) with its log-probability."""
+
+    id: int
+    text: str
+    logprob: float | None
+    top: dict[str, float]
+
+
+@dataclass
+class Job:
+    """One request's generation."""
+
+    prompts: list[list[int]]
+    cfg: GenerateConfig
+    on_text: Callable[[int, str], None] | None = None
+    """Streaming: called from the worker thread with (choice index, new text)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k: those of the sampled tokens plus the k likeliest alternatives."""
+    echo: bool = False
+    """Log-probabilities of the prompt tokens too (with ``logprobs``)."""
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self):
+        """Jobs with equal keys may share a batch; None: this job runs alone."""
+        if self.on_text is not None or self.cfg.temperature != 0:
+            return None
+        return replace(self.cfg, seed=0, batch_size=1)
+
+
+@dataclass
+class JobResult:
+    """What a job's future resolves to."""
+
+    completions: list[Completion]
+    tokens: list[list[TokenInfo]] | None
+    """Per completion, with ``logprobs``: prompt tokens first when echoed, then the sampled ones."""
+    queue_seconds: float
+
+
+class Scheduler:
+    """``workers`` threads serving a bounded queue of jobs with one model."""
+
+    def __init__(self, model, tok, *, workers: int = 1, max_queue: int = 256, embed=None, on_tokens=None):
+        self.model, self.tok, self.embed = model, tok, embed
+        self.max_queue = max_queue
+        self.busy = 0
+        self.cancelled = 0
+        self.batched = 0  # jobs that joined an earlier job's batch
+        self._on_tokens = on_tokens or (lambda n: None)
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"clova-gen-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, job: Job) -> Future:
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting")
+            self._pending.append(job)
+            self._cond.notify()
+        return job.future
+
+    def cancel(self, job: Job) -> None:
+        """The client left: a queued job never runs, a running one stops at its next text."""
+        if not job.future.done() and not job.cancelled.is_set():
+            job.cancelled.set()
+            with self._cond:
+                if job in self._pending:
+                    self._pending.remove(job)
+                    self.cancelled += 1
+                    job.future.cancel()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._pending.popleft()
+            jobs = [first]
+            key = first.batch_key()
+            if key is not None:
+                room = MAX_BATCH - len(first.prompts)
+                for other in list(self._pending):
+                    if room >= len(other.prompts) and other.batch_key() == key:
+                        self._pending.remove(other)
+                        jobs.append(other)
+                        room -= len(other.prompts)
+            self.batched += len(jobs) - 1
+            self.busy += 1
+            return jobs
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            try:
+                self._run(jobs)
+            finally:
+                with self._cond:
+                    self.busy -= 1
+
+    def _run(self, jobs: list[Job]) -> None:
+        started = time.perf_counter()
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                jobs = [j for j in jobs if j is not job]
+        if not jobs:
+            return
+        prompts = [p for job in jobs for p in job.prompts]
+        cfg = replace(jobs[0].cfg, batch_size=min(len(prompts), MAX_BATCH))
+        on_text = None
+        if jobs[0].on_text is not None:  # a streamed job always runs alone
+            job = jobs[0]
+
+            def on_text(i: int, text: str) -> None:
+                if job.cancelled.is_set():
+                    raise Cancelled()
+                job.on_text(i, text)
+
+        try:
+            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text)
+        except Cancelled:
+            self.cancelled += 1
+            jobs[0].future.set_exception(Cancelled())
+            return
+        except Exception as e:  # noqa: BLE001 - the request fails, the worker lives on
+            for job in jobs:
+                job.future.set_exception(e)
+            return
+        self._on_tokens(sum(len(c.token_ids) for c in completions))
+        at = 0
+        for job in jobs:
+            mine = completions[at : at + len(job.prompts)]
+            at += len(job.prompts)
+            try:
+                tokens = None
+                if job.logprobs is not None:
+                    tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo) for p, c in zip(job.prompts, mine)]
+                job.future.set_result(JobResult(mine, tokens, started - job.queued_at))
+            except Exception as e:  # noqa: BLE001
+                job.future.set_exception(e)
+
+    @torch.no_grad()
+    def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool) -> list[TokenInfo]:
+        """The model's own log-probabilities (temperature 1, before any filter) of each token."""
+        ids = torch.tensor([prompt + sampled], device=model_device(self.model))
+        if self.embed is not None:
+            logits = self.model(None, inputs_embeds=self.embed(ids))
+        else:
+            logits = self.model(ids)
+        vocab = getattr(self.tok, "vocab_size", self.model.cfg.vocab_size)
+        logp = logits[0, :, :vocab].float().log_softmax(-1).cpu()  # (T, vocab)
+        first = 0 if echo else len(prompt)
+        out = []
+        for t in range(first, len(prompt) + len(sampled)):
+            i = int(ids[0, t])
+            if t == 0:
+                out.append(TokenInfo(i, self.token_text(i), None, {}))
+                continue
+            row = logp[t - 1]
+            alts = {}
+            if top:
+                values, idx = row.topk(top)
+                alts = {self.token_text(int(j)): float(v) for v, j in zip(values, idx)}
+            out.append(TokenInfo(i, self.token_text(i), float(row[i]) if i < vocab else None, alts))
+        return out
+
+    def token_text(self, i: int) -> str:
+        if i >= getattr(self.tok, "vocab_size", self.model.cfg.vocab_size):
+            return f"<prompt vector {i}>"
+        if hasattr(self.tok, "token_bytes"):
+            return self.tok.token_bytes(i).decode("utf-8", errors="replace")
+        return self.tok.decode([i])
