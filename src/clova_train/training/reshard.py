@@ -60,8 +60,8 @@ def _adam_states(opt) -> None:
             state["step"] = torch.zeros((), dtype=torch.float32)
             for key in MOMENTS:
                 state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if hasattr(opt, "_link_all_hp_params"):  # ZeRO-1/2 map each parameter to its fragment of those states
-        opt._link_all_hp_params()
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 and bf16 map each parameter to its fragment of them
+        opt._lazy_init_hp_params_optimizer_state()
 
 
 def _set_adam_step(optimizer, step: int) -> None:
