@@ -83,3 +83,17 @@ def test_pipeline_resumes_on_one_stage_and_exports(tmp_path, korean_shards, refe
     r = clova_cli("export", run, "--out", hf, "--dtype", "fp32")
     assert r.returncode == 0, r.stdout + r.stderr
     assert (hf / "config.json").is_file()
+
+
+def test_full_disk_during_a_save_is_one_line_per_rank_and_the_next_start_cleans_up(tmp_path, korean_shards):
+    run = tmp_path / "run"
+    args = [a if a != "6" else "4" for a in ARGS]  # --steps 4
+    r = clova_cli("train", *args, *ZERO3, "--data", korean_shards, "--out", run, "--nproc-per-node", "2", env={"CLOVA_FAULT": "full_in_save=4"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out
+    assert "[rank 1] " in out and "no space left on the device while saving checkpoint step_00000004" in out
+    assert out.count("checkpoint step_00000002 is complete and intact, --resume continues from it") == 2  # both ranks say it
+    assert not (run / "checkpoints" / "step_00000004" / "clova_checkpoint.json").exists()
+    r = clova_cli("train", "--out", run, "--resume")
+    assert r.returncode == 0 and "resuming from step_00000002" in r.stderr, r.stdout + r.stderr
+    assert json.loads((run / "checkpoints" / "step_00000004" / "clova_checkpoint.json").read_text())["step"] == 4

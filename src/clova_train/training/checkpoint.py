@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import json
 import os
 import random
@@ -25,12 +27,13 @@ class Faults:
 
     kill_at_step=N: rank 0 kills itself (SIGKILL) after step N is logged.
     kill_in_save=N: rank 0 kills itself after DeepSpeed wrote step N's files, before the completion marker.
+    full_in_save=N: the last rank's disk is full (ENOSPC) after DeepSpeed wrote step N's files.
     nan_at_steps=A,B: every rank's loss becomes NaN at those steps.
     """
 
     def __init__(self, spec: str | None = None):
         spec = os.environ.get("CLOVA_FAULT", "") if spec is None else spec
-        self.kill_at_step = self.kill_in_save = None
+        self.kill_at_step = self.kill_in_save = self.full_in_save = None
         self.nan_at_steps: set[int] = set()
         for item in filter(None, (s.strip() for s in spec.split(";"))):
             key, _, value = item.partition("=")
@@ -38,6 +41,8 @@ class Faults:
                 self.kill_at_step = int(value)
             elif key == "kill_in_save":
                 self.kill_in_save = int(value)
+            elif key == "full_in_save":
+                self.full_in_save = int(value)
             elif key == "nan_at_steps":
                 self.nan_at_steps = {int(v) for v in value.split(",") if v}
             else:
@@ -231,28 +236,55 @@ class Checkpointer:
         td.barrier()
         ds = self.engine.ds
         recorder = ds.checkpoint_engine = _Recorder(ds.checkpoint_engine)
-        try:
-            self.engine.save(self.dir, tag, client_state)
-        finally:
-            ds.checkpoint_engine = recorder.inner
-        mine = [*recorder.paths, target / rng_file(self.rank)]
-        atomic_write_json(mine[-1], rng_to_json(rng_state()))
-        for p in mine:
-            fsync_path(p)
-        td.barrier()
-        if self.rank == 0:
-            if self.faults.kill_in_save == step:
-                self.faults.kill()
-            files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
-            atomic_write_json(target / MARKER_FILE, {"tag": tag, **marker, "files": files})
-            fsync_path(target)
-            atomic_write_text(self.dir / LATEST_FILE, tag)
-            fsync_path(self.dir)
-            self.prune()
-        td.barrier()
+        with self._failures(tag):
+            try:
+                self.engine.save(self.dir, tag, client_state)
+            finally:
+                ds.checkpoint_engine = recorder.inner
+            mine = [*recorder.paths, target / rng_file(self.rank)]
+            atomic_write_json(mine[-1], rng_to_json(rng_state()))
+            for p in mine:
+                fsync_path(p)
+            if self.faults.full_in_save == step and self.rank == self.world - 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(mine[0]))
+            td.barrier()
+            if self.rank == 0:
+                if self.faults.kill_in_save == step:
+                    self.faults.kill()
+                files = {p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file()}
+                atomic_write_json(target / MARKER_FILE, {"tag": tag, **marker, "files": files})
+                fsync_path(target)
+                atomic_write_text(self.dir / LATEST_FILE, tag)
+                fsync_path(self.dir)
+                self.prune()
+            td.barrier()
         nbytes = torch.tensor([sum(p.stat().st_size for p in mine)], dtype=torch.float64)
         td.all_reduce(nbytes)
         return {"tag": tag, "seconds": time.perf_counter() - t0, "bytes": int(nbytes.item())}
+
+    @contextlib.contextmanager
+    def _failures(self, tag: str):
+        """A full disk, or a peer that left mid-save, as one line per rank: what is intact and how to go on.
+
+        The unfinished tag has no completion marker, so nothing loads it, and the
+        next start deletes it (``prune``).
+        """
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+            raise ClovaError(f"{e.filename or self.dir / tag}: {what} while saving checkpoint {tag}; {self._intact()}; "
+                             f"free space (or lower --keep-last) and rerun with --resume") from None
+        except RuntimeError as e:  # gloo/NCCL: a peer rank exited mid-save (its own line says why)
+            if "clova" in type(e).__module__:
+                raise
+            raise ClovaError(f"checkpoint {tag} not saved: another rank stopped while saving (its line says why); {self._intact()}") from None
+
+    def _intact(self) -> str:
+        done = self.complete(self.dir)
+        return f"checkpoint {done[-1][1]} is complete and intact, --resume continues from it" if done else "no checkpoint is complete yet"
 
     def prune(self) -> None:
         """Drop unmarked leftovers, and complete checkpoints beyond --keep-last (oldest first) that are no --keep-every milestone.

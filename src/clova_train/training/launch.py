@@ -273,5 +273,8 @@ def worker_main(spec, worker: Callable) -> int:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 or not isinstance(e, CollectiveError):
             who = "" if rank == 0 else f"[rank {rank}] "
-            console.print(f"[bold red]error:[/] {who}{e}", highlight=False, soft_wrap=True)
+            from rich.markup import escape
+
+            # Messages quote paths and peers' errors, whose brackets are not markup.
+            console.print(f"[bold red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
         return 2
