@@ -76,26 +76,30 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(a.tobytes()).decode()
+
+
 def rng_to_json(state: dict) -> dict:
-    """An RNG state as JSON (read back without unpickling anything)."""
+    """An RNG state as JSON (read back without unpickling anything); the generators' words as base64."""
     version, internal, gauss = state["python"]
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
     return {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": b64(state["torch"]),
-        "cuda": [b64(t) for t in state["cuda"]] if state.get("cuda") is not None else None,
+        "python": [version, _b64(np.asarray(internal, dtype=np.uint32)), gauss],
+        "numpy": [kind, _b64(np.asarray(keys, dtype=np.uint32)), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(state["torch"].numpy()),
+        "cuda": [_b64(t.numpy()) for t in state["cuda"]] if state.get("cuda") is not None else None,
     }
 
 
 def rng_from_json(d: dict) -> dict:
-    tensor = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)  # noqa: E731
+    words = lambda s, dtype: np.frombuffer(base64.b64decode(s), dtype=dtype)  # noqa: E731
+    tensor = lambda s: torch.from_numpy(words(s, np.uint8).copy())  # noqa: E731
     version, internal, gauss = d["python"]
     kind, keys, pos, has_gauss, cached = d["numpy"]
     return {
-        "python": (version, tuple(internal), gauss),
-        "numpy": (kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached),
+        "python": (version, tuple(int(w) for w in words(internal, np.uint32)), gauss),
+        "numpy": (kind, words(keys, np.uint32).copy(), pos, has_gauss, cached),
         "torch": tensor(d["torch"]),
         "cuda": [tensor(s) for s in d["cuda"]] if d.get("cuda") is not None else None,
     }
