@@ -41,6 +41,24 @@ def same_trajectory(run: Path, reference: list[dict]) -> None:
     assert [x["grad_norm"] for x in ours] == pytest.approx([x["grad_norm"] for x in reference], rel=1e-3)
 
 
+def check_partial_reads(run: Path) -> None:
+    """A new partition's share, read alone (what a reshard reads), equals that slice of the whole parameter, across rank files."""
+    import torch
+
+    from clova_train.export.consolidate import open_checkpoint, resolve_checkpoint
+
+    ckpt = open_checkpoint(resolve_checkpoint(run))
+    try:
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            whole = dict(ckpt.tensors(key))
+            for name in ("wte.weight", "ln_f.bias"):
+                flat, half = whole[name].flatten(), whole[name].numel() // 2
+                assert torch.equal(ckpt.read_range(name, key, half - 3, 7), flat[half - 3 : half + 4]), (name, key)
+        assert ckpt.adam_step() == 6
+    finally:
+        ckpt.close()
+
+
 def test_zero3_resumes_on_one_rank_then_on_two(tmp_path, korean_shards, reference):
     run = tmp_path / "run"
     r = clova_cli("train", *ARGS, *ZERO3, "--data", korean_shards, "--out", run, "--nproc-per-node", "2", env={"CLOVA_FAULT": "kill_at_step=3"})
@@ -63,6 +81,7 @@ def test_zero3_resumes_on_one_rank_then_on_two(tmp_path, korean_shards, referenc
 
     client = torch.load(next(last.glob("*model_states.pt")), weights_only=False)["clova"]
     assert "rng" not in client and client["world_size"] == 2
+    check_partial_reads(run)
     saved = [x for x in metrics(run) if "save_seconds" in x]
     assert [x["step"] for x in saved] == [2, 4, 6] and all(x["save_bytes"] > 0 and x["save_seconds"] > 0 for x in saved)
 
@@ -78,6 +97,7 @@ def test_pipeline_resumes_on_one_stage_and_exports(tmp_path, korean_shards, refe
     assert r.returncode == 0, r.stdout + r.stderr
     assert "world size 2 -> 1, stages 2 -> 1; micro-batch 2 per rank, accumulation 4 -> 4 steps" in r.stderr
     assert "longer than the 0 s preemption window" in r.stderr and "--signal=USR1@" in r.stderr
+    check_partial_reads(run)
     same_trajectory(run, reference)  # pipeline and ZeRO-3 follow one curve (test_train), so the resharded one does too
     hf = tmp_path / "hf"
     r = clova_cli("export", run, "--out", hf, "--dtype", "fp32")

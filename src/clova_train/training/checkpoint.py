@@ -76,6 +76,12 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class PeerLost(ClovaError):
+    """This rank's collective failed because a peer exited: said in one line, but the peer's exit (a kill, a user error) is the run's."""
+
+    exit_code = 1
+
+
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(a.tobytes()).decode()
 
@@ -284,7 +290,7 @@ class Checkpointer:
         except RuntimeError as e:  # gloo/NCCL: a peer rank exited mid-save (its own line says why)
             if "clova" in type(e).__module__:
                 raise
-            raise ClovaError(f"checkpoint {tag} not saved: another rank stopped while saving (its line says why); {self._intact()}") from None
+            raise PeerLost(f"checkpoint {tag} not saved: another rank stopped while saving (its line says why); {self._intact()}") from None
 
     def _intact(self) -> str:
         done = self.complete(self.dir)

@@ -277,4 +277,4 @@ def worker_main(spec, worker: Callable) -> int:
 
             # Messages quote paths and peers' errors, whose brackets are not markup.
             console.print(f"[bold red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
-        return 2
+        return getattr(e, "exit_code", 2)

@@ -70,8 +70,12 @@ class Consolidated(Protocol):
     source: str
     """Where the weights come from, for the model card ("fp32 master weights from the optimizer state")."""
 
-    def tensors(self, key: str = "fp32", only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(our name, full fp32 tensor) of the master weights ("fp32") or of an Adam moment ("exp_avg", "exp_avg_sq"); ``only``: just these names."""
+    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        """(our name, full fp32 tensor) of the master weights ("fp32") or of an Adam moment ("exp_avg", "exp_avg_sq")."""
+        ...
+
+    def read_range(self, name: str, key: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``start .. start + count`` of parameter ``name`` (flattened), fp32: a new partition's share, read alone."""
         ...
 
     def adam_step(self) -> int:
@@ -223,6 +227,12 @@ class Zero3Checkpoint:
         self._ours = _match_names(all_shapes, ref)
         self._groups = group_shapes
         self.shapes = {self._ours[n]: torch.Size(s) for n, s in all_shapes.items()}
+        self._where: dict[str, tuple[int, int, int]] = {}  # our name -> (group, offset in each rank's flat group, numel)
+        for g, shapes in enumerate(group_shapes):
+            offset = 0
+            for n, shape in shapes.items():
+                self._where[self._ours[n]] = (g, offset, math.prod(shape))
+                offset += math.ceil(math.prod(shape) / world)
         for g, shapes in enumerate(group_shapes):
             used = sum(math.ceil(math.prod(s) / world) for s in shapes.values())
             for r, flat in enumerate(self._flat):
@@ -244,22 +254,28 @@ class Zero3Checkpoint:
         self._files[0].read_into(t, 0, step)
         return int(step.item())
 
-    def tensors(self, key: str = "fp32", only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        world = self.world
-        flats = self._flat if key == "fp32" else [[self._state(z, g, key) for g in range(len(self._groups))] for z in self._files]
-        for g, shapes in enumerate(self._groups):
-            offset = 0
-            for name, shape in shapes.items():
-                n = math.prod(shape)
-                part = math.ceil(n / world)
-                if only is not None and self._ours[name] not in only:
-                    offset += part
-                    continue
-                full = torch.empty(part * world, dtype=torch.float32)
-                for r, (z, flat) in enumerate(zip(self._files, flats)):
-                    z.read_into(flat[g], offset, full[r * part : (r + 1) * part])
-                offset += part
-                yield self._ours[name], full[:n].view(tuple(shape))
+    def _flats(self, key: str) -> list[list[OnDisk]]:
+        """Per rank, per group: the flat partition holding ``key``."""
+        if key == "fp32":
+            return self._flat
+        return [[self._state(z, g, key) for g in range(len(self._groups))] for z in self._files]
+
+    def read_range(self, name: str, key: str, start: int, count: int) -> torch.Tensor:
+        g, offset, n = self._where[name]
+        part = math.ceil(n / self.world)  # rank r holds elements [r * part, (r + 1) * part) at ``offset`` of its flat group
+        flats = self._flats(key)
+        out = torch.empty(count, dtype=torch.float32)
+        at = start
+        while at < start + count:
+            r, k = divmod(at, part)
+            take = min(part - k, start + count - at)
+            self._files[r].read_into(flats[r][g], offset + k, out[at - start : at - start + take])
+            at += take
+        return out
+
+    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in self.shapes.items():
+            yield name, self.read_range(name, key, 0, math.prod(shape)).view(shape)
 
     def close(self) -> None:
         for z in getattr(self, "_files", []):
@@ -406,23 +422,26 @@ class PipelineCheckpoint:
         first.file.read_into(t, 0, step)
         return int(step.item())
 
-    def tensors(self, key: str = "fp32", only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, shape in self.shapes.items():
-            if only is not None and name not in only:
-                continue
-            full = torch.empty(math.prod(shape), dtype=torch.float32)
-            at = 0
-            for p in self._pieces[name]:
-                part = full[at : at + p.numel]
+    def read_range(self, name: str, key: str, start: int, count: int) -> torch.Tensor:
+        out = torch.empty(count, dtype=torch.float32)
+        at = 0  # where the current piece starts in the parameter
+        for p in self._pieces[name]:
+            lo, hi = max(start, at), min(start + count, at + p.numel)
+            if lo < hi:
                 src = p.tensor if key == "fp32" else self._moment(p, key)
+                part = out[lo - start : hi - start]
                 if src.dtype == torch.float32:
-                    p.file.read_into(src, p.start, part)
+                    p.file.read_into(src, p.start + lo - at, part)
                 else:
-                    raw = torch.empty(p.numel, dtype=src.dtype)
-                    p.file.read_into(src, p.start, raw)
+                    raw = torch.empty(hi - lo, dtype=src.dtype)
+                    p.file.read_into(src, p.start + lo - at, raw)
                     part.copy_(raw)
-                at += p.numel
-            yield name, full.view(shape)
+            at += p.numel
+        return out
+
+    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in self.shapes.items():
+            yield name, self.read_range(name, key, 0, math.prod(shape)).view(shape)
 
     def close(self) -> None:
         for z in getattr(self, "_files", []):

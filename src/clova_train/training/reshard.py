@@ -5,8 +5,11 @@ partition into rank r; a pipeline stage loads the optimizer partition of the
 same stage). A checkpoint read through :mod:`rankfiles` is layout-free: each
 parameter's full fp32 master, ``exp_avg`` and ``exp_avg_sq`` under our GPT
 names, and Adam's step count. A fresh engine built for the new layout takes
-them through DeepSpeed's ``safe_set_full_*`` API, which slices each value
-into this rank's partition, whatever the partitioning. The weights the
+them partition by partition: each rank asks DeepSpeed where its share of
+each parameter lies (ZeRO-3: a contiguous, padded slice; ZeRO-1/2: a
+fragment of the flat partition) and reads just those elements. (DeepSpeed's
+``safe_set_full_*`` would need every full tensor on every rank, and its
+ZeRO-3 version cannot fill a padded last slice.) The weights the
 forward pass uses (the low-precision copies) are then refreshed from the
 masters, as DeepSpeed does after a load.
 """
@@ -70,10 +73,25 @@ def _set_adam_step(optimizer, step: int) -> None:
             state["step"] = torch.full_like(state["step"], step) if torch.is_tensor(state["step"]) else step
 
 
-def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelConfig, mode: str) -> None:
-    """Fill this rank's partitions of a freshly built engine from the checkpoint ``tag`` of another layout."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+def _destination(opt, p, key: str) -> tuple[torch.Tensor | None, int]:
+    """This rank's partition of parameter ``p``'s master ("fp32") or Adam ``key``, and the element of ``p`` it starts at."""
+    state_key = None if key == "fp32" else key
+    if hasattr(p, "ds_id"):  # ZeRO-3: a contiguous share of every parameter, the last one padded
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=state_key)
+        return part, opt._get_param_partition_rank(p) * part.numel()
+    mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2: the fragment of p inside this rank's flat partition, if any
+    if mapping is None:
+        return None, 0
+    return mapping.get_hp_fragment(state_key).view(-1), mapping.lp_fragment_address.start
 
+
+@torch.no_grad()
+def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelConfig, mode: str) -> None:
+    """Fill this rank's partitions of a freshly built engine from the checkpoint ``tag`` of another layout.
+
+    Each rank reads only the elements its partitions hold, so a reshard reads
+    the checkpoint about once in all, as a same-layout load does.
+    """
     ref = CheckpointRef(run_dir, tag, marker, {"parallel": {"mode": mode, "pipeline_stages": marker["layout"]["stages"]}}, model, mode)
     params = _local_params(engine, model, mode)
     opt = engine.ds.optimizer
@@ -86,13 +104,16 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
         missing = sorted(set(params) - set(ckpt.shapes))
         if missing:
             raise ClovaError(f"{ref.path}: has no {', '.join(missing[:3])}; it was written for another model")
-        for key in ("fp32", *MOMENTS):
-            for name, full in ckpt.tensors(key, only=set(params)):
-                for p in params[name]:
-                    if key == "fp32":
-                        safe_set_full_fp32_param(p, full)
-                    else:
-                        safe_set_full_optimizer_state(p, full, key)
+        for name, held in params.items():
+            n = ckpt.shapes[name].numel()
+            for p in held:
+                for key in ("fp32", *MOMENTS):
+                    dest, start = _destination(opt, p, key)
+                    if dest is None:
+                        continue
+                    count = max(0, min(n, start + dest.numel()) - start)
+                    dest.data.zero_()  # the padding past the parameter's end
+                    dest.data[:count].copy_(ckpt.read_range(name, key, start, count))
         _set_adam_step(opt.optimizer, ckpt.adam_step())
     finally:
         ckpt.close()
