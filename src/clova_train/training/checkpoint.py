@@ -213,12 +213,13 @@ class Checkpointer:
     def _choose(self, resume_step: int | None) -> str | None:
         self.prune()  # unmarked leftovers of a save that was cut short go first
         done = self.complete(self.dir)
-        intact = [(s, t) for s, t in done if damage(self.dir / t, self.marker(t)) is None]
+        damaged = {t: self._damage(t) for _, t in done}
+        intact = [(s, t) for s, t in done if damaged[t] is None]
         if resume_step is None:
             if not done:
                 return None
             step, tag = done[-1]
-            why = damage(self.dir / tag, self.marker(tag))
+            why = damaged[tag]
             if why is None:
                 return tag
             older = f"the newest intact one is step {intact[-1][0]}: continue from it with --resume-step {intact[-1][0]}" if intact else "no older checkpoint is intact: start a new --out"
@@ -231,6 +232,12 @@ class Checkpointer:
             if s > resume_step:  # another trajectory now; a restart must not return to it
                 shutil.rmtree(self.dir / t)
         return chosen[0]
+
+    def _damage(self, tag: str) -> str | None:
+        try:
+            return damage(self.dir / tag, self.marker(tag))
+        except (OSError, ValueError) as e:
+            return f"its marker did not read: {e}"
 
     def save(self, step: int, client_state: dict, marker: dict) -> dict:
         """Write checkpoint ``step``; returns its tag, the seconds it took and its bytes on disk (all ranks)."""
