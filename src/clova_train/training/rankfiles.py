@@ -153,10 +153,29 @@ def _check_against_config(ref: CheckpointRef, got: dict[str, object], want: dict
     )
 
 
+class _RankFiles:
+    """What the readers share: whole tensors from ranges, and closing the files."""
+
+    shapes: dict[str, torch.Size]
+    _files: list[TorchZip]
+
+    def read_range(self, name: str, key: str, start: int, count: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in self.shapes.items():
+            yield name, self.read_range(name, key, 0, math.prod(shape)).view(shape)
+
+    def close(self) -> None:
+        for z in getattr(self, "_files", []):
+            z.close()
+        self._files = []
+
+
 _RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
-class Zero3Checkpoint:
+class Zero3Checkpoint(_RankFiles):
     """A ZeRO-3 checkpoint, read from the fp32 master partitions in each rank's optimizer file.
 
     Each rank's optimizer state holds, per parameter group, one flat fp32
@@ -273,16 +292,6 @@ class Zero3Checkpoint:
             at += take
         return out
 
-    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
-        for name, shape in self.shapes.items():
-            yield name, self.read_range(name, key, 0, math.prod(shape)).view(shape)
-
-    def close(self) -> None:
-        for z in getattr(self, "_files", []):
-            z.close()
-        self._files = []
-
-
 _LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
 
@@ -305,7 +314,7 @@ def _field(obj, name: str):
     return state[name] if isinstance(state, dict) and name in state else getattr(obj, name)
 
 
-class PipelineCheckpoint:
+class PipelineCheckpoint(_RankFiles):
     """A pipeline checkpoint (DeepSpeed PipelineModule, ZeRO stage 0 or 1) under our names.
 
     Each stage's ZeRO-1 optimizer file (``zero_pp_rank_<replica>_mp_rank_<stage>``)
@@ -439,14 +448,6 @@ class PipelineCheckpoint:
             at += p.numel
         return out
 
-    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
-        for name, shape in self.shapes.items():
-            yield name, self.read_range(name, key, 0, math.prod(shape)).view(shape)
-
-    def close(self) -> None:
-        for z in getattr(self, "_files", []):
-            z.close()
-        self._files = []
 
 
 READERS: dict[str, type] = {"zero3": Zero3Checkpoint, "pipeline": PipelineCheckpoint}
