@@ -242,6 +242,6 @@ def test_pipeline_mode_matches_zero3_and_resumes_after_a_kill(pipeline_run, trai
     assert [x["samples"] for x in resumed] == [x["samples"] for x in reference]
     cfg = json.loads((run / CONFIG_FILE).read_text())
     assert cfg["parallel"]["mode"] == "pipeline" and cfg["parallel"]["pipeline_stages"] == 2
-    assert cfg["parallel"]["partition"] == "type:Block" and cfg["run"]["identity"]["parallel"]["partition"] == "type:Block"
+    assert cfg["parallel"]["partition"] == "type:Block" and cfg["run"]["identity"]["parallel"] == {"mode": "pipeline"}
     assert cfg["deepspeed"]["zero_optimization"]["stage"] == 1
     assert list((run / "checkpoints" / "step_00000016").glob("layer_*-model_states.pt"))

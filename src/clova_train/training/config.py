@@ -56,8 +56,12 @@ class TrainConfig:
     """Evaluate on the valid split every this many steps (0: never)."""
     eval_samples: int = 256
     """Validation sequences per evaluation (the first ones of the valid split)."""
-    keep_last: int = 0
-    """Keep only the newest N complete checkpoints (0: keep all)."""
+    keep_last: int = 3
+    """Keep only the newest N complete checkpoints (0: keep all); an 82B checkpoint with its optimizer state is over 1 TB."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of N, beyond keep_last (0: no milestones)."""
+    preempt_window: float | None = None
+    """Seconds between the preemption signal and the kill (None: CLOVA_PREEMPT_WINDOW, as cli/train.sbatch sets it); a slower save is warned about."""
     seed: int = 1234
     """Seed of the initialisation and of the global sample order."""
     max_bad_steps: int = 5
@@ -74,10 +78,10 @@ class TrainConfig:
         for f in positive:
             if getattr(self, f) < 1:
                 raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
-        for f in ("eval_every", "eval_samples", "keep_last", "weight_decay", "grad_clip"):
+        for f in ("eval_every", "eval_samples", "keep_last", "keep_every", "weight_decay", "grad_clip"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
-        for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops"):
+        for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops", "preempt_window"):
             v = getattr(self, f)
             if v is not None and not v > 0:
                 raise ClovaError(f"train {f} must be > 0, not {v}")
@@ -137,6 +141,8 @@ class TrainRequest:
     resume: bool = False
     force: bool = False
     """Start even when the memory plan says the run cannot fit."""
+    resume_step: int | None = None
+    """Resume from this step's checkpoint (discarding newer ones), e.g. when the newest is damaged."""
 
 
 @dataclass
@@ -155,6 +161,7 @@ class RunSpec:
     resume: bool = False
     checked: bool = False
     force: bool = False
+    resume_step: int | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -178,6 +185,7 @@ class RunSpec:
             "resume": self.resume,
             "checked": self.checked,
             "force": self.force,
+            "resume_step": self.resume_step,
         }
 
     @classmethod
@@ -195,4 +203,5 @@ class RunSpec:
             resume=d["resume"],
             checked=d["checked"],
             force=d.get("force", False),
+            resume_step=d.get("resume_step"),
         )

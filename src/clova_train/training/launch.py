@@ -347,12 +347,13 @@ def worker_main(spec, worker: Callable) -> int:
         return 0
     except ClovaError as e:
         if rank == 0 or not isinstance(e, CollectiveError):
-            who = "" if rank == 0 else f"\\[rank {rank}] "  # escaped: rich would read [rank 1] as markup
-            console.print(f"[bold red]error:[/] {who}{e}", highlight=False, soft_wrap=True)
-        return 2
+            who = "" if rank == 0 else f"[rank {rank}] "
+            # Messages quote paths and peers' errors, whose brackets are not markup.
+            console.print(f"[bold red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
+        return getattr(e, "exit_code", 2)
     except RuntimeError as e:
         lost = lost_peer_message(e, spec.run_dir)
         if lost is None:
             raise
-        console.print(f"[bold red]error:[/] \\[rank {rank}] {escape(lost)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(f'[rank {rank}] ' + lost)}", highlight=False, soft_wrap=True)
         return 1

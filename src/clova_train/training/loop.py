@@ -7,6 +7,7 @@ rank's loop calls :func:`train_step`, an :class:`Evaluator`, a :class:`Checkpoin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import asdict, replace
@@ -20,7 +21,7 @@ from clova_train.core.files import atomic_write_json
 from clova_train.core.progress import console
 from clova_train.model.config import ModelConfig
 from clova_train.training import launch
-from clova_train.training.checkpoint import Checkpointer, Faults, newest_checkpoint, rng_state, seed_all, set_rng_state, tag_for
+from clova_train.training.checkpoint import Checkpointer, Faults, newest_checkpoint, seed_all, set_rng_state, tag_for
 from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
 from clova_train.training.distributed import CollectiveError, Dist, init_distributed
 from clova_train.training.ds_config import resolve_precision
@@ -29,6 +30,7 @@ from clova_train.training.engine import Engine
 from clova_train.training.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
 from clova_train.training.pipeline import PipelineEngine
 from clova_train.training.preflight import _rank0_check, memory_check
+from clova_train.training.reshard import describe_change, layout, load_resharded
 from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.training.sampler import TrainStream, eval_batches, open_train_data, open_valid_data
@@ -113,25 +115,24 @@ def run_worker(spec: RunSpec) -> str:
     datasets = open_train_data(spec.data.paths, train.seq_len, train.seed)
     stream = TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share)
     valid = eval_batches(open_valid_data(spec.data.paths, train.seq_len), train.eval_samples if train.eval_every else 0, **share)
-    ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, faults=faults)
+    ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, keep_every=train.keep_every, faults=faults)
     metrics = MetricsLogger(run_dir, enabled=rank0, monitor=engine.monitor if rank0 else None)
     guard = BadStepGuard(train.max_bad_steps)
 
     step = tokens = 0
-    tag = ckpt.latest()
+    stages = spec.parallel.stages(dist.world)
+    here = layout(spec.parallel.mode, dist.world, stages, spec.parallel.partition)
+    changed = None
+    tag = ckpt.latest(spec.resume_step)
     if tag is not None:
-        state = ckpt.load(tag)
-        if state["config_hash"] != spec.config_hash:
-            raise CollectiveError(f"{ckpt.dir / tag} belongs to a different configuration; use a new --out")
-        if state["world_size"] != dist.world:
-            raise CollectiveError(
-                f"{ckpt.dir / tag} was written by {state['world_size']} ranks and this run has {dist.world}; "
-                "ZeRO-3 shards are per rank: resume with the same number of ranks"
-            )
+        state, changed = resume_state(ckpt, tag, here, spec)
         step, tokens = state["step"], state["tokens"]
         stream.load_state_dict(state["sampler"])
         guard = BadStepGuard(train.max_bad_steps, state["bad_steps"], state["consecutive_bad_steps"])
-        set_rng_state(state["rng"][dist.rank])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])
+        else:  # new ranks have no RNG of their own to continue; dropout masks differ from then on
+            seed_all(hash((train.seed, step, dist.rank)) % 2**63)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / CONFIG_FILE, run_config(spec, train, ds_config, device_name))
@@ -144,28 +145,25 @@ def run_worker(spec: RunSpec) -> str:
     launcher = os.environ.get("CLOVA_LAUNCHER", "external")
 
     def save(at: int) -> str:
-        import torch.distributed as td
-
-        rngs = [None] * dist.world
-        td.all_gather_object(rngs, rng_state())
-        client = {
-            "clova": {
-                "step": at,
-                "tokens": tokens,
-                "sampler": stream.state_dict(),
-                "rng": rngs,
-                "config_hash": spec.config_hash,
-                "world_size": dist.world,
-                "bad_steps": guard.total,
-                "consecutive_bad_steps": guard.consecutive,
-            }
-        }
+        # Rank-independent state: in DeepSpeed's client state and, readable without unpickling, in the marker
+        # (resuming on another layout reads it there); each rank's RNG goes to its own file (Checkpointer.save).
+        resume = {"sampler": stream.state_dict(), "bad_steps": guard.total, "consecutive_bad_steps": guard.consecutive}
+        client = {"clova": {"step": at, "tokens": tokens, "config_hash": spec.config_hash, "world_size": dist.world, **resume}}
         marker = {"step": at, "tokens": tokens, "loss": last["loss"], "valid_loss": last["valid_loss"],
                   "config_hash": spec.config_hash, "world_size": dist.world, "launcher": launcher,
-                  "time": time.time(), "clova_train": __version__}
+                  "time": time.time(), "clova_train": __version__, "layout": here,
+                  "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"], **resume}
         saved = ckpt.save(at, client, marker)
+        metrics.amend({"save_seconds": saved["seconds"], "save_bytes": saved["bytes"]})
+        window = preempt_window(train)
+        if window is not None and saved["seconds"] > window:
+            progress.note(
+                f"warning: saving {saved['tag']} took {saved['seconds']:.0f} s, longer than the {window:.0f} s preemption "
+                f"window; a preempted job would be killed mid-save: ask for at least --signal=USR1@{math.ceil(2 * saved['seconds'])}"
+                " in cli/train.sbatch (and CLOVA_PREEMPT_WINDOW, or --preempt-window, to match)"
+            )
         metrics.plot()
-        return saved
+        return saved["tag"]
 
     progress = ProgressLine(enabled=rank0, total_steps=train.steps, log_every=train.log_every)
     progress.note(describe_run(spec, train, ds_config, device_name, estimate, eval_sequences=len(valid) * train.micro_batch * engine.data_world))
@@ -174,6 +172,8 @@ def run_worker(spec: RunSpec) -> str:
         return "done"
     if step:
         progress.note(f"resuming from {tag} (step {step}, {tokens:,} tokens)")
+    if changed:
+        progress.note(changed)
     with StopSignal() as stop_signal, progress, contextlib.closing(metrics):
         while step < train.steps:
             step += 1
@@ -223,6 +223,37 @@ def run_worker(spec: RunSpec) -> str:
                 return "stopped"
     progress.note(f"done: {step} steps, {tokens:,} tokens; checkpoints in {ckpt.dir}")
     return "done"
+
+
+def preempt_window(train: TrainConfig) -> float | None:
+    """Seconds a preempted job has to save: --preempt-window, else CLOVA_PREEMPT_WINDOW (cli/train.sbatch), else unknown."""
+    if train.preempt_window is not None:
+        return train.preempt_window
+    try:
+        return float(os.environ["CLOVA_PREEMPT_WINDOW"])
+    except (KeyError, ValueError):
+        return None
+
+
+def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tuple[dict, str | None]:
+    """The run's state from checkpoint ``tag``; and, when it was written on another layout, the line that says what changed.
+
+    The same layout loads through DeepSpeed (and each rank's own RNG); another
+    one is re-sharded from the layout-free reading of the files (reshard.py),
+    with the rank-independent state from the completion marker.
+    """
+    marker = ckpt.marker(tag)
+    if marker.get("config_hash") != spec.config_hash:
+        raise CollectiveError(f"{ckpt.dir / tag} belongs to a different configuration; use a new --out")
+    old = marker.get("layout") or {"world_size": marker["world_size"]}
+    if all(old.get(k) == v for k, v in here.items() if k in old):
+        return ckpt.load(tag), None
+    if "sampler" not in marker:
+        raise CollectiveError(f"{ckpt.dir / tag} was written on {old['world_size']} ranks by an older clova train; resume it on {old['world_size']} ranks")
+    load_resharded(ckpt.engine, ckpt.dir.parent, tag, marker, spec.model, spec.parallel.mode)
+    accum = spec.train.global_batch // (spec.train.micro_batch * here["replicas"])
+    line = describe_change(old, here, marker.get("gradient_accumulation_steps"), accum, spec.train.micro_batch)
+    return {**marker, "rng": None}, line
 
 
 # ------------------------------------------------------------------ entry point

@@ -44,12 +44,23 @@ class MetricsLogger:
         clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
         self.records.append(clean)
         with open(self.path, "a", encoding="utf-8") as f:
+            self._last_at = f.tell()
             f.write(json.dumps(clean) + "\n")
         if self.monitor is not None:
             step = record["step"]
             events = [(f"Train/{k}", record[k], step) for k in ("loss", "lr", "grad_norm", "tokens_per_s") if clean.get(k) is not None]
             events += [(f"Valid/{k[6:]}", record[k], step) for k in ("valid_loss", "valid_ppl") if clean.get(k) is not None]
             self.monitor.write_events(events)
+
+    def amend(self, fields: dict) -> None:
+        """Add ``fields`` to the last step's record (a save's cost, known only after the step was logged)."""
+        if not self.enabled or not self.records:
+            return
+        self.records[-1].update(fields)
+        with open(self.path, "r+", encoding="utf-8") as f:
+            f.truncate(self._last_at)  # rewriting one line, not the file: metrics.jsonl grows with the run
+            f.seek(self._last_at)
+            f.write(json.dumps(self.records[-1]) + "\n")
 
     def plot(self) -> None:
         """Redraw loss.png in the background: the other ranks would otherwise wait for matplotlib."""

@@ -9,11 +9,10 @@ from typing import Any
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json
-from clova_train.training.checkpoint import newest_checkpoint
 from clova_train.training.config import RunSpec
 from clova_train.training.distributed import CollectiveError
 from clova_train.training.metrics import peak_tflops
-from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, VERIFIED_FILE
+from clova_train.training.rundir import CONFIG_FILE, VERIFIED_FILE
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -26,7 +25,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def check_run_dir(spec: RunSpec) -> None:
-    """Rerunning into a run dir continues it, so it must be the same run, on as many ranks."""
+    """Rerunning into a run dir continues it, so it must be the same run (on any number of ranks: see reshard.py)."""
     path = spec.run_dir / CONFIG_FILE
     if not path.is_file():
         return
@@ -40,12 +39,6 @@ def check_run_dir(spec: RunSpec) -> None:
         raise ClovaError(
             f"{spec.run_dir} holds a different run ({shown}); use a new --out, or `--resume` with the same model, "
             "data, seq-len, global batch and seed to continue it"
-        )
-    marker = newest_checkpoint(spec.run_dir)
-    if marker and marker["world_size"] != spec.world_size and marker["step"] < spec.train.steps:
-        raise ClovaError(
-            f"{spec.run_dir / CHECKPOINT_DIR / marker['tag']} was written by {marker['world_size']} ranks and this run "
-            f"has {spec.world_size}; ZeRO-3 keeps one shard per rank: resume on {marker['world_size']} ranks"
         )
 
 

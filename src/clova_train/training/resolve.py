@@ -128,9 +128,9 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "seed": train.seed,
         "tokenizer": tok.hash,
         "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
-        # The checkpoint layout: ZeRO-3 shards and pipeline layer files do not load into each other,
-        # nor do optimizer partitions of stages cut differently.
-        "parallel": {"mode": parallel.mode, "stages": stages, **({"partition": parallel.partition} if parallel.mode == "pipeline" else {})},
+        # The mode, not the layout: a checkpoint resumes on another world size, stage count or
+        # partition (training/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
+        "parallel": {"mode": parallel.mode},
     }
     spec = RunSpec(
         out=str(run_dir),
@@ -144,6 +144,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         identity=identity,
         resume=req.resume,
         force=req.force,
+        resume_step=req.resume_step,
     )
     check_run_dir(spec)
     if check:
