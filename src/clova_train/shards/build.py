@@ -25,10 +25,12 @@ node's .bin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import unicodedata
 from collections import deque
@@ -53,7 +55,10 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.progress import progress_bar
 from clova_train.shards.format import KEY_DTYPE, MANIFEST, PROGRESS, SPLITS, IndexedDatasetWriter, ShardConfig, check_shard, dtype_for_vocab, prefix_files, read_manifest, verify_shard_dir, write_bytes
 from clova_train.tokenizer.bpe import ClovaTokenizer
-from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_tmp_name
+from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_disk_full, is_tmp_name
+from clova_train.core.lock import LOCK_FILE, dir_lock
+from clova_train.core.signals import Interrupted, signal_name, stop_on_sigterm
+from clova_train.shards.usable import check_usable
 
 PROGRESS_VERSION = 1
 # Test hook: the process dies (os._exit, no cleanup) right after committing
@@ -120,6 +125,8 @@ _worker_tok: ClovaTokenizer | None = None
 def _init_worker(tokenizer_dir: str, one_thread: bool) -> None:
     global _worker_tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; _worker_pool stops us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if one_thread:
         # Many worker processes already fill the cores; Rust threads inside each would oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -415,7 +422,7 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, stats: list) -> tuple[dic
     """(finished manifest or None, shards kept from an interrupted run); creates or cleans the dir."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ClovaError(f"{out_dir}: is a file; --out must be a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not out_dir.exists() or not any(f.name != LOCK_FILE for f in out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return None, []
     if (out_dir / MANIFEST).is_file():
@@ -467,7 +474,70 @@ def tokenize_corpus(
     *,
     show_progress: bool = True,
 ) -> dict:
-    """Tokenize ``inputs`` (this node's slice) into a shard dir; resume an interrupted run; return a report."""
+    """Tokenize ``inputs`` (this node's slice) into a shard dir; resume an interrupted run; return a report.
+
+    One writer per dir (a second fails at once); a full disk, Ctrl-C or SIGTERM end with one line, the
+    finished shards intact and nothing unfinished under a final name; a run that writes no training
+    document is an error that says why.
+    """
+    out_dir = Path(out_dir)
+    with dir_lock(out_dir, "clova tokenize", note=_note), stop_on_sigterm():
+        try:
+            result = _tokenize_corpus(inputs, tokenizer_dir, out_dir, cfg, show_progress=show_progress)
+        except (KeyboardInterrupt, OSError) as e:
+            if isinstance(e, OSError) and not is_disk_full(e):
+                raise
+            kept = _drop_unrecorded(out_dir)
+            resume = f"{kept} finished shard(s) in {out_dir} are intact; rerun the same command to resume"
+            if isinstance(e, OSError):
+                raise ClovaError(f"{e.filename or out_dir}: {e.strerror} while writing shards; {resume} once there is room") from None
+            raise Interrupted(f"{out_dir}: interrupted ({signal_name(e)}); {resume}") from None
+    check_usable(result, out_dir)
+    return result
+
+
+@contextlib.contextmanager
+def _worker_pool(ctx, workers: int, tokenizer_dir: str):
+    """A pool whose workers finish their batch and exit (close + join), never terminated mid-task: a worker killed
+    while it holds the task queue's lock would hang the pool's cleanup (a SIGTERM to the process group did)."""
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, workers > 1))
+    try:
+        yield pool
+    finally:
+        pool.close()
+        try:
+            pool.join()
+        except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the batches in flight finish: stop now
+            for p in mp.active_children():
+                p.kill()
+            os._exit(130)
+
+
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _drop_unrecorded(out_dir: Path) -> int:
+    """Remove shard and temporary files that progress.json does not list (a write cut short); the count kept."""
+    try:
+        state = json.loads((out_dir / PROGRESS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    keep = {f.name for rec in state.get("shards", []) for f in prefix_files(out_dir / rec["prefix"])}
+    for f in out_dir.iterdir():
+        if f.name not in keep and _is_ours(f.name):
+            f.unlink(missing_ok=True)
+    return len(state.get("shards", []))
+
+
+def _tokenize_corpus(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    out_dir: Path,
+    cfg: ShardConfig,
+    *,
+    show_progress: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     all_paths = check_inputs(list(inputs))
     all_sizes = [input_size(p) for p in all_paths]
@@ -508,7 +578,7 @@ def tokenize_corpus(
     workers = resolve_workers(cfg.workers)
     # fork: workers start before any thread exists here, and start in milliseconds.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path), workers > 1)) as pool, ThreadPoolExecutor(
+    with _worker_pool(ctx, workers, str(tok.path)) as pool, ThreadPoolExecutor(
         2
     ) as io:
         stream = _DocumentStream(paths, cfg, tok.normalization, skip_first, io)

@@ -16,6 +16,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
 from clova_train.training.distributed import CollectiveError
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
+from clova_train.training.trust import check_checkpoint_files
 
 
 class Faults:
@@ -156,6 +157,7 @@ class Checkpointer:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
 
     def load(self, tag: str) -> dict:
+        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world)
         client = self.engine.load(self.dir, tag)
         if "clova" not in client:
             raise CollectiveError(f"{self.dir / tag}: not written by clova train (no client state)")
