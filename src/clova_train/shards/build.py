@@ -25,12 +25,10 @@ node's .bin.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing as mp
 import os
 import signal
-import sys
 import time
 import unicodedata
 from collections import deque
@@ -58,7 +56,7 @@ from clova_train.tokenizer.bpe import ClovaTokenizer
 from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_disk_full, is_tmp_name
 from clova_train.core.lock import LOCK_FILE, dir_lock
 from clova_train.core.signals import Interrupted, signal_name, stop_on_sigterm
-from clova_train.shards.usable import check_usable
+from clova_train.shards.guard import check_usable, drop_unrecorded, note, worker_pool
 
 PROGRESS_VERSION = 1
 # Test hook: the process dies (os._exit, no cleanup) right after committing
@@ -125,7 +123,7 @@ _worker_tok: ClovaTokenizer | None = None
 def _init_worker(tokenizer_dir: str, one_thread: bool) -> None:
     global _worker_tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; _worker_pool stops us.
+    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; guard.worker_pool stops us.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if one_thread:
         # Many worker processes already fill the cores; Rust threads inside each would oversubscribe.
@@ -481,53 +479,19 @@ def tokenize_corpus(
     document is an error that says why.
     """
     out_dir = Path(out_dir)
-    with dir_lock(out_dir, "clova tokenize", note=_note), stop_on_sigterm():
+    with dir_lock(out_dir, "clova tokenize", note=note), stop_on_sigterm():
         try:
             result = _tokenize_corpus(inputs, tokenizer_dir, out_dir, cfg, show_progress=show_progress)
         except (KeyboardInterrupt, OSError) as e:
             if isinstance(e, OSError) and not is_disk_full(e):
                 raise
-            kept = _drop_unrecorded(out_dir)
+            kept = drop_unrecorded(out_dir, PROGRESS, _is_ours)
             resume = f"{kept} finished shard(s) in {out_dir} are intact; rerun the same command to resume"
             if isinstance(e, OSError):
                 raise ClovaError(f"{e.filename or out_dir}: {e.strerror} while writing shards; {resume} once there is room") from None
             raise Interrupted(f"{out_dir}: interrupted ({signal_name(e)}); {resume}") from None
     check_usable(result, out_dir)
     return result
-
-
-@contextlib.contextmanager
-def _worker_pool(ctx, workers: int, tokenizer_dir: str):
-    """A pool whose workers finish their batch and exit (close + join), never terminated mid-task: a worker killed
-    while it holds the task queue's lock would hang the pool's cleanup (a SIGTERM to the process group did)."""
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir, workers > 1))
-    try:
-        yield pool
-    finally:
-        pool.close()
-        try:
-            pool.join()
-        except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM while the batches in flight finish: stop now
-            for p in mp.active_children():
-                p.kill()
-            os._exit(130)
-
-
-def _note(line: str) -> None:
-    print(line, file=sys.stderr)
-
-
-def _drop_unrecorded(out_dir: Path) -> int:
-    """Remove shard and temporary files that progress.json does not list (a write cut short); the count kept."""
-    try:
-        state = json.loads((out_dir / PROGRESS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0
-    keep = {f.name for rec in state.get("shards", []) for f in prefix_files(out_dir / rec["prefix"])}
-    for f in out_dir.iterdir():
-        if f.name not in keep and _is_ours(f.name):
-            f.unlink(missing_ok=True)
-    return len(state.get("shards", []))
 
 
 def _tokenize_corpus(
@@ -578,7 +542,7 @@ def _tokenize_corpus(
     workers = resolve_workers(cfg.workers)
     # fork: workers start before any thread exists here, and start in milliseconds.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with _worker_pool(ctx, workers, str(tok.path)) as pool, ThreadPoolExecutor(
+    with worker_pool(ctx, workers, _init_worker, (str(tok.path), workers > 1)) as pool, ThreadPoolExecutor(
         2
     ) as io:
         stream = _DocumentStream(paths, cfg, tok.normalization, skip_first, io)
