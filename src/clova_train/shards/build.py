@@ -488,7 +488,7 @@ def tokenize_corpus(
             kept = drop_unrecorded(out_dir, PROGRESS, _is_ours)
             resume = f"{kept} finished shard(s) in {out_dir} are intact; rerun the same command to resume"
             if isinstance(e, OSError):
-                raise ClovaError(f"{e.filename or out_dir}: {e.strerror} while writing shards; {resume} once there is room") from None
+                raise ClovaError(f"{out_dir}: {e.strerror} while writing shards; {resume} once there is room") from None
             raise Interrupted(f"{out_dir}: interrupted ({signal_name(e)}); {resume}") from None
     check_usable(result, out_dir)
     return result
