@@ -9,6 +9,7 @@ DeepSpeed does not know.
 
 from __future__ import annotations
 
+from collections.abc import KeysView
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,7 @@ class _Recording(dict):
         return super().__iter__()
 
     def keys(self):
-        self._all()
-        return super().keys()
+        return KeysView(self)  # `key in d.keys()` reads one key; iterating reads them all
 
     def items(self):
         self._all()
@@ -82,7 +82,7 @@ class _Recording(dict):
 
     def __copy__(self):
         new = _Recording({}, self._seen, self._where)
-        dict.update(new, self)
+        dict.update(new, dict.items(self))
         return new
 
 
