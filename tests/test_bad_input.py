@@ -303,7 +303,7 @@ BAD_DS = [
     ({"zero_optimization": {"stage": 3, "overlap_comm": "sometimes"}}, "zero_optimization.overlap_comm: Input should be a valid boolean"),
     ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memroy": True}}}, "offload_param.pin_memroy: unknown key"),
     ({"gradient_clipping": 1.0, "zero_optimisation": {"stage": 3}}, "zero_optimisation: unknown key"),
-    ({"bf16": {"enabled": "yes"}}, "bf16.enabled: Input should be a valid boolean"),
+    ({"bf16": {"enabled": "maybe"}}, "bf16.enabled: Input should be a valid boolean"),
 ]
 
 
