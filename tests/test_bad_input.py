@@ -98,7 +98,7 @@ def test_zero3_checkpoint_with_code_is_refused(trained_run, tmp_path, which):
     _refusals(run, tmp_path, marker, pt.name)
 
 
-@pytest.mark.parametrize("which", ["zero_pp_rank_0_mp_rank_01_optim_states.pt", "layer_00-model_states.pt"])
+@pytest.mark.parametrize("which", ["zero_pp_rank_0_mp_rank_01_optim_states.pt", "mp_rank_00_model_states.pt", "layer_00-model_states.pt"])
 def test_pipeline_checkpoint_with_code_is_refused(pipeline_run, tmp_path, which):
     run = copy_run(pipeline_run["run"], tmp_path)
     pt = newest_tag(run) / which
@@ -125,6 +125,8 @@ def test_allow_list_reads_every_real_checkpoint_file(trained_run, pipeline_run):
     """The exact allow-list admits every file our real ZeRO-3 and pipeline runs write (else resume would refuse them)."""
     from clova_train.core.safe_pickle import check_torch_file
 
+    resumed = pipeline_run["resumed"]  # killed at step 10, resumed through the gate to step 16
+    assert resumed.returncode == 0 and "resuming from step_00000008" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
     files = [*newest_tag(trained_run).glob("*.pt"), *newest_tag(pipeline_run["run"]).glob("*.pt")]
     assert len(files) >= 8
     for f in files:
@@ -165,7 +167,8 @@ def test_second_writer_fails_at_once_naming_the_holder(held_lock, tmp_path, toke
 
     run = tmp_path / "run"
     pid = held_lock(run)
-    r = cli("train", "--model", "tiny", "--data", korean_shards, "--out", run, "--steps", 1, "--nproc-per-node", 1)
+    r = cli("train", "--model", "tiny", "--seq-len", 64, "--global-batch", 2, "--micro-batch", 2, "--data", korean_shards,
+            "--out", run, "--steps", 1, "--nproc-per-node", 1)
     one_line(r.output, 2, r.exit_code, run, f"pid {pid} on host {host}")
     assert not (run / "launch.json").exists()
 

@@ -61,10 +61,13 @@ class DirLock:
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise ClovaError(f"{self.path.parent}: is a file; --out must be a directory")
         self._created = not self.path.parent.exists()  # removed again if it stays empty (a refused command)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = f"{os.getpid()} {socket.gethostname()}"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ClovaError(f"{self.path}: cannot create the lock file ({e.strerror}); the output directory must be writable") from None
             try:
                 flocked = self._flock(fd)
                 held = _holder(os.pread(fd, 256, 0).decode("utf-8", "replace"))
@@ -73,13 +76,16 @@ class DirLock:
                     # Without flock (or with one that may be per node) only a same-host pid that is gone is stale.
                     if held[1] != here or _alive(held[0]):
                         raise self._busy(held)
-                if held and held != (os.getpid(), socket.gethostname()):
+                if held and held != (os.getpid(), here):
                     self.note(f"{self.path}: taking over the lock of pid {held[0]} on {held[1]}, which is gone")
                 # Another writer may have removed and recreated the file between our open and flock.
                 if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, me.encode(), 0)
-                    os.fsync(fd)
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, me.encode(), 0)
+                        os.fsync(fd)
+                    except OSError as e:  # a full disk, most likely
+                        raise ClovaError(f"{self.path}: cannot write the lock file ({e.strerror}); free space and rerun") from None
                     self._fd = fd
                     return
             except BaseException:

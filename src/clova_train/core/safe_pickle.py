@@ -171,12 +171,16 @@ class SafeUnpickler(pickle.Unpickler):
 _ZIP_EXTRAS = {".format_version", ".storage_alignment", "byteorder", "version", ".data/version", ".data/serialization_id"}
 
 
+class _Damaged(ClovaError):
+    """The file is cut short or not a torch.save file: an error, but not a hostile one."""
+
+
 def read_structure(path: Path, zf: zipfile.ZipFile) -> tuple[object, str]:
     """(the unpickled structure, the archive's name prefix) of an opened torch.save zip, through the allow-list."""
     names = zf.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
-        raise ClovaError(f"{path}: not a torch.save checkpoint file")
+        raise _Damaged(f"{path}: not a torch.save checkpoint file")
     prefix = pkl[0][: -len("data.pkl")]
     for n in names:
         rest = n[len(prefix):] if n.startswith(prefix) else None
@@ -190,19 +194,26 @@ def read_structure(path: Path, zf: zipfile.ZipFile) -> tuple[object, str]:
             "(the file may be malicious: do not use it)"
         ) from None
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same to the user
-        raise ClovaError(f"{path}: cannot read its structure ({type(e).__name__}: {e}); the file is damaged") from None
+        raise _Damaged(f"{path}: cannot read its structure ({type(e).__name__}: {e}); the file is damaged") from None
 
 
-def check_torch_file(path: str | Path) -> None:
+def check_torch_file(path: str | Path, *, only_code: bool = False) -> None:
     """Raise a one-line ClovaError unless ``path`` is a torch.save zip whose pickle uses only allow-listed globals.
 
     For files that are then opened with ``torch.load(weights_only=False)`` (DeepSpeed's resume): the pickle
     is run here against stand-ins first, so torch.load meets only the globals this gate allowed.
+    ``only_code`` lets a damaged file pass (its reader reports it in its own words) and refuses only code.
     """
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
+        if only_code:
+            return
         raise ClovaError(f"{path}: not a torch.save zip file ({e}); refusing to load it") from None
     with zf:
-        read_structure(path, zf)
+        try:
+            read_structure(path, zf)
+        except _Damaged:
+            if not only_code:
+                raise

@@ -31,6 +31,10 @@ _SECTIONS = {
 }
 
 
+# Sections DeepSpeed passes whole to the optimizer or scheduler it builds: their keys are the constructor's.
+_HANDED_ON = {("optimizer", "params"), ("scheduler", "params")}
+
+
 class _Recording(dict):
     """A dict that notes which of its keys were read (all of them when iterated: the reader takes any key)."""
 
@@ -131,7 +135,7 @@ def validate_deepspeed(template: dict, path: str | Path) -> None:
         raise ClovaError(f"{path}: DeepSpeed refuses this config: {msg}") from None
     # A section DeepSpeed parsed key by key (it read at least one of them) has no room for the others;
     # one handed on whole (optimizer params) is not judged here.
-    parsed = {p[:-1] for p in seen}
+    parsed = {p[:-1] for p in seen} - _HANDED_ON
     unread = [p for p in _paths(template) if p not in seen and p[:-1] in parsed]
     if unread:
         raise ClovaError("\n".join(f"{path}: {_dotted(p)}: unknown key (DeepSpeed never reads it; a typo?)" for p in unread))
