@@ -507,7 +507,8 @@ def test_zero_stage_reads_back_however_python_pickled_the_enum():
 
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from clova_train.export.torchzip import _LazyUnpickler, _zero_stage
+    from clova_train.core.safe_pickle import SafeUnpickler
+    from clova_train.training.torchzip import _zero_stage
 
     by_name = (
         b"\x80\x02}q\x00X\n\x00\x00\x00zero_stageq\x01c__builtin__\ngetattr\nq\x02"
@@ -516,4 +517,4 @@ def test_zero_stage_reads_back_however_python_pickled_the_enum():
     assert pickle.loads(by_name)["zero_stage"] == ZeroStageEnum.weights  # the bytes are a real pickle
     by_value = pickle.dumps({"zero_stage": ZeroStageEnum.weights}, protocol=2)
     for data in (by_name, by_value):
-        assert _zero_stage(_LazyUnpickler(io.BytesIO(data)).load()["zero_stage"]) == 3
+        assert _zero_stage(SafeUnpickler(io.BytesIO(data)).load()["zero_stage"]) == 3

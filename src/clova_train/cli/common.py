@@ -17,7 +17,7 @@ err = Console(stderr=True)
 
 
 def friendly(fn: Callable) -> Callable:
-    """Turn a ClovaError into one red line and exit code 2."""
+    """Turn a ClovaError into one red line and exit code 2 (or the error's own ``exit_code``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,7 +25,7 @@ def friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except ClovaError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
+            raise typer.Exit(getattr(e, "exit_code", 2))
 
     return wrapper
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clova_train.core.errors import ClovaError
+from clova_train.core.textfiles import read_text
 
 T = TypeVar("T")
 
@@ -39,7 +40,7 @@ def read_json_object(path: str | Path, missing: str = "config file not found") -
     if not path.is_file():
         raise ClovaError(f"{path}: {missing}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise ClovaError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     if not isinstance(data, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,11 +78,20 @@ def commit_file(tmp: str | Path, final: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary name, fsync, rename: readers never see half a file."""
+    """Write via a temporary name, fsync, rename: readers never see half a file (nor its temporary, on failure)."""
     tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    commit_file(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        commit_file(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A write failed for want of space or quota (ENOSPC, EDQUOT): the user frees space and reruns."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -58,6 +58,17 @@ class PromptTemplate:
     """A note for people reading the file."""
 
     def __post_init__(self) -> None:
+        for name in ("query", "answer", "instruction", "separator", "ptune_query", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise ClovaError(f"template {name} must be a string, not {type(getattr(self, name)).__name__}")
+        if not isinstance(self.verbalizers, dict) or not all(isinstance(w, str) for w in self.verbalizers.values()):
+            raise ClovaError(f"template verbalizers must map each label to a string (the word scored), not {self.verbalizers!r}")
+        if not isinstance(self.stop, list) or not all(isinstance(w, str) for w in self.stop):
+            raise ClovaError(f"template stop must be a list of strings, not {self.stop!r}")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise ClovaError(f"template max_new_tokens must be an integer, not {self.max_new_tokens!r}")
+        for name in ("query", "answer", "instruction", "separator", "ptune_query"):
+            _fields(getattr(self, name))  # only plain {field} placeholders, anywhere
         if not self.query:
             raise ClovaError("template query is empty")
         if _fields(self.answer) != {"answer"}:
@@ -116,10 +127,17 @@ class PromptTemplate:
 
 
 def _fields(text: str) -> set[str]:
+    """The {field} names in ``text``; a format spec, conversion, index or attribute is refused (it could ask
+    str.format for a 50 MB pad or reach into objects)."""
     try:
-        return {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+        parsed = list(string.Formatter().parse(text))
     except ValueError as e:
         raise ClovaError(f"template text {text!r}: {e} (write {{{{ and }}}} for literal braces)") from None
+    for _, name, spec, conversion in parsed:
+        if name is not None and (spec or conversion or not name.isidentifier()):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ClovaError(f"template text uses {shown}: only plain {{field}} placeholders are allowed (no format specs, conversions or indexing)")
+    return {name for _, name, _, _ in parsed if name is not None}
 
 
 def template_path(task: Task) -> Path:
@@ -131,7 +149,10 @@ def load_template(task: Task, path: str | Path | None = None) -> PromptTemplate:
     from clova_train.core.config import load_json
 
     path = Path(path) if path else template_path(task)
-    template = load_json(PromptTemplate, path)
+    try:
+        template = load_json(PromptTemplate, path)
+    except ClovaError as e:  # the dataclass's own checks do not know the file
+        raise e if str(e).startswith(str(path)) else ClovaError(f"{path}: {e}") from None
     template.check(task, str(path))
     return template
 

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 
 from clova_train.core.errors import ClovaError
-from clova_train.core.textfiles import iter_jsonl
+from clova_train.core.textfiles import iter_jsonl, text_lines
 
 SCORE_MODES = ("sum", "mean")
 
@@ -162,23 +162,21 @@ def read_examples(task: Task, path: str | Path, *, limit: int = 0) -> list[Examp
 
 
 def _tsv_rows(task: Task, path: Path):
-    if not path.is_file():
-        raise ClovaError(f"{path}: file not found")
     want = "<TAB>".join(task.tsv_columns)
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n")
-        if not header:
-            return
-        if tuple(header.split("\t")) != task.tsv_columns:
-            raise ClovaError(f"{path}: columns are {header.split(chr(9))}; {task.name} files need the header {want}")
-        for n, line in enumerate(f, 2):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            cols = line.split("\t")
-            if len(cols) != len(task.tsv_columns):
-                raise ClovaError(f"{path}:{n}: {len(cols)} tab-separated fields, expected {len(task.tsv_columns)} ({want})")
-            yield n, dict(zip(task.tsv_columns, cols))
+    lines = text_lines(path)
+    header = next(lines, (1, ""))[1].rstrip("\r\n")
+    if not header:
+        return
+    if tuple(header.split("\t")) != task.tsv_columns:
+        raise ClovaError(f"{path}: columns are {header.split(chr(9))}; {task.name} files need the header {want}")
+    for n, line in lines:
+        line = line.rstrip("\r\n")
+        if not line:
+            continue
+        cols = line.split("\t")
+        if len(cols) != len(task.tsv_columns):
+            raise ClovaError(f"{path}:{n}: {len(cols)} tab-separated fields, expected {len(task.tsv_columns)} ({want})")
+        yield n, dict(zip(task.tsv_columns, cols))
 
 
 def _example(task: Task, record: dict, where: str) -> Example:

@@ -18,6 +18,7 @@ import gc
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -34,7 +35,8 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.gpt import GPT
 from clova_train.model.config import ModelConfig
 from clova_train.tokenizer.bpe import META_FILE, REMOTE_CODE, TOKENIZER_FILE, ClovaTokenizer
-from clova_train.core.files import atomic_write_json, atomic_write_text, remove_dead_tmp, replace_dir, tmp_name
+from clova_train.core.files import atomic_write_json, atomic_write_text, is_disk_full, remove_dead_tmp, replace_dir, tmp_name
+from clova_train.core.lock import dir_lock
 
 RESOURCES = REMOTE_CODE.parent
 REMOTE_TOKENIZER = REMOTE_CODE.name
@@ -319,6 +321,8 @@ def export_hf(
     dtype = TORCH_DTYPES[cfg.dtype]
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = dir_lock(out, "clova export", note=lambda line: print(line, file=sys.stderr), beside=True)
+    lock.acquire()  # before the temporary dirs: a second export must not remove the first's
     remove_dead_tmp(out)
     tmp = tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -359,9 +363,16 @@ def export_hf(
         atomic_write_json(tmp / EXPORT_META, meta)
         atomic_write_text(tmp / "README.md", model_card(ref, tok, cfg, weights, source, verified))
         replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise ClovaError(
+                f"{out}: {e.strerror} while writing the export; nothing was left under {out} and the "
+                f"run dir is untouched: free space (the weights need about {ref.model.num_params() * dtype.itemsize / 1e6:,.0f} MB) and rerun the same command"
+            ) from None
         raise
+    finally:
+        lock.release()
     return {
         "out": str(out),
         "tag": ref.tag,

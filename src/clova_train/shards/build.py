@@ -53,7 +53,10 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.progress import progress_bar
 from clova_train.shards.format import KEY_DTYPE, MANIFEST, PROGRESS, SPLITS, IndexedDatasetWriter, ShardConfig, check_shard, dtype_for_vocab, prefix_files, read_manifest, verify_shard_dir, write_bytes
 from clova_train.tokenizer.bpe import ClovaTokenizer
-from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_tmp_name
+from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_disk_full, is_tmp_name
+from clova_train.core.lock import LOCK_FILE, dir_lock
+from clova_train.core.signals import Interrupted, signal_name, stop_on_sigterm
+from clova_train.shards.guard import check_usable, drop_unrecorded, note, worker_pool
 
 PROGRESS_VERSION = 1
 # Test hook: the process dies (os._exit, no cleanup) right after committing
@@ -120,6 +123,8 @@ _worker_tok: ClovaTokenizer | None = None
 def _init_worker(tokenizer_dir: str, one_thread: bool) -> None:
     global _worker_tok
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; guard.worker_pool stops us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if one_thread:
         # Many worker processes already fill the cores; Rust threads inside each would oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -415,7 +420,7 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, stats: list) -> tuple[dic
     """(finished manifest or None, shards kept from an interrupted run); creates or cleans the dir."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ClovaError(f"{out_dir}: is a file; --out must be a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
+    if not out_dir.exists() or not any(f.name != LOCK_FILE for f in out_dir.iterdir()):
         out_dir.mkdir(parents=True, exist_ok=True)
         return None, []
     if (out_dir / MANIFEST).is_file():
@@ -467,7 +472,36 @@ def tokenize_corpus(
     *,
     show_progress: bool = True,
 ) -> dict:
-    """Tokenize ``inputs`` (this node's slice) into a shard dir; resume an interrupted run; return a report."""
+    """Tokenize ``inputs`` (this node's slice) into a shard dir; resume an interrupted run; return a report.
+
+    One writer per dir (a second fails at once); a full disk, Ctrl-C or SIGTERM end with one line, the
+    finished shards intact and nothing unfinished under a final name; a run that writes no training
+    document is an error that says why.
+    """
+    out_dir = Path(out_dir)
+    with dir_lock(out_dir, "clova tokenize", note=note), stop_on_sigterm():
+        try:
+            result = _tokenize_corpus(inputs, tokenizer_dir, out_dir, cfg, show_progress=show_progress)
+        except (KeyboardInterrupt, OSError) as e:
+            if isinstance(e, OSError) and not is_disk_full(e):
+                raise
+            kept = drop_unrecorded(out_dir, PROGRESS, _is_ours)
+            resume = f"{kept} finished shard(s) in {out_dir} are intact; rerun the same command to resume"
+            if isinstance(e, OSError):
+                raise ClovaError(f"{out_dir}: {e.strerror} while writing shards; {resume} once there is room") from None
+            raise Interrupted(f"{out_dir}: interrupted ({signal_name(e)}); {resume}") from None
+    check_usable(result, out_dir)
+    return result
+
+
+def _tokenize_corpus(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    out_dir: Path,
+    cfg: ShardConfig,
+    *,
+    show_progress: bool = True,
+) -> dict:
     t0 = time.perf_counter()
     all_paths = check_inputs(list(inputs))
     all_sizes = [input_size(p) for p in all_paths]
@@ -508,7 +542,7 @@ def tokenize_corpus(
     workers = resolve_workers(cfg.workers)
     # fork: workers start before any thread exists here, and start in milliseconds.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok.path), workers > 1)) as pool, ThreadPoolExecutor(
+    with worker_pool(ctx, workers, _init_worker, (str(tok.path), workers > 1)) as pool, ThreadPoolExecutor(
         2
     ) as io:
         stream = _DocumentStream(paths, cfg, tok.normalization, skip_first, io)

@@ -9,6 +9,7 @@ dropped silently.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clova_train.core.errors import ClovaError
+from clova_train.core.textfiles import strip_bom
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -218,12 +220,10 @@ def _lines(path: Path, compression: str | None, reader: _Reader) -> Iterator[tup
             head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
         except Exception:  # a corrupt stream: readline below reports it with a line number
             head = b""
-        if head and head.count(b"\x00") > 16 and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        why = _binary_head(head)
+        if why:
             if reader.on_error == "raise":
-                raise ClovaError(
-                    f"{path}: looks like a binary file (NUL bytes in its first 8 KiB); "
-                    "pass text, jsonl, parquet or a directory saved by `datasets`"
-                )
+                raise ClovaError(f"{path}: looks like a binary file ({why}); pass text, jsonl, parquet or a directory saved by `datasets`")
             reader.skips.add("binary_file", str(path))
             return
         while True:
@@ -238,10 +238,47 @@ def _lines(path: Path, compression: str | None, reader: _Reader) -> Iterator[tup
             if not line:
                 return
             lineno += 1
+            if lineno == 1:  # a byte-order mark is not text: dropped as every text input drops it
+                bom = len(line) - len(line := strip_bom(line))
+                offset += bom
             yield lineno, offset, line
             offset += len(line)
     finally:
         f.close()
+
+
+_MAGIC = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"\xfd7zXZ\x00": "xz"}
+
+
+def _binary_head(head: bytes) -> str | None:
+    """Why the first bytes of a file say it is not text, or None. Most of its lines must decode as UTF-8."""
+    if not head or head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None  # UTF-16 has NULs and odd bytes everywhere; its own error comes line by line
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return f"it starts like a {kind} file; give it its real extension"
+    if head.count(b"\x00") > 16:
+        return "NUL bytes in its first 8 KiB"
+    lines = head.split(b"\n")
+    complete, last = lines[:-1], lines[-1]
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    bad = sum(not _decodes(line) for line in complete)
+    try:
+        decoder.decode(last, final=False)  # the last line may be cut inside a character
+    except UnicodeDecodeError:
+        bad += 1
+    total = len(complete) + (1 if last else 0)
+    if total and bad * 2 > total:
+        return f"{bad} of the {total} lines in its first 8 KiB are not UTF-8"
+    return None
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _decode(raw: bytes, lineno: int, offset: int, reader: _Reader) -> str | None:

@@ -20,6 +20,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
 from clova_train.training.distributed import CollectiveError
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
+from clova_train.training.trust import check_checkpoint_files
 
 
 class Faults:
@@ -322,6 +323,7 @@ class Checkpointer:
 
     def load(self, tag: str) -> dict:
         """The run's state from checkpoint ``tag`` of this very layout (DeepSpeed loads the shards), with this rank's RNG."""
+        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world)  # before DeepSpeed's torch.load
         client = self.engine.load(self.dir, tag)
         if "clova" not in client:
             raise CollectiveError(f"{self.dir / tag}: not written by clova train (no client state)")

@@ -18,6 +18,7 @@ import torch
 from clova_train import __version__
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json
+from clova_train.core.lock import dir_lock
 from clova_train.core.progress import console
 from clova_train.model.config import ModelConfig
 from clova_train.training import launch
@@ -275,4 +276,8 @@ def train(req: TrainRequest, launch_cfg) -> int:
     if marker and marker["step"] >= spec.train.steps:
         console.print(f"{spec.run_dir}: already trained to step {marker['step']} of {spec.train.steps}; nothing to do")
         return 0
-    return launch.launch(spec, launch_cfg, worker=run_worker, module=WORKER_MODULE)
+    # One writer per run dir: the launching process holds the lock; where every process already is a rank
+    # (srun, torchrun), rank 0 does.
+    rank0 = not external or (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
+    with dir_lock(spec.run_dir, "clova train", note=console.print) if rank0 else contextlib.nullcontext():
+        return launch.launch(spec, launch_cfg, worker=run_worker, module=WORKER_MODULE)

@@ -21,6 +21,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from clova_train.core.safe_pickle import check_torch_file
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT
@@ -457,4 +458,6 @@ def open_checkpoint(ref: CheckpointRef) -> Consolidated:
     reader = READERS.get(ref.parallel)
     if reader is None:
         raise ClovaError(f"{ref.run_dir / CONFIG_FILE}: unknown 'parallel' {ref.parallel!r}; expected one of {', '.join(READERS)}")
+    for path in sorted(ref.path.glob("*.pt")):  # also the files this reader skips: a checkpoint asking for code is refused whole
+        check_torch_file(path, only_code=True)
     return reader(ref)

@@ -12,6 +12,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig, pad_vocab
 from clova_train.training.config import RunSpec, TrainConfig, TrainRequest
 from clova_train.training.ds_config import ParallelConfig, template_defaults, zero_stage
+from clova_train.training.ds_validate import validate_deepspeed
 from clova_train.training.pipeline import check_partition
 from clova_train.training.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE
@@ -80,6 +81,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     from clova_train.training.ds_config import load_template
 
     template = load_template(req.deepspeed) if req.deepspeed else dict(file_cfg.get("deepspeed") or {})
+    validate_deepspeed(template, req.deepspeed or f"{where}: deepspeed")  # here, not in every rank after they start
     tmpl_train, tmpl_par = template_defaults(template)
     file_train = dict(file_cfg.get("train", {}))
     if req.train.get("steps") is not None or req.train.get("train_tokens") is not None:
