@@ -62,10 +62,12 @@ def test_time_matches_the_paper_for_82b():
     assert 11.5 < days < 15.5
 
 
-def _saved_activation_bytes(cfg: ModelConfig, batch: int) -> int:
-    """Bytes autograd keeps for backward, parameters excluded, each storage once."""
+def _saved_activation_bytes(cfg: ModelConfig, batch: int, prepare=None) -> int:
+    """Bytes autograd keeps for backward, parameters excluded, each storage once (``prepare(model)`` may wrap it first)."""
     torch.manual_seed(0)
     model = GPT(cfg)
+    if prepare:
+        prepare(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 

@@ -28,6 +28,7 @@ def plan_cmd(
     precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
     tokens: float = typer.Option(150e9, "--tokens", help="Tokens to train on."),
+    global_batch: int = typer.Option(1024, "--global-batch", help="Sequences per optimizer step (sets pipeline micro-batches per step)."),
     mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation."),
     gpu_type: str = typer.Option("a100", "--gpu-type", help="Peak TFLOP/s from: a100, h100, h200, a10g, l40s, v100."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one GPU (overrides --gpu-type)."),
@@ -37,7 +38,7 @@ def plan_cmd(
 
     Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
     """
-    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest
+    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest, suggest_layout
 
     if peak_tflops is None:
         if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
@@ -46,9 +47,10 @@ def plan_cmd(
     cfg = PlanConfig(
         model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
         offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
-        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops,
+        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, global_batch=global_batch,
     )
     est = estimate(cfg)
+    est["layout"] = suggest_layout(cfg)
     fixes = [] if est["fits"] else suggest(cfg)
     if as_json:
         out.print_json(json.dumps({**est, "suggestions": fixes}))
