@@ -176,3 +176,15 @@ def pipeline_run(tmp_path_factory, korean_shards) -> dict:
 
 
 # ---- end train --------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is; elsewhere they are collected and skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -165,8 +165,9 @@ def test_bf16_accumulation_in_fp32_is_closer_to_the_fp32_gradient():
         fp32, bf16 = (next(r for r in rows if r["mode"] == mode and r["reduce_dtype"] == d) for d in ("fp32", "bf16"))
         print(f"{mode}: relative gradient error vs fp32, bf16 weights: fp32 sums {fp32['rel_error']:.2e}, bf16 sums {bf16['rel_error']:.2e}")
         assert fp32["data_types"] == {"grad_accum_dtype": "fp32"} and fp32["communication_data_type"] == "fp32"
+        # Both share the bf16 forward/backward error; the bf16 sums add theirs on top. (The global norm, a sum of
+        # squares over 0.2M numbers, averages both away and tells them apart by chance only.)
         assert bf16["rel_error"] > 1.2 * fp32["rel_error"]
-        assert abs(fp32["grad_norm"] - fp32["ref_norm"]) < abs(bf16["grad_norm"] - bf16["ref_norm"])
 
 
 @pytest.fixture(scope="module")
