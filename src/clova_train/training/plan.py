@@ -121,11 +121,15 @@ def _state_bytes_per_param(precision: str, parallel: str) -> tuple[int, int, int
     """(weights, gradients, optimizer) bytes per parameter before sharding."""
     if precision == "fp32":
         return 4, 4, 8  # fp32 weights and grads, Adam moments
-    if parallel in ("zero1", "zero2"):
-        # DeepSpeed's ZeRO-2 estimator: 16-bit weights and grads in every rank (4), 16 sharded
-        # (fp32 master, moments, fp32 gradient partition); plus the fp32 accumulation buffer
-        # our fp32 reduction keeps for every parameter (BF16_Optimizer / grad_accum), 4 more.
-        return 2, 6, 16
+    if parallel == "zero2":
+        # DeepSpeed's ZeRO-2 estimator: 16-bit weights in every rank, 18 sharded (16- and 32-bit
+        # gradient partitions, fp32 master, moments); plus the fp32 accumulator our fp32 reduction
+        # keeps for every parameter across micro-batches (``grad_accum``), 4 more.
+        return 2, 4, 18
+    if parallel == "zero1":
+        # BF16_Optimizer: 16-bit weights and grads and the fp32 gradient buffer whole in every rank;
+        # fp32 master weights and moments sharded.
+        return 2, 6, 12
     if parallel == "zero3":
         # DeepSpeed's ZeRO-3 estimator charges 18 bytes in all: 16-bit weights
         # and grads, fp32 master weights and moments (12), and 2 more for its
