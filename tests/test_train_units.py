@@ -192,9 +192,10 @@ def test_every_shipped_deepspeed_template_parses_and_resolves(template):
         assert ds["optimizer"]["params"]["torch_adam"] is True if not cuda else "torch_adam" not in ds["optimizer"]["params"]
         assert ds["bf16"]["enabled"] is cuda  # precision auto
         assert ds["tensorboard"]["enabled"] is True
-        for key, value in t["zero_optimization"].items():  # tuning kept
-            if not key.startswith("offload"):
+        for key, value in t["zero_optimization"].items():  # tuning kept; "auto" sizes left to DeepSpeed without a width
+            if not key.startswith("offload") and value != "auto":
                 assert ds["zero_optimization"][key] == value
+        assert "auto" not in ds["zero_optimization"].values()
     if "offload" in template.name:
         assert par.offload == "cpu"
         off = deepspeed_config(t, train, ParallelConfig(offload="none"), world=1, cuda=True, tensorboard_dir=None)
@@ -329,8 +330,9 @@ def test_template_values_become_defaults_and_bad_stage_is_refused():
     train, par = template_defaults(t)
     assert train == {"global_batch": 64, "grad_clip": 0.5, "precision": "bf16", "beta1": 0.9, "beta2": 0.99}
     assert par == {"mode": "zero3", "offload": "nvme", "nvme_path": "/nvme"}
-    with pytest.raises(ClovaError, match="ZeRO stage 2"):
-        template_defaults({"zero_optimization": {"stage": 2}})
+    assert template_defaults({"zero_optimization": {"stage": 2}})[1] == {"mode": "zero2"}
+    with pytest.raises(ClovaError, match="ZeRO stage 4"):
+        template_defaults({"zero_optimization": {"stage": 4}})
     assert template_defaults({"zero_optimization": {"stage": 1}, "pipeline": {"stages": 4}})[1] == {"mode": "pipeline", "pipeline_stages": 4}
 
 
