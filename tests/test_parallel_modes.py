@@ -135,6 +135,15 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
 
     from clova_train.training.pipeline import layer_param_counts, pipeline_plan
 
+    from types import SimpleNamespace
+
+    from deepspeed.pipe import PipelineModule
+
+    from clova_train.training.pipeline import pipeline_layers
+
+    tiny = ModelConfig.from_name("tiny", vocab_size=256, block_size=16)
+    # DeepSpeed's own count builds every layer; ours, from the config, gives the same numbers.
+    assert layer_param_counts(tiny) == PipelineModule._count_layer_params(SimpleNamespace(_layer_specs=pipeline_layers(tiny)))
     cfg = ModelConfig.from_name("82b")
     counts = layer_param_counts(cfg)  # meta-device builds: no memory
     plan = pipeline_plan(cfg)

@@ -60,7 +60,7 @@ class ParallelConfig:
             raise ClovaError(f"pipeline_stages must be >= 0, not {self.pipeline_stages}")
         _check_partition_syntax(self.partition)
         if self.mode != "pipeline" and self.partition != "parameters":
-            raise ClovaError(f"--partition {self.partition} cuts pipeline stages and {self.mode} has none; add --parallel pipeline or drop --partition")
+            raise ClovaError(f"--partition {self.partition} cuts pipeline stages and ZeRO-{ZERO_STAGES[self.mode]} has none; add --parallel pipeline or drop --partition")
 
     def stages(self, world: int) -> int:
         """Pipeline stages on ``world`` ranks (1 in zero3 mode)."""
