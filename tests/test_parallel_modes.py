@@ -239,3 +239,45 @@ def test_pipeline_with_activation_checkpointing_trains_from_zero3s_start(tmp_pat
     recs, ref = metrics(run), metrics(trained_run)
     assert recs[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)
     assert recs[1]["loss"] == pytest.approx(ref[1]["loss"], rel=1e-4) and not any(x["skipped"] for x in recs)
+
+
+def test_prefetched_stream_gives_the_same_batches_and_the_consumers_state():
+    from clova_train.training.prefetch import Prefetcher
+
+    from test_train_units import _streams
+
+    plain, = _streams(1)
+    ahead = Prefetcher(_streams(1)[0])
+    try:
+        for _ in range(4):
+            want, got = plain.next_batch(), ahead.next_batch()
+            assert all(torch.equal(a, b) for a, b in zip(want, got))
+            # The thread has built the next batch already; the state is still the one after `got`.
+            assert ahead.state_dict() == plain.state_dict() and ahead.position == plain.position
+        resumed = Prefetcher(_streams(1)[0])
+        resumed.load_state_dict(ahead.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(plain.next_batch(), resumed.next_batch()))
+        resumed.close()
+    finally:
+        ahead.close()
+
+
+def test_optimizer_line_says_which_kernel_runs_and_how_to_get_fused_adam(tmp_path, monkeypatch):
+    train = TrainConfig(steps=1, global_batch=8, micro_batch=1, lr=1e-3, precision="bf16")
+    from clova_train.training.prefetch import optimizer_kernel
+
+    cpu = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=False, tensorboard_dir=None)
+    assert optimizer_kernel(cpu, cuda=False) == "optimizer: torch AdamW"
+    # A CUDA config on a machine where FusedAdam is neither pre-built nor compilable (this one: no nvcc).
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    cuda = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=True, tensorboard_dir=None)
+    line = optimizer_kernel(cuda, cuda=True)
+    assert line.startswith("optimizer: torch fused AdamW, because DeepSpeed FusedAdam cannot load: it is not pre-built")
+    assert "DS_BUILD_FUSED_ADAM=1" in line and cuda["optimizer"]["params"]["torch_adam"] is True and cuda["optimizer"]["params"]["fused"] is True
+    (tmp_path / "ext" / "fused_adam").mkdir(parents=True)
+    (tmp_path / "ext" / "fused_adam" / "lock").write_text("")
+    again = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=True, tensorboard_dir=None)
+    line = optimizer_kernel(again, cuda=True)
+    assert "stale build lock" in line and "delete it" in line

@@ -47,7 +47,7 @@ class CheckpointRef:
     run_config: dict
     model: ModelConfig
     parallel: str
-    """The parallel mode that wrote it: "zero3" or "pipeline"."""
+    """The parallel mode that wrote it: "zero1", "zero2", "zero3" or "pipeline"."""
 
     @property
     def path(self) -> Path:
