@@ -276,7 +276,7 @@ def test_optimizer_line_says_which_kernel_runs_and_how_to_get_fused_adam(tmp_pat
     line = optimizer_kernel(cuda, cuda=True)
     assert line.startswith("optimizer: torch fused AdamW, because DeepSpeed FusedAdam cannot load: it is not pre-built")
     assert "DS_BUILD_FUSED_ADAM=1" in line and cuda["optimizer"]["params"]["torch_adam"] is True and cuda["optimizer"]["params"]["fused"] is True
-    (tmp_path / "ext" / "fused_adam").mkdir(parents=True)
+    (tmp_path / "ext" / "fused_adam").mkdir(parents=True, exist_ok=True)  # the first look made the dir, not the lock
     (tmp_path / "ext" / "fused_adam" / "lock").write_text("")
     again = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=True, tensorboard_dir=None)
     line = optimizer_kernel(again, cuda=True)
