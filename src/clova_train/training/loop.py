@@ -229,8 +229,9 @@ def run_worker(spec: RunSpec) -> str:
                     "local": f"clova train --out {run_dir} --resume",
                     "slurm": f"resubmit the job (srun ... clova train --out {run_dir} --resume)",
                 }.get(launcher, f"clova train --out {run_dir} --resume, started the same way on {dist.world} ranks")
-                kept = ckpt.latest() if res.skipped else tag_for(step)
-                progress.note(f"stopped by {stop_signal.name} after step {step}; checkpoint {kept} is complete. Resume with: {how}")
+                kept = f"checkpoint {tag_for(step)} is complete" if not res.skipped else (
+                    f"step {step} was skipped, so the newest checkpoint is {ckpt.latest() or 'none (the run restarts at step 1)'}")
+                progress.note(f"stopped by {stop_signal.name} after step {step}; {kept}. Resume with: {how}")
                 return "stopped"
     progress.note(f"done: {step} steps, {tokens:,} tokens; checkpoints in {ckpt.dir}")
     return "done"
