@@ -12,8 +12,8 @@ from conftest import clova_cli
 
 pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[1]
-GPU_ARGS = ["--model", "small", "--seq-len", "256", "--global-batch", "8", "--micro-batch", "2", "--steps", "4",
-            "--save-every", "4", "--eval-every", "4", "--eval-samples", "8", "--no-tensorboard", "--nproc-per-node", "1"]
+GPU_ARGS = ["--model", "small", "--seq-len", "256", "--global-batch", "8", "--micro-batch", "2", "--steps", "4", "--lr", "1e-3",
+            "--warmup", "1", "--save-every", "4", "--eval-every", "0", "--no-tensorboard", "--nproc-per-node", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,13 @@ def gpu_runs(tmp_path_factory, korean_shards) -> dict[str, tuple[Path, str]]:
 def test_bf16_training_on_cuda_uses_fused_adam_and_fp32_sums(gpu_runs, mode):
     run, log = gpu_runs[mode]
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["train"]["precision"] == "bf16" and cfg["run"]["device"].lower().startswith(("nvidia", "cuda"))
+    assert cfg["train"]["precision"] == "bf16" and cfg["run"]["device"] == torch.cuda.get_device_name()
     assert cfg["deepspeed"]["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["deepspeed"]["communication_data_type"] == "fp32"
     assert "optimizer: DeepSpeed FusedAdam" in log, log
     assert "torch_adam" not in cfg["deepspeed"]["optimizer"]["params"]
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(recs) == 4 and not any(r["skipped"] for r in recs) and recs[-1]["loss"] < recs[0]["loss"]
-    assert recs[-1]["mfu"] is not None and recs[-1]["mfu"] > 0
+    assert len(recs) == 4 and not any(r["skipped"] for r in recs) and all(r["grad_norm"] > 0 for r in recs)
+    assert recs[-1]["tflops_per_device"] > 0
 
 
 def test_zero1_and_zero3_start_alike_on_cuda(gpu_runs):
