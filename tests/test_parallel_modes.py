@@ -56,8 +56,10 @@ def test_resolved_config_reduces_in_fp32_and_sizes_buckets_by_width():
         ds = deepspeed_config(t, train, ParallelConfig(mode=mode), world=2, cuda=True, tensorboard_dir=None, d_model=2048)
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
-        assert ds["zero_optimization"]["reduce_bucket_size"] == 2048**2
-    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 2048**2)
+        assert ds["zero_optimization"]["reduce_bucket_size"] == 2 * 12 * 2048**2  # two 1.3B blocks
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 12 * 2048**2
+    wide = deepspeed_config(t, train, ParallelConfig(), world=2, cuda=True, tensorboard_dir=None, d_model=10240)["zero_optimization"]
+    assert wide["reduce_bucket_size"] == wide["stage3_prefetch_bucket_size"] == 500_000_000  # 82B: DeepSpeed's cap
     fast = deepspeed_config(t, train, ParallelConfig(reduce_dtype="bf16"), world=2, cuda=True, tensorboard_dir=None, d_model=64)
     assert fast["data_types"] == {"grad_accum_dtype": "bf16"} and fast["communication_data_type"] == "bf16"
     with pytest.raises(ClovaError, match="--reduce-dtype fp16 under bf16"):
@@ -199,7 +201,7 @@ def test_zero1_starts_like_zero3_and_a_skipped_step_is_never_saved(zero1_run, tr
     cfg = json.loads((run / CONFIG_FILE).read_text())
     assert cfg["parallel"]["mode"] == "zero1" and cfg["deepspeed"]["zero_optimization"]["stage"] == 1
     assert cfg["deepspeed"]["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["deepspeed"]["communication_data_type"] == "fp32"
-    assert cfg["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert cfg["deepspeed"]["zero_optimization"]["reduce_bucket_size"] == 2 * 12 * 64 * 64
 
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2"])

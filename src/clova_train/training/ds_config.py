@@ -225,20 +225,28 @@ def reduction_dtypes(precision: str, reduce_dtype: str, stage: int) -> dict:
     return {"data_types": {"grad_accum_dtype": reduce_dtype}, "communication_data_type": reduce_dtype}
 
 
-def bucket_sizes(d_model: int, stage: int) -> dict[str, int]:
-    """ZeRO bucket and prefetch sizes (elements) from the width: d_model^2 is one attention projection.
+# DeepSpeed's own defaults, as the floor of the persistence threshold and the cap of a bucket.
+PERSISTENCE_FLOOR = 100_000
+BUCKET_CAP = 500_000_000
 
-    A bucket of one d x d matrix keeps the reduce overlapping the backward
-    of the next layer without holding a layer's worth of copies (the
-    widths run from 64 to 10,240, so a fixed 5e7 is 12 layers of the tiny
-    model and a third of one 82B projection).
+
+def bucket_sizes(d_model: int, stage: int) -> dict[str, int]:
+    """ZeRO bucket and prefetch sizes (elements) from the width, where the template leaves them "auto".
+
+    A block holds 12 d^2 parameters: prefetching one block lets the next
+    block's gather overlap this block's compute, and a reduce bucket of two
+    blocks lets block i's reduction overlap block i-1's backward, from 49K
+    elements for the tiny preset to DeepSpeed's 5e8 cap for 82B (a fixed
+    5e7 is a whole tiny model and a twentieth of an 82B block). Tensors
+    under max(1e5, 10 d) elements (biases, LayerNorms) stay resident.
     """
-    sizes = {"reduce_bucket_size": d_model * d_model}
+    block = 12 * d_model * d_model
+    sizes = {"reduce_bucket_size": min(2 * block, BUCKET_CAP)}
     if stage == 3:
-        sizes["stage3_prefetch_bucket_size"] = int(0.9 * d_model * d_model)
-        sizes["stage3_param_persistence_threshold"] = 10 * d_model
+        sizes["stage3_prefetch_bucket_size"] = min(block, BUCKET_CAP)
+        sizes["stage3_param_persistence_threshold"] = max(PERSISTENCE_FLOOR, 10 * d_model)
     else:
-        sizes["allgather_bucket_size"] = d_model * d_model
+        sizes["allgather_bucket_size"] = min(2 * block, BUCKET_CAP)
     return sizes
 
 
