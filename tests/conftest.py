@@ -222,3 +222,15 @@ def tiny_hf_dir(tiny_lm, tmp_path_factory) -> Path:
 
 
 # ---- end serve --------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is; elsewhere they are collected and skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make gpu-check` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -39,6 +39,41 @@ def test_model_states_agree_with_deepspeed(cfg):
         assert est["bytes"]["cpu_per_node"] == pytest.approx(cpu, rel=1e-9)
 
 
+def test_zero2_states_are_deepspeeds_estimate_plus_the_fp32_accumulator():
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = PlanConfig(model="1.3b", gpus=8, gpu_mem=80, parallel="zero2")
+    n = estimate(cfg)["parameters"]
+    _, gpu = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=1, cpu_offload=False)
+    assert _states(estimate(cfg)) == pytest.approx(gpu + 4 * n, abs=8)
+    zero1 = estimate(PlanConfig(model="1.3b", gpus=8, gpu_mem=80, parallel="zero1"))
+    zero3 = estimate(PlanConfig(model="1.3b", gpus=8, gpu_mem=80))
+    assert _states(zero3) < _states(estimate(cfg)) < _states(zero1)  # more sharding, less memory
+
+
+def test_pipeline_bubble_and_micro_batches_enter_the_time():
+    # The issue's example: 82B on 16 stages x 64 replicas, global batch 1,024 of micro-batch 1: 16 micro-batches per step.
+    cfg = PlanConfig(model="82b", gpus=8, nodes=128, parallel="pipeline", pipeline_stages=16, global_batch=1024, mfu=0.2, peak_tflops=312)
+    est = estimate(cfg)
+    assert est["micro_batches_per_step"] == 16 and est["pipeline_bubble"] == pytest.approx(15 / 31)
+    flat = estimate(PlanConfig(model="82b", gpus=8, nodes=128, mfu=0.2, peak_tflops=312))
+    assert flat["pipeline_bubble"] == 0 and est["train_seconds"] == pytest.approx(flat["train_seconds"] / (1 - 15 / 31))
+    r = CliRunner().invoke(app, ["plan", "--model", "82b", "--gpus", "8", "--nodes", "128", "--parallel", "pipeline", "--pipeline-stages", "16"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "pipeline bubble" in r.output and "48.4% (1F1B, 16 stages, 16 micro-batches per step)" in r.output
+    assert "fastest layout that fits" in r.output
+
+
+def test_layout_suggestion_for_the_big_presets():
+    from clova_train.training.plan import suggest_layout
+
+    small = suggest_layout(PlanConfig(model="1.3b", gpus=8, gpu_mem=80))
+    assert small.startswith("--parallel zero1 ")  # fits whole on each GPU: no gathers
+    for model, nodes in (("39b", 8), ("82b", 16)):
+        layout = suggest_layout(PlanConfig(model=model, gpus=8, gpu_mem=40, nodes=nodes))
+        assert layout is not None and "GB per GPU" in layout
+
+
 def test_82b_does_not_fit_eight_80gb_gpus_with_zero3_alone():
     est = estimate(PlanConfig(model="82b", gpus=8, gpu_mem=80, offload="none", activation_checkpointing=True))
     assert not est["fits"]
@@ -62,10 +97,12 @@ def test_time_matches_the_paper_for_82b():
     assert 11.5 < days < 15.5
 
 
-def _saved_activation_bytes(cfg: ModelConfig, batch: int) -> int:
-    """Bytes autograd keeps for backward, parameters excluded, each storage once."""
+def _saved_activation_bytes(cfg: ModelConfig, batch: int, prepare=None) -> int:
+    """Bytes autograd keeps for backward, parameters excluded, each storage once (``prepare(model)`` may wrap it first)."""
     torch.manual_seed(0)
     model = GPT(cfg)
+    if prepare:
+        prepare(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 

@@ -192,9 +192,10 @@ def test_every_shipped_deepspeed_template_parses_and_resolves(template):
         assert ds["optimizer"]["params"]["torch_adam"] is True if not cuda else "torch_adam" not in ds["optimizer"]["params"]
         assert ds["bf16"]["enabled"] is cuda  # precision auto
         assert ds["tensorboard"]["enabled"] is True
-        for key, value in t["zero_optimization"].items():  # tuning kept
-            if not key.startswith("offload"):
+        for key, value in t["zero_optimization"].items():  # tuning kept; "auto" sizes left to DeepSpeed without a width
+            if not key.startswith("offload") and value != "auto":
                 assert ds["zero_optimization"][key] == value
+        assert "auto" not in ds["zero_optimization"].values()
     if "offload" in template.name:
         assert par.offload == "cpu"
         off = deepspeed_config(t, train, ParallelConfig(offload="none"), world=1, cuda=True, tensorboard_dir=None)
@@ -227,7 +228,6 @@ def test_pipeline_names_cover_the_model():
 
 
 def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_shards, monkeypatch):
-    import deepspeed.pipe
     import torch
 
     from clova_train.training.distributed import Dist
@@ -259,10 +259,13 @@ def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_
         seen.update(kwargs)
         raise Built
 
-    monkeypatch.setattr(deepspeed.pipe, "PipelineModule", module)
+    import clova_train.training.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_pipeline_module", lambda cfg: module)  # our PipelineModule subclass, as built
     with pytest.raises(Built):
         PipelineEngine(spec.model, ds, spec.parallel, seed=0, dist=Dist(0, 2, 0, 2, torch.device("cpu")))
     assert seen["partition_method"] == "type:block" and seen["num_stages"] == 2
+    assert seen["checkpointable_layers"] == ["Block"]  # never the embedding: reentrant checkpointing of ids breaks backward
     assert [type(s).__name__ for s in seen["layers"]] == ["TiedLayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "TiedLayerSpec"]
 
 
@@ -329,8 +332,9 @@ def test_template_values_become_defaults_and_bad_stage_is_refused():
     train, par = template_defaults(t)
     assert train == {"global_batch": 64, "grad_clip": 0.5, "precision": "bf16", "beta1": 0.9, "beta2": 0.99}
     assert par == {"mode": "zero3", "offload": "nvme", "nvme_path": "/nvme"}
-    with pytest.raises(ClovaError, match="ZeRO stage 2"):
-        template_defaults({"zero_optimization": {"stage": 2}})
+    assert template_defaults({"zero_optimization": {"stage": 2}})[1] == {"mode": "zero2"}
+    with pytest.raises(ClovaError, match="ZeRO stage 4"):
+        template_defaults({"zero_optimization": {"stage": 4}})
     assert template_defaults({"zero_optimization": {"stage": 1}, "pipeline": {"stages": 4}})[1] == {"mode": "pipeline", "pipeline_stages": 4}
 
 

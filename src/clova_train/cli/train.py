@@ -19,7 +19,7 @@ def plan_cmd(
     gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU, GB."),
     nodes: int = typer.Option(1, "--nodes", help="Nodes."),
     cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload)."),
-    parallel: str = typer.Option("zero3", "--parallel", help="zero3 or pipeline (ZeRO-1 across replicas)."),
+    parallel: str = typer.Option("zero3", "--parallel", help="zero1, zero2, zero3 or pipeline (ZeRO-1 across replicas)."),
     pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
     offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
     seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
@@ -28,6 +28,7 @@ def plan_cmd(
     precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
     tokens: float = typer.Option(150e9, "--tokens", help="Tokens to train on."),
+    global_batch: int = typer.Option(1024, "--global-batch", help="Sequences per optimizer step (sets pipeline micro-batches per step)."),
     mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation."),
     gpu_type: str = typer.Option("a100", "--gpu-type", help="Peak TFLOP/s from: a100, h100, h200, a10g, l40s, v100."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one GPU (overrides --gpu-type)."),
@@ -37,7 +38,7 @@ def plan_cmd(
 
     Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
     """
-    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest
+    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest, suggest_layout
 
     if peak_tflops is None:
         if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
@@ -46,9 +47,10 @@ def plan_cmd(
     cfg = PlanConfig(
         model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
         offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
-        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops,
+        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, global_batch=global_batch,
     )
     est = estimate(cfg)
+    est["layout"] = suggest_layout(cfg)
     fixes = [] if est["fits"] else suggest(cfg)
     if as_json:
         out.print_json(json.dumps({**est, "suggestions": fixes}))
@@ -77,7 +79,9 @@ def train_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train.", rich_help_panel="Length"),
     train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 150e9 (rounded up to whole steps).", rich_help_panel="Length"),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).", rich_help_panel="Parallelism"),
-    parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="zero3 (default; sharded, optional offload) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
+    parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="zero3 (default; everything sharded, optional offload), zero1/zero2 (optimizer state / + gradients sharded, full weights per rank; fastest up to ~7B) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
+    reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="Under bf16/fp16, accumulate and all-reduce gradients in fp32 (default, exact) or in the training dtype (bf16/fp16: less traffic, 8-bit-mantissa sums).", rich_help_panel="Parallelism"),
+    compile_blocks: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each transformer block (default off).", rich_help_panel="Parallelism"),
     pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Pipeline stages with --parallel pipeline (default: one per rank).", rich_help_panel="Parallelism"),
     partition: Optional[str] = typer.Option(None, "--partition", help="How --parallel pipeline cuts layers into stages: parameters (default), uniform or type:REGEX (e.g. type:Block).", rich_help_panel="Parallelism"),
     offload: Optional[str] = typer.Option(None, "--offload", help="ZeRO-3 offload: none, cpu or nvme.", rich_help_panel="Parallelism"),
@@ -100,7 +104,7 @@ def train_cmd(
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Rank 0's address (default: localhost or the first Slurm node).", rich_help_panel="Launch"),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Rank 0's port.", rich_help_panel="Launch"),
 ) -> None:
-    """Pre-train a GPT on shard dirs with DeepSpeed (ZeRO-3 or pipeline + ZeRO-1), resumably; under srun each task is a rank.
+    """Pre-train a GPT on shard dirs with DeepSpeed (ZeRO-1/2/3 or pipeline + ZeRO-1), resumably; under srun each task is a rank.
 
     Example: [bold]clova train --model 1.3b --data shards/ --out runs/1.3b --train-tokens 150e9 --nproc-per-node 8[/]
     """
@@ -126,7 +130,7 @@ def train_cmd(
             max_bad_steps=max_bad_steps, peak_tflops=peak_tflops, log_every=log_every, tensorboard=tensorboard, seed=seed,
         ),
         parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages,
-                      partition=partition),
+                      partition=partition, reduce_dtype=reduce_dtype, compile=compile_blocks),
     )
     launch = LaunchConfig(nproc_per_node=nproc_per_node, hostfile=str(hostfile) if hostfile else None, master_addr=master_addr, master_port=master_port)
     code = train(request, launch)

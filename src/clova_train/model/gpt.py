@@ -208,14 +208,59 @@ class GPT(nn.Module):
         The keyword arguments serve inference and p-tuning (see ``hidden``);
         training passes (idx, targets) only and takes the plain causal path.
         """
-        logits = self.head(self.hidden(idx, inputs_embeds=inputs_embeds, cache=cache, valid=valid))
+        x = self.hidden(idx, inputs_embeds=inputs_embeds, cache=cache, valid=valid)
         if targets is None:
-            return logits
-        return lm_loss(logits, targets)
+            return self.head(x)
+        return chunked_lm_loss(self.ln_f(x), self.wte.weight, targets)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight^T`` computed a chunk of tokens at a time, gradients included.
+
+    Each chunk's fp32 logits live only while the chunk is processed: the
+    forward pass also computes that chunk's share of d(loss)/dh and
+    d(loss)/d(weight) (softmax minus one-hot), so backward only scales them.
+    Memory is h and weight sized, not tokens x vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = h.shape[0]
+        grads = torch.is_grad_enabled() or h.requires_grad or weight.requires_grad
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if grads else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+        for start in range(0, n, chunk):
+            hc, tc = h[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(hc, weight).float()  # (chunk, vocab)
+            total += F.cross_entropy(logits, tc, reduction="sum")
+            if grads:
+                g = torch.softmax(logits, dim=-1)
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                g /= n
+                dh[start : start + chunk] = (g @ weight.float()).to(h.dtype)
+                dw += g.t() @ hc.float()
+        if grads:
+            ctx.save_for_backward(dh, dw.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_out.to(dh.dtype), dw * grad_out.to(dw.dtype), None, None
+
+
+def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    """The language-model loss of hidden states ``h`` (B, T, C) through the tied head ``weight`` (vocab, C), never holding (B*T, vocab) fp32 logits.
+
+    Equal to ``lm_loss(F.linear(h, weight), targets)`` up to float summation order.
+    """
+    flat = h.reshape(-1, h.shape[-1])  # (B*T, C)
+    return _ChunkedHeadLoss.apply(flat, weight, targets.reshape(-1), chunk_tokens)
 
 
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:

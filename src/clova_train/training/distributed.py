@@ -64,6 +64,28 @@ def collective_timeout(env=None) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+# Launchers name a node's process count differently: torchrun, DeepSpeed's launcher, Slurm.
+LOCAL_WORLD_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+
+
+def local_layout(env, device_count: int, world: int) -> tuple[int, int, int]:
+    """(local rank, local world size, CUDA device index) from a launcher's environment.
+
+    The device is ``local_rank % device_count``: under Slurm's one-GPU-per-task
+    binding every task sees a single device 0. Slurm writes
+    SLURM_NTASKS_PER_NODE as "8" or, on uneven nodes, "8(x2),4"; the first
+    count is this layout's. Without any of them, all ranks share one node.
+    """
+    local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
+    local_world = world
+    for var in LOCAL_WORLD_VARS:
+        value = str(env.get(var, "")).strip()
+        if value:
+            local_world = int(value.split("(")[0].split(",")[0])
+            break
+    return local_rank, local_world, local_rank % device_count if device_count else 0
+
+
 def init_distributed() -> Dist:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher, see launch.py)."""
     select_accelerator()
@@ -72,9 +94,10 @@ def init_distributed() -> Dist:
 
     quiet_deepspeed()
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    devices = torch.cuda.device_count() if cuda else 0
+    local_rank, _, gpu = local_layout(os.environ, devices, 1)
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(gpu)
     else:
         # The CPU accelerator would JIT-compile a shared-memory all-reduce for
         # its torch backend; gloo is enough for CPU runs and needs no compiler.
@@ -82,12 +105,16 @@ def init_distributed() -> Dist:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=collective_timeout())
     import torch.distributed as td
 
+    _, local_world, _ = local_layout(os.environ, devices, td.get_world_size())
+    if cuda:
+        # DeepSpeed's engines take LOCAL_RANK as the device index; with one visible GPU per task that index is 0.
+        os.environ["LOCAL_RANK"] = str(gpu)
     return Dist(
         rank=td.get_rank(),
         world=td.get_world_size(),
         local_rank=local_rank,
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", td.get_world_size())),
-        device=torch.device("cuda", local_rank) if cuda else torch.device("cpu"),
+        local_world=local_world,
+        device=torch.device("cuda", gpu) if cuda else torch.device("cpu"),
     )
 
 

@@ -12,7 +12,10 @@ from clova_train.core.config import read_json_object
 from clova_train.core import dtypes
 from clova_train.core.errors import ClovaError
 
-MODES = ("zero3", "pipeline")
+MODES = ("zero1", "zero2", "zero3", "pipeline")
+# The ZeRO stage of each data-parallel mode (pipeline mode takes the template's 0 or 1).
+ZERO_STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
+REDUCE_DTYPES = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu", "nvme")
 PRECISIONS = ("auto", *dtypes.PRECISIONS)
 
@@ -22,7 +25,7 @@ class ParallelConfig:
     """How the model is spread over devices."""
 
     mode: str = "zero3"
-    """zero3: everything sharded over all ranks; pipeline: layers split into stages, ZeRO-1 across replicas."""
+    """zero1/zero2/zero3: optimizer state, then gradients, then parameters sharded over all ranks; pipeline: layers split into stages, ZeRO-1 across replicas."""
     offload: str = "none"
     """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
     nvme_path: str = "/local_nvme"
@@ -33,24 +36,31 @@ class ParallelConfig:
     """Pipeline stages in pipeline mode (0: one per rank); the ranks divide into stages x replicas."""
     partition: str = "parameters"
     """How pipeline mode cuts the layers into stages: parameters (equal parameter counts), uniform (equal layer counts) or type:REGEX (equal counts of the layers whose class matches, e.g. type:Block)."""
+    reduce_dtype: str = "fp32"
+    """Under bf16/fp16: dtype gradients are accumulated over micro-batches and reduced across ranks in; fp32 (exact sums, Megatron-LM's choice) or the training precision (less memory and traffic, 8-bit mantissa sums under bf16)."""
+    compile: bool = False
+    """torch.compile each transformer block (first steps pay the compilation)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ClovaError(f"parallel mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.offload not in OFFLOADS:
             raise ClovaError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
-        if self.mode == "pipeline" and self.offload != "none":
+        if self.reduce_dtype not in REDUCE_DTYPES:
+            raise ClovaError(f"reduce_dtype must be one of {', '.join(REDUCE_DTYPES)}, not {self.reduce_dtype!r}")
+        if self.mode != "zero3" and self.offload != "none":
+            engine = "DeepSpeed's pipeline engine runs ZeRO-1" if self.mode == "pipeline" else f"clova offloads under ZeRO-3 only, not {self.mode}"
             raise ClovaError(
-                f"--offload {self.offload} is a ZeRO-3 feature and DeepSpeed's pipeline engine runs ZeRO-1: "
+                f"--offload {self.offload} is a ZeRO-3 feature and {engine}: "
                 "drop --offload, or use --parallel zero3 --offload " + self.offload
             )
-        if self.mode == "zero3" and self.pipeline_stages > 1:
-            raise zero_with_pipeline(f"ZeRO-3 with {self.pipeline_stages} pipeline stages")
+        if self.mode in ZERO_STAGES and self.pipeline_stages > 1:
+            raise zero_with_pipeline(f"ZeRO-{ZERO_STAGES[self.mode]} with {self.pipeline_stages} pipeline stages")
         if self.pipeline_stages < 0:
             raise ClovaError(f"pipeline_stages must be >= 0, not {self.pipeline_stages}")
         _check_partition_syntax(self.partition)
-        if self.mode == "zero3" and self.partition != "parameters":
-            raise ClovaError(f"--partition {self.partition} cuts pipeline stages and ZeRO-3 has none; add --parallel pipeline or drop --partition")
+        if self.mode != "pipeline" and self.partition != "parameters":
+            raise ClovaError(f"--partition {self.partition} cuts pipeline stages and ZeRO-{ZERO_STAGES[self.mode]} has none; add --parallel pipeline or drop --partition")
 
     def stages(self, world: int) -> int:
         """Pipeline stages on ``world`` ranks (1 in zero3 mode)."""
@@ -66,7 +76,7 @@ def zero_with_pipeline(asked: str) -> ClovaError:
     """The one refusal of ZeRO-2/3 together with pipeline stages, whichever way they were asked for."""
     return ClovaError(
         f"{asked}: DeepSpeed's pipeline engine runs ZeRO stage 0 or 1 only (ZeRO-2/3 would shard the gradients and "
-        "weights each stage must hold whole); choose --parallel zero3 (ZeRO-3 over all ranks, no stages) or "
+        "weights each stage must hold whole); choose --parallel zero3 (ZeRO-3 over all ranks, no stages; or zero1/zero2) or "
         "--parallel pipeline --pipeline-stages N (stages, ZeRO-1 across replicas; DeepSpeed config with stage 0 or 1, "
         "e.g. deepspeed_configs/pipeline_zero1.json)"
     )
@@ -122,12 +132,14 @@ def template_defaults(template: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     if given(stage):
         if stage in (2, 3) and isinstance(stages, int) and stages > 1:
             raise zero_with_pipeline(f"the DeepSpeed config asks for ZeRO stage {stage} with {stages} pipeline stages")
-        if stage not in (0, 1, 3):
+        if stage not in (0, 1, 2, 3):
             raise ClovaError(
-                f"the DeepSpeed template sets ZeRO stage {stage}; use 3 (--parallel zero3) or 0/1 with the "
+                f"the DeepSpeed template sets ZeRO stage {stage}; use 1, 2 or 3 (--parallel zero1/zero2/zero3) or 0/1 with the "
                 "pipeline engine (--parallel pipeline), which refuses ZeRO-2/3"
             )
-        par["mode"] = "zero3" if stage == 3 else "pipeline"
+        # Stage 0 runs only under the pipeline engine; stage 1 is ZeRO-1 data parallelism unless the template has a pipeline section.
+        piped = stage == 0 or (stage == 1 and "pipeline" in template)
+        par["mode"] = "pipeline" if piped else f"zero{stage}"
     if isinstance(stages, int):
         par["pipeline_stages"] = stages
     for key in ("offload_optimizer", "offload_param"):
@@ -139,8 +151,12 @@ def template_defaults(template: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     return train, par
 
 
-def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: int, cuda: bool, tensorboard_dir: str | None) -> dict:
-    """The DeepSpeed config of a run: the template, with every setting clova owns written from our configs."""
+def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: int, cuda: bool, tensorboard_dir: str | None,
+                     d_model: int | None = None) -> dict:
+    """The DeepSpeed config of a run: the template, with every setting clova owns written from our configs.
+
+    ``d_model`` sizes the ZeRO buckets the template leaves unset or "auto".
+    """
     ds = copy.deepcopy(template)
     replicas = world // parallel.stages(world)
     ds["train_batch_size"] = train.global_batch
@@ -163,6 +179,12 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = zero_stage(template, parallel)
+    ds.update(reduction_dtypes(precision, parallel.reduce_dtype, zero["stage"]))
+    for key, value in bucket_sizes(d_model or 0, zero["stage"]).items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+            if not d_model:  # no width to size it by: DeepSpeed's own default
+                del zero[key]
     for key in ("offload_optimizer", "offload_param"):
         if parallel.offload == "none":
             zero.pop(key, None)
@@ -183,10 +205,55 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     return ds
 
 
+def reduction_dtypes(precision: str, reduce_dtype: str, stage: int) -> dict:
+    """DeepSpeed's ``data_types.grad_accum_dtype`` and ``communication_data_type`` for a run.
+
+    Unset, DeepSpeed 0.19 accumulates and reduces in the model's dtype: under
+    bf16 each micro-batch's gradients are summed into an 8-bit-mantissa buffer.
+    fp32 here makes ZeRO-1 (and pipeline ZeRO-1) run DeepSpeed's BF16_Optimizer
+    with fp32 gradient buffers, ZeRO-2 accumulate in an fp32 ``grad_accum``
+    per parameter, and ZeRO-3 keep its gradient partitions in fp32.
+    """
+    if precision == "fp32":
+        return {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+    if reduce_dtype not in ("fp32", precision):
+        raise ClovaError(f"--reduce-dtype {reduce_dtype} under {precision} training: DeepSpeed accumulates in fp32 or the model's dtype; use --reduce-dtype fp32 or {precision}")
+    if reduce_dtype == "fp32" and stage == 0:
+        # DeepSpeed raises NotImplementedError for 16-bit weights with fp32 accumulation outside ZeRO.
+        raise ClovaError(f"ZeRO stage 0 under {precision} accumulates gradients in {precision} only; use ZeRO stage 1 "
+                         f"(deepspeed_configs/pipeline_zero1.json) or pass --reduce-dtype {precision}")
+    return {"data_types": {"grad_accum_dtype": reduce_dtype}, "communication_data_type": reduce_dtype}
+
+
+# DeepSpeed's own defaults, as the floor of the persistence threshold and the cap of a bucket.
+PERSISTENCE_FLOOR = 100_000
+BUCKET_CAP = 500_000_000
+
+
+def bucket_sizes(d_model: int, stage: int) -> dict[str, int]:
+    """ZeRO bucket and prefetch sizes (elements) from the width, where the template leaves them "auto".
+
+    A block holds 12 d^2 parameters: prefetching one block lets the next
+    block's gather overlap this block's compute, and a reduce bucket of two
+    blocks lets block i's reduction overlap block i-1's backward, from 49K
+    elements for the tiny preset to DeepSpeed's 5e8 cap for 82B (a fixed
+    5e7 is a whole tiny model and a twentieth of an 82B block). Tensors
+    under max(1e5, 10 d) elements (biases, LayerNorms) stay resident.
+    """
+    block = 12 * d_model * d_model
+    sizes = {"reduce_bucket_size": min(2 * block, BUCKET_CAP)}
+    if stage == 3:
+        sizes["stage3_prefetch_bucket_size"] = min(block, BUCKET_CAP)
+        sizes["stage3_param_persistence_threshold"] = max(PERSISTENCE_FLOOR, 10 * d_model)
+    else:
+        sizes["allgather_bucket_size"] = min(2 * block, BUCKET_CAP)
+    return sizes
+
+
 def zero_stage(template: dict, parallel: ParallelConfig) -> int:
-    """The ZeRO stage a run uses: 3 in zero3 mode; in pipeline mode the template's 0 or 1 (default 1), never 2 or 3."""
-    if parallel.mode == "zero3":
-        return 3
+    """The ZeRO stage a run uses: that of zero1/2/3 mode; in pipeline mode the template's 0 or 1 (default 1), never 2 or 3."""
+    if parallel.mode in ZERO_STAGES:
+        return ZERO_STAGES[parallel.mode]
     stage = (template.get("zero_optimization") or {}).get("stage")
     if stage in (2, 3):
         raise zero_with_pipeline(f"--parallel pipeline with a DeepSpeed config that asks for ZeRO stage {stage}")

@@ -32,6 +32,21 @@ def checkpoint_blocks(model: GPT) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(blocks) -> None:
+    """torch.compile each block in place (``blocks``: a GPT or a PipelineModule's block layers).
+
+    Per block, not the whole model: ZeRO-3's parameter hooks and the pipeline's
+    stage boundaries stay outside the compiled graphs, and one graph serves
+    every block of the same shape.
+    """
+    from clova_train.model.gpt import Block
+
+    modules = blocks.blocks if isinstance(blocks, GPT) else blocks
+    for block in modules:
+        if isinstance(block, Block):
+            block.compile()
+
+
 class Engine:
     """What the training loop needs from a parallel mode, around a DeepSpeed engine ``self.ds``."""
 

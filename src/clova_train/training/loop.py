@@ -30,13 +30,14 @@ from clova_train.training.ds_config import ParallelConfig, deepspeed_config
 from clova_train.training.engine import Engine
 from clova_train.training.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
 from clova_train.training.pipeline import PipelineEngine
+from clova_train.training.prefetch import Prefetcher, optimizer_kernel
 from clova_train.training.preflight import _rank0_check, memory_check
 from clova_train.training.reshard import describe_change, layout, load_resharded
 from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.training.sampler import TrainStream, eval_batches, open_train_data, open_valid_data
 from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
-from clova_train.training.zero import Zero3Engine
+from clova_train.training.zero import ZeroEngine
 
 
 # The process entry point of a rank (it imports this module; naming it keeps launch free of the loop).
@@ -44,8 +45,8 @@ WORKER_MODULE = "clova_train.training.worker"
 
 
 def build_engine(model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist) -> Engine:
-    engines = {"zero3": Zero3Engine, "pipeline": PipelineEngine}
-    return engines[parallel.mode](model_cfg, ds_config, parallel, seed=seed, dist=dist)
+    engine = PipelineEngine if parallel.mode == "pipeline" else ZeroEngine
+    return engine(model_cfg, ds_config, parallel, seed=seed, dist=dist)
 
 
 def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) -> dict:
@@ -109,12 +110,14 @@ def run_worker(spec: RunSpec) -> str:
 
     seed_all(train.seed)
     tb_dir = str(run_dir / "tensorboard") if train.tensorboard else None
-    ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda, tensorboard_dir=tb_dir)
+    ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda, tensorboard_dir=tb_dir,
+                                 d_model=spec.model.n_embd)
+    kernel = optimizer_kernel(ds_config, dist.is_cuda)
     engine = build_engine(spec.model, ds_config, spec.parallel, seed=train.seed, dist=dist)
     # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
     share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
     datasets = open_train_data(spec.data.paths, train.seq_len, train.seed)
-    stream = TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share)
+    stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share), pin=dist.is_cuda)
     valid = eval_batches(open_valid_data(spec.data.paths, train.seq_len), train.eval_samples if train.eval_every else 0, **share)
     ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, keep_every=train.keep_every, faults=faults)
     metrics = MetricsLogger(run_dir, enabled=rank0, monitor=engine.monitor if rank0 else None)
@@ -168,6 +171,7 @@ def run_worker(spec: RunSpec) -> str:
 
     progress = ProgressLine(enabled=rank0, total_steps=train.steps, log_every=train.log_every)
     progress.note(describe_run(spec, train, ds_config, device_name, estimate, eval_sequences=len(valid) * train.micro_batch * engine.data_world))
+    progress.note(kernel)
     if step >= train.steps:
         progress.note(f"{run_dir}: already trained to step {step} of {train.steps}; nothing to do")
         return "done"
@@ -175,7 +179,8 @@ def run_worker(spec: RunSpec) -> str:
         progress.note(f"resuming from {tag} (step {step}, {tokens:,} tokens)")
     if changed:
         progress.note(changed)
-    with StopSignal() as stop_signal, progress, contextlib.closing(metrics):
+    due = False  # a save that a skipped step put off
+    with StopSignal() as stop_signal, progress, contextlib.closing(metrics), contextlib.closing(stream):
         while step < train.steps:
             step += 1
             at = stream.state_dict()  # the step's data position, described only if it goes bad
@@ -212,15 +217,22 @@ def run_worker(spec: RunSpec) -> str:
             guard.update(res.skipped, step, stream.describe(at) if res.skipped else "")
             if rank0 and faults.kill_at_step == step:
                 faults.kill()
-            if res.stop or step % train.save_every == 0 or step == train.steps:
+            due = due or step % train.save_every == 0
+            if res.skipped and (due or res.stop or step == train.steps):
+                # A skipped step's state is never a checkpoint, and pruning then would drop good ones.
+                progress.note(f"step {step} was skipped (non-finite loss or gradient norm): its checkpoint waits for the next good step")
+            elif res.stop or due or step == train.steps:
                 saved = save(step)
+                due = False
                 progress.note(f"checkpoint {saved} saved")
             if res.stop:
                 how = {
                     "local": f"clova train --out {run_dir} --resume",
                     "slurm": f"resubmit the job (srun ... clova train --out {run_dir} --resume)",
                 }.get(launcher, f"clova train --out {run_dir} --resume, started the same way on {dist.world} ranks")
-                progress.note(f"stopped by {stop_signal.name} after step {step}; checkpoint {tag_for(step)} is complete. Resume with: {how}")
+                kept = f"checkpoint {tag_for(step)} is complete" if not res.skipped else (
+                    f"step {step} was skipped, so the newest checkpoint is {ckpt.latest() or 'none (the run restarts at step 1)'}")
+                progress.note(f"stopped by {stop_signal.name} after step {step}; {kept}. Resume with: {how}")
                 return "stopped"
     progress.note(f"done: {step} steps, {tokens:,} tokens; checkpoints in {ckpt.dir}")
     return "done"

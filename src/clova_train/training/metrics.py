@@ -115,7 +115,7 @@ def peak_tflops(device_name: str, override: float | None) -> float | None:
 def device_memory(dist) -> tuple[str, float]:
     """(device name, GiB a rank may use): the GPU's memory, or this node's RAM shared by its ranks."""
     if dist.is_cuda:
-        props = torch.cuda.get_device_properties(dist.local_rank)
+        props = torch.cuda.get_device_properties(dist.device)  # local_rank % device_count, not local_rank
         return props.name, props.total_memory / 1024**3
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     return "cpu", ram / max(1, dist.local_world)

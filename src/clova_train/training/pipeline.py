@@ -13,7 +13,7 @@ from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import init_weights
 from clova_train.training.distributed import Dist
 from clova_train.training.ds_config import ParallelConfig
-from clova_train.training.engine import Engine, param_groups
+from clova_train.training.engine import Engine, compile_blocks, param_groups
 
 
 class TokenEmbedding(torch.nn.Module):
@@ -56,8 +56,12 @@ class PipeLayer:
     """A tied layer's own forward, given the shared module."""
 
     def param_names(self) -> list[str]:
-        with torch.device("meta"):  # names only: no memory, no initialisation cost
-            return [n for n, _ in self.module(*self.args, **self.kwargs).named_parameters()]
+        return list(self.param_numels())
+
+    def param_numels(self) -> dict[str, int]:
+        """Parameter name -> element count, from a build on the meta device (no memory, no initialisation cost)."""
+        with torch.device("meta"):
+            return {n: p.numel() for n, p in self.module(*self.args, **self.kwargs).named_parameters()}
 
 
 def pipeline_plan(cfg: ModelConfig) -> list[PipeLayer]:
@@ -123,19 +127,48 @@ def check_partition(cfg: ModelConfig, parallel: ParallelConfig, stages: int) -> 
         )
 
 
+def layer_param_counts(cfg: ModelConfig) -> list[int]:
+    """Trainable parameters of each pipeline layer, from the config alone (a tied layer counts where DeepSpeed counts it)."""
+    return [sum(layer.param_numels().values()) for layer in pipeline_plan(cfg)]
+
+
+def _pipeline_module(cfg: ModelConfig):
+    """DeepSpeed's PipelineModule, told each layer's size instead of building every layer on every rank to count it.
+
+    Stock ``partition_method="parameters"`` builds all layers of the model on
+    each rank (64 blocks of ~5 GB each for 82B) before keeping its own; here
+    the counts come from meta-device builds, so a rank allocates only the
+    layers of its stage.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    class ClovaPipelineModule(PipelineModule):
+        def _count_layer_params(self):
+            return layer_param_counts(cfg)
+
+        def _get_frozen_parameter_names(self, layer):
+            return []  # GPT trains every parameter; DeepSpeed would rebuild a layer spec to find out
+
+    return ClovaPipelineModule
+
+
 class PipelineEngine(Engine):
     def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist):
         import deepspeed
-        from deepspeed.pipe import PipelineModule
 
         stages = parallel.stages(dist.world)
-        module = PipelineModule(
+        module = _pipeline_module(model_cfg)(
             layers=pipeline_layers(model_cfg),
             num_stages=stages,
             loss_fn=self._loss,
             partition_method=parallel.partition,
             activation_checkpoint_interval=1 if parallel.activation_checkpointing else 0,
+            # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (integer ids in, no input needing
+            # grad) returns a tensor without grad_fn, and backward fails on every stage.
+            checkpointable_layers=["Block"],
         )
+        if parallel.compile:
+            compile_blocks(module.forward_funcs)
         # Layer i is drawn from seed + i, so the weights do not depend on how layers fall into stages;
         # the tied embedding is drawn alike on the first and the last stage.
         for name, child in module.named_children():

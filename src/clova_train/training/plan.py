@@ -63,6 +63,8 @@ class PlanConfig:
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass, keeping only its input."""
     tokens: float = 150e9
+    global_batch: int = 1024
+    """Sequences per optimizer step (GPT-3: 1024); in pipeline mode it sets the micro-batches per step, hence the bubble."""
     """Tokens to train on (the paper's 82B model saw 150B)."""
     mfu: float = 0.4
     """Assumed model FLOPs utilisation for the time estimate."""
@@ -76,8 +78,8 @@ class PlanConfig:
             raise ClovaError(f"offload must be one of {', '.join(OFFLOADS)}, not {self.offload!r}")
         if self.precision not in PRECISIONS:
             raise ClovaError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.parallel == "pipeline" and self.offload != "none":
-            raise ClovaError("offload is a ZeRO-3 feature; pipeline mode runs ZeRO-1 without offload")
+        if self.parallel != "zero3" and self.offload != "none":
+            raise ClovaError(f"offload is a ZeRO-3 feature; {self.parallel} runs without offload")
         for f in ("gpus", "nodes", "pipeline_stages", "seq_len", "micro_batch", "vocab_size"):
             if getattr(self, f) < 1:
                 raise ClovaError(f"{f} must be >= 1, not {getattr(self, f)}")
@@ -119,6 +121,15 @@ def _state_bytes_per_param(precision: str, parallel: str) -> tuple[int, int, int
     """(weights, gradients, optimizer) bytes per parameter before sharding."""
     if precision == "fp32":
         return 4, 4, 8  # fp32 weights and grads, Adam moments
+    if parallel == "zero2":
+        # DeepSpeed's ZeRO-2 estimator: 16-bit weights in every rank, 18 sharded (16- and 32-bit
+        # gradient partitions, fp32 master, moments); plus the fp32 accumulator our fp32 reduction
+        # keeps for every parameter across micro-batches (``grad_accum``), 4 more.
+        return 2, 4, 18
+    if parallel == "zero1":
+        # BF16_Optimizer: 16-bit weights and grads and the fp32 gradient buffer whole in every rank;
+        # fp32 master weights and moments sharded.
+        return 2, 6, 12
     if parallel == "zero3":
         # DeepSpeed's ZeRO-3 estimator charges 18 bytes in all: 16-bit weights
         # and grads, fp32 master weights and moments (12), and 2 more for its
@@ -151,6 +162,12 @@ def estimate(cfg: PlanConfig) -> dict:
         acts_ckpt = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, True, True)
         acts_full = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, False, True)
         stage_params = n
+    elif cfg.parallel in ("zero1", "zero2"):
+        dp = cfg.world
+        params, grads, optim = w * n, g * n, o * n / dp
+        acts_ckpt = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, True, True)
+        acts_full = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, False, True)
+        stage_params = n
     else:
         s = cfg.pipeline_stages
         dp = cfg.world // s
@@ -173,7 +190,11 @@ def estimate(cfg: PlanConfig) -> dict:
     usable = cfg.gpu_mem * GB * USABLE_FRACTION
     host_ok = cpu_per_node <= cfg.cpu_mem * GB * USABLE_FRACTION
     flops_token = m.flops_per_token(cfg.seq_len)
-    seconds = cfg.tokens * flops_token / (cfg.world * cfg.peak_tflops * 1e12 * cfg.mfu)
+    stages = cfg.pipeline_stages if cfg.parallel == "pipeline" else 1
+    micro_batches = max(1, cfg.global_batch // (cfg.micro_batch * dp))
+    # 1F1B: every stage idles (S-1) of the (M+S-1) slots of a step.
+    bubble = (stages - 1) / (micro_batches + stages - 1)
+    seconds = cfg.tokens * flops_token / (cfg.world * cfg.peak_tflops * 1e12 * cfg.mfu) / (1 - bubble)
     return {
         "config": asdict(cfg),
         "parameters": n,
@@ -195,6 +216,8 @@ def estimate(cfg: PlanConfig) -> dict:
         "host_fits": host_ok,
         "flops_per_token": flops_token,
         "train_seconds": seconds,
+        "micro_batches_per_step": micro_batches,
+        "pipeline_bubble": bubble,
     }
 
 
@@ -223,6 +246,25 @@ def suggest(cfg: PlanConfig) -> list[str]:
             out.append(f"--parallel pipeline --pipeline-stages {s} --activation-checkpointing")
             break
     return out
+
+
+def suggest_layout(cfg: PlanConfig) -> str | None:
+    """The fastest layout that fits on this cluster: ZeRO-1/2 first (no gathers), then ZeRO-3, then the fewest pipeline stages (smallest bubble)."""
+    from dataclasses import replace
+
+    m = model_config(cfg)
+    trials = [replace(cfg, parallel=p, pipeline_stages=1, offload="none") for p in ("zero1", "zero2", "zero3")]
+    trials += [replace(cfg, parallel="pipeline", pipeline_stages=s, offload="none") for s in range(2, min(cfg.world, m.n_layer) + 1) if cfg.world % s == 0]
+    for ckpt in (False, True):
+        for t in trials:
+            t = replace(t, activation_checkpointing=ckpt)
+            est = estimate(t)
+            if est["fits"]:
+                flags = f"--parallel {t.parallel}" + (f" --pipeline-stages {t.pipeline_stages}" if t.parallel == "pipeline" else "")
+                flags += " --activation-checkpointing" if ckpt else ""
+                bubble = f", bubble {est['pipeline_bubble']:.0%} with {est['micro_batches_per_step']} micro-batches per step" if t.parallel == "pipeline" else ""
+                return f"{flags} ({est['bytes']['total'] / GB:,.1f} GB per GPU{bubble}, {format_duration(est['train_seconds'])})"
+    return None
 
 
 def deepspeed_model_states(cfg: PlanConfig) -> tuple[int, int]:
@@ -273,6 +315,10 @@ def plan_table(est: dict, fixes: list[str], *, devices: str = "GPUs", time: bool
         table.add_row("would fit with", f)
     if not est["fits"] and not fixes:
         table.add_row("would fit with", "more GPUs (no stage count or offload on this cluster is enough)")
+    if c["parallel"] == "pipeline":
+        table.add_row("pipeline bubble", f"{est['pipeline_bubble']:.1%} (1F1B, {c['pipeline_stages']} stages, {est['micro_batches_per_step']} micro-batches per step)")
+    if est.get("layout"):
+        table.add_row("fastest layout that fits", est["layout"])
     if time:
         table.add_row(f"time for {c['tokens']:.3g} tokens", f"{format_duration(est['train_seconds'])} at {c['mfu']:.0%} MFU of {c['peak_tflops']:g} TFLOP/s")
     return table

@@ -40,7 +40,7 @@ class CheckpointRef:
     run_config: dict
     model: ModelConfig
     parallel: str
-    """The parallel mode that wrote it: "zero3" or "pipeline"."""
+    """The parallel mode that wrote it: "zero1", "zero2", "zero3" or "pipeline"."""
 
     @property
     def path(self) -> Path:
@@ -451,7 +451,43 @@ class PipelineCheckpoint(_RankFiles):
 
 
 
-READERS: dict[str, type] = {"zero3": Zero3Checkpoint, "pipeline": PipelineCheckpoint}
+class Zero12Checkpoint(PipelineCheckpoint):
+    """A ZeRO-1 or ZeRO-2 checkpoint: one "stage" whose optimizer files hold the data-parallel slices of the fp32 masters.
+
+    The layout is the pipeline's ZeRO-1 one (``single_partition_of_fp32_groups``
+    with ``param_slice_mappings``), named by GPT's own parameter names, so the
+    same piece reader assembles it; under bf16 the files are DeepSpeed's
+    BF16_Optimizer's (``bf16_zero_pp_rank_*``), with the same fields.
+    """
+
+    source = "fp32 master weights from the ZeRO-1/2 optimizer state"
+
+    def __init__(self, ref: CheckpointRef):
+        self.ref = ref
+        self._files = []
+        optim = {}
+        for p in ref.path.iterdir():
+            if (m := _RANK_FILE.match(p.name)) and m.group(3) == "optim":
+                if int(m.group(2)) != 0:
+                    raise ClovaError(f"{p}: tensor-parallel checkpoints (mp_rank > 0) are not supported by export")
+                optim[0, int(m.group(1))] = p
+        if not optim:
+            raise ClovaError(f"{ref.path}: no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt); is config.json's 'parallel' right?")
+        self.shapes = expected_shapes(ref.model)
+        try:
+            pieces = self._from_optimizer(optim, {})
+            if pieces is None:
+                raise ClovaError(f"{ref.path}: the optimizer files lack DeepSpeed's ZeRO-1/2 fields (param_slice_mappings); a newer DeepSpeed layout?")
+            # The engine wraps GPT itself, so the mappings already use our names.
+            got = {n: sum(piece.numel for piece in parts) for n, parts in pieces.items()}
+            _check_against_config(ref, got, {n: math.prod(s) for n, s in self.shapes.items()})
+            self._pieces = pieces
+        except BaseException:
+            self.close()
+            raise
+
+
+READERS: dict[str, type] = {"zero1": Zero12Checkpoint, "zero2": Zero12Checkpoint, "zero3": Zero3Checkpoint, "pipeline": PipelineCheckpoint}
 
 
 def open_checkpoint(ref: CheckpointRef) -> Consolidated:

@@ -1,4 +1,4 @@
-"""ZeRO data parallelism: the model built under ``deepspeed.zero.Init`` so no rank ever holds it whole."""
+"""ZeRO data parallelism, stages 1-3: one engine; under stage 3 the model is built inside ``deepspeed.zero.Init`` so no rank holds it whole."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT, MLP, CausalSelfAttention, init_weights
 from clova_train.training.distributed import Dist
 from clova_train.training.ds_config import ParallelConfig
-from clova_train.training.engine import Engine, checkpoint_blocks, param_groups
+from clova_train.training.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
 
 # Modules whose parameters init_weights sets; under zero.Init each is gathered once.
 _INIT_UNITS = (CausalSelfAttention, MLP, torch.nn.Embedding, torch.nn.LayerNorm)
@@ -19,15 +19,16 @@ def _layer_units(model: GPT) -> list[torch.nn.Module]:
     return [model.wte, model.wpe, *model.blocks, model.ln_f]
 
 
-def _initialize_partitioned(model: GPT, cfg: ModelConfig, seed: int, rank: int) -> None:
-    """Apply GPT-3 initialisation to a model whose parameters are already partitioned.
+def _initialize_partitioned(model: GPT, cfg: ModelConfig, seed: int, rank: int, *, partitioned: bool = True) -> None:
+    """Apply GPT-3 initialisation, the same whatever the stage or the number of ranks.
 
     zero.Init partitions each submodule as soon as it is built, so GPT's own
     ``init_weights`` pass finds empty tensors for everything but its direct
     parameters. Rank 0 draws each unit in full and DeepSpeed broadcasts it, so
     the weights do not depend on the number of ranks; layer i is drawn from
-    ``seed + i`` in pipeline layer order, as PipelineEngine draws it, so both
-    modes start from the same weights.
+    ``seed + i`` in pipeline layer order, as PipelineEngine draws it, so all
+    modes start from the same weights. Unpartitioned (ZeRO-1/2), every rank
+    draws the same values itself.
     """
     import deepspeed
 
@@ -35,21 +36,33 @@ def _initialize_partitioned(model: GPT, cfg: ModelConfig, seed: int, rank: int) 
         torch.manual_seed(seed + i)
         for module in layer.modules():
             if isinstance(module, _INIT_UNITS):
+                if not partitioned:
+                    init_weights(module, cfg)
+                    continue
                 with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
                     if rank == 0:
                         init_weights(module, cfg)
 
 
-class Zero3Engine(Engine):
+class ZeroEngine(Engine):
+    """ZeRO data parallelism at the stage the DeepSpeed config names (1: optimizer state, 2: + gradients, 3: + parameters)."""
+
     def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist):
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            torch.manual_seed(seed)
-            model = GPT(model_cfg)
-        _initialize_partitioned(model, model_cfg, seed, dist.rank)
+        stage = ds_config["zero_optimization"]["stage"]
+        torch.manual_seed(seed)
+        if stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = GPT(model_cfg)
+        else:
+            with torch.device(dist.device):
+                model = GPT(model_cfg)
+        _initialize_partitioned(model, model_cfg, seed, dist.rank, partitioned=stage == 3)
         if parallel.activation_checkpointing:
             checkpoint_blocks(model)
+        if parallel.compile:
+            compile_blocks(model)
         self.model = model
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
