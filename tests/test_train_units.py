@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, parse_data_spec
+from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, eval_windows, parse_data_spec
 from clova_train.core.errors import ClovaError
 from clova_train.training.loop import WORKER_MODULE
 from clova_train.training.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
@@ -130,7 +130,10 @@ def test_stream_and_eval_refusals():
     valid = PackedDataset([synthetic(20, 9)], 16, 0, shuffle=False)
     batches = [eval_batches(valid, 10, micro_batch=2, rank=r, world=2) for r in range(2)]
     assert [len(b) for b in batches] == [2, 2]  # 10 rounded down to 8 = 2 ranks x 2 micro-batches x 2
-    assert np.array_equal(batches[1][0][0].numpy(), valid[4])
+    # The windows are spread over the whole valid stream by a stride, not the first 8 in file order.
+    picks = eval_windows(len(valid), 10, 4)
+    assert len(picks) == 8 and picks[-1] >= len(valid) - len(valid) // 8 and np.all(np.diff(picks) == len(valid) // 8)
+    assert np.array_equal(batches[1][0][0].numpy(), valid[int(picks[4])])
     assert eval_batches(tiny, 8, micro_batch=1, rank=0, world=1) == []
 
 

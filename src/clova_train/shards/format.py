@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -275,14 +276,70 @@ def _read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
     return np.dtype(DTYPE_CODES[code]), n, n_doc_idx
 
 
+class _OpenMaps:
+    """The memory maps of the most recently used shards; older ones are closed.
+
+    A map holds a file descriptor for as long as it lives, so thousands of
+    shards mapped at once would pass the usual soft limit of 1,024 open files;
+    shards are mapped on first use and at most ``limit`` stay mapped.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._maps: "OrderedDict[str, tuple]" = OrderedDict()
+
+    def get(self, ds: "IndexedDataset") -> tuple:
+        maps = self._maps.get(ds.prefix)
+        if maps is not None:
+            self._maps.move_to_end(ds.prefix)
+            return maps
+        maps = ds._map()
+        self._maps[ds.prefix] = maps
+        while len(self._maps) > self.limit:
+            self._maps.popitem(last=False)  # views still held elsewhere keep their map (and descriptor) alive
+        return maps
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+OPEN_SHARDS = _OpenMaps(limit=128)
+"""Shards kept mapped at once per process (two descriptors each: .idx and .bin)."""
+
+
+def check_open_files(extra: int = 512) -> None:
+    """Make sure this process may keep :data:`OPEN_SHARDS` mapped plus ``extra`` other files open.
+
+    Raises the soft limit up to the hard one when that suffices (no privilege
+    needed); otherwise a one-line error with the fix.
+    """
+    import resource
+
+    need = 2 * OPEN_SHARDS.limit + extra
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise ClovaError(
+        f"this process may open only {soft} files (hard limit {hard}) but needs about {need} "
+        f"({OPEN_SHARDS.limit} shards mapped at once, two files each, plus {extra} for the rest); "
+        f"run `ulimit -n {need}` before starting (a hard limit comes from limits.conf or the job scheduler)"
+    )
+
+
 class IndexedDataset:
     """Read-only, zero-copy view of one shard: ``ds[i]`` is document i's tokens (EOD included).
 
     Attributes ``sizes`` (int32), ``pointers`` (int64 byte offsets), ``doc_idx``
-    (int64) and ``dtype`` mirror Megatron-LM's ``MMapIndexedDataset``.
+    (int64) and ``dtype`` mirror Megatron-LM's ``MMapIndexedDataset``. Opening
+    reads the header only; the files are mapped on first access through
+    :data:`OPEN_SHARDS`. ``tokens`` (from a verified manifest) spares reading
+    every size to count them.
     """
 
-    def __init__(self, prefix: str | Path):
+    def __init__(self, prefix: str | Path, tokens: int | None = None):
         self.prefix = str(prefix)
         bin_path, idx_path, _ = prefix_files(prefix)
         self.dtype, n, n_doc_idx = _read_header(idx_path)
@@ -293,19 +350,41 @@ class IndexedDataset:
                 f"{idx_path}: {actual} bytes but its header promises {expected} "
                 f"({n} sequences); the file is truncated or corrupt"
             )
-        idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        self.sizes: np.ndarray = np.frombuffer(idx, dtype="<i4", count=n, offset=HEADER_BYTES)
-        self.pointers: np.ndarray = np.frombuffer(idx, dtype="<i8", count=n, offset=HEADER_BYTES + 4 * n)
-        self.doc_idx: np.ndarray = np.frombuffer(idx, dtype="<i8", count=n_doc_idx, offset=HEADER_BYTES + 12 * n)
         if not bin_path.is_file():
             raise ClovaError(f"{bin_path}: missing (its index {idx_path.name} exists)")
+        self._n, self._n_doc_idx, self._known_tokens = n, n_doc_idx, tokens
+
+    def _map(self) -> tuple:
+        bin_path, idx_path, _ = prefix_files(self.prefix)
+        n = self._n
+        idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
+        sizes = np.frombuffer(idx, dtype="<i4", count=n, offset=HEADER_BYTES)
+        pointers = np.frombuffer(idx, dtype="<i8", count=n, offset=HEADER_BYTES + 4 * n)
+        doc_idx = np.frombuffer(idx, dtype="<i8", count=self._n_doc_idx, offset=HEADER_BYTES + 12 * n)
         if bin_path.stat().st_size == 0:  # mmap refuses empty files
-            self._tokens = np.zeros(0, dtype=self.dtype)
+            tokens = np.zeros(0, dtype=self.dtype)
         else:
-            self._tokens = np.frombuffer(np.memmap(bin_path, dtype=np.uint8, mode="r"), dtype=self.dtype.newbyteorder("<"))
+            tokens = np.frombuffer(np.memmap(bin_path, dtype=np.uint8, mode="r"), dtype=self.dtype.newbyteorder("<"))
+        return sizes, pointers, doc_idx, tokens
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[0]
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[1]
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[2]
+
+    @property
+    def _tokens(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[3]
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return self._n
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
@@ -322,14 +401,17 @@ class IndexedDataset:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
-        base = int(self.pointers[i]) // self.dtype.itemsize
-        end = base + int(self.sizes[i])
+        sizes, pointers, _, tokens = OPEN_SHARDS.get(self)
+        base = int(pointers[i]) // self.dtype.itemsize
+        end = base + int(sizes[i])
         start = min(base + offset, end)
         stop = end if length is None else min(start + length, end)
-        return self._tokens[start:stop]
+        return tokens[start:stop]
 
     @property
     def num_tokens(self) -> int:
+        if self._known_tokens is not None:
+            return self._known_tokens
         return int(self.sizes.sum(dtype=np.int64))
 
     @property
@@ -370,7 +452,7 @@ def open_split(directory: str | Path, split: str = "train") -> list[IndexedDatas
         raise ClovaError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     directory = Path(directory)
     man = read_manifest(directory)
-    return [IndexedDataset(directory / s["prefix"]) for s in man["shards"] if s["split"] == split]
+    return [IndexedDataset(directory / s["prefix"], tokens=s["tokens"]) for s in man["shards"] if s["split"] == split]
 
 
 def _check_hash(path: Path, want: str, want_bytes: int | None = None) -> None:

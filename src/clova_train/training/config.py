@@ -134,6 +134,8 @@ class TrainRequest:
     deepspeed: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     parallel: dict[str, Any] = field(default_factory=dict)
+    data_cache: str | None = None
+    """Directory of the memory-mapped sample indices (None: the config file's, else RUN_DIR/data_cache)."""
     resume: bool = False
     force: bool = False
     """Start even when the memory plan says the run cannot fit."""

@@ -31,7 +31,9 @@ from clova_train.training.pipeline import PipelineEngine
 from clova_train.training.preflight import _rank0_check, memory_check
 from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
-from clova_train.training.sampler import TrainStream, eval_batches, open_train_data, open_valid_data
+from clova_train.shards.format import check_open_files
+from clova_train.shards.index import ORDER_VERSION
+from clova_train.training.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
 from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
 from clova_train.training.zero import Zero3Engine
 
@@ -110,9 +112,11 @@ def run_worker(spec: RunSpec) -> str:
     engine = build_engine(spec.model, ds_config, spec.parallel, seed=train.seed, dist=dist)
     # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
     share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
-    datasets = open_train_data(spec.data.paths, train.seq_len, train.seed)
+    check_open_files()
+    datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.steps * train.global_batch,
+                                           build=rank0, note=console.print if dist.local_rank == 0 else None)
     stream = TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share)
-    valid = eval_batches(open_valid_data(spec.data.paths, train.seq_len), train.eval_samples if train.eval_every else 0, **share)
+    valid = eval_batches(valid_data, train.eval_samples if train.eval_every else 0, **share)
     ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, faults=faults)
     metrics = MetricsLogger(run_dir, enabled=rank0, monitor=engine.monitor if rank0 else None)
     guard = BadStepGuard(train.max_bad_steps)
@@ -129,6 +133,7 @@ def run_worker(spec: RunSpec) -> str:
                 "ZeRO-3 shards are per rank: resume with the same number of ranks"
             )
         step, tokens = state["step"], state["tokens"]
+        check_order_version(state, ckpt.dir / tag)
         stream.load_state_dict(state["sampler"])
         guard = BadStepGuard(train.max_bad_steps, state["bad_steps"], state["consecutive_bad_steps"])
         set_rng_state(state["rng"][dist.rank])
@@ -153,6 +158,7 @@ def run_worker(spec: RunSpec) -> str:
                 "step": at,
                 "tokens": tokens,
                 "sampler": stream.state_dict(),
+                "order_version": ORDER_VERSION,
                 "rng": rngs,
                 "config_hash": spec.config_hash,
                 "world_size": dist.world,
