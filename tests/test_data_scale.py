@@ -175,3 +175,29 @@ def test_a_checkpoint_of_another_sample_order_is_refused():
     check_order_version({"order_version": ORDER_VERSION}, "ckpt")
     with pytest.raises(ClovaError, match="sample order version 0 .* start a new --out"):
         check_order_version({"order_version": 0}, "ckpt")
+
+
+def test_a_merged_dirs_stamps_cover_its_node_dirs(tmp_path, tokenizer_dir, konlpy_files):
+    from types import SimpleNamespace
+
+    from clova_train.shards.build import tokenize_corpus
+    from clova_train.shards.format import ShardConfig
+    from clova_train.shards.merge import merge_shard_dirs
+    from clova_train.training.preflight import check_inputs
+    from clova_train.training.rundir import VERIFIED_FILE
+
+    nodes = [tmp_path / f"node-{r}" for r in range(2)]
+    for r, d in enumerate(nodes):
+        tokenize_corpus(konlpy_files, tokenizer_dir, d, ShardConfig(workers=1, num_nodes=2, node_rank=r), show_progress=False)
+    merge_shard_dirs(nodes, tmp_path / "merged")
+    spec = SimpleNamespace(run_dir=tmp_path / "run", data=DataConfig(paths=[str(tmp_path / "merged")]), reverify=False)
+    check_inputs(spec)
+    stamped = {st["bin"]["path"] for st in json.loads((tmp_path / "run" / VERIFIED_FILE).read_text())["shards"].values()}
+    assert {str(d.resolve()) for d in nodes} <= {str(Path(p).parent) for p in stamped}  # the node dirs' own files
+    # Node 1 re-tokenized (other settings) without re-merging: refused, with the fix.
+    import shutil
+
+    shutil.rmtree(nodes[1])
+    tokenize_corpus(konlpy_files, tokenizer_dir, nodes[1], ShardConfig(workers=1, num_nodes=2, node_rank=1, min_chars=20), show_progress=False)
+    with pytest.raises(ClovaError, match=r"node dir ../node-1 changed since the merge.*clova tokenize merge"):
+        check_inputs(spec)

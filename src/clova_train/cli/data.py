@@ -47,7 +47,7 @@ def tokenize(
     tokenizer_dir: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer dir from `clova tokenizer train`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Shard dir; rerunning into it resumes an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="A JSON ShardConfig; flags override it."),
-    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 100M).", rich_help_panel="Shards"),
+    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 1B: 2 GB at uint16; the paper's 561B tokens make ~560 shards).", rich_help_panel="Shards"),
     valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction", help="Held-out fraction, by a stable hash of the text (default 0.01).", rich_help_panel="Shards"),
     min_chars: Optional[int] = typer.Option(None, "--min-chars", help="Skip shorter documents (after cleaning).", rich_help_panel="Cleaning"),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="A longer document is bad input (default 4M).", rich_help_panel="Cleaning"),

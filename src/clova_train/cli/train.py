@@ -66,6 +66,7 @@ def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="JSON with model/train/data/parallel sections (e.g. a run's config.json), loaded strictly; flags override it."),
     deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", help="DeepSpeed JSON to start from (deepspeed_configs/zero3.json, zero3_offload.json); flags override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest complete checkpoint, taking its config.json (flags override); without one, start it."),
+    reverify: bool = typer.Option(False, "--reverify", help="Re-hash every shard file before step 1 (by default a restart re-hashes every .idx and a seeded sample of .bin blocks, and fully checks files that changed)."),
     force: bool = typer.Option(False, "--force", help="Start even if the memory plan (printed before step 1) says the run cannot fit."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048).", rich_help_panel="Batch"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
@@ -116,6 +117,7 @@ def train_cmd(
         deepspeed=str(deepspeed) if deepspeed else None,
         resume=resume,
         force=force,
+        reverify=reverify,
         train=dict(
             seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup=warmup,
             weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, train_tokens=int(train_tokens) if train_tokens else None, precision=precision,

@@ -37,6 +37,7 @@ import numpy as np
 from clova_train.text.readers import check_read_options
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import commit_file, file_sha256, tmp_name
+from clova_train.shards.stamps import file_stamp, scan_bin
 
 MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -66,8 +67,10 @@ KEY_DTYPE = np.dtype("<u8")
 class ShardConfig:
     """How `clova tokenize` cleans, splits and shards a corpus. Flags override a JSON file."""
 
-    shard_tokens: int = 100_000_000
-    """Tokens per shard: a shard closes after the document that reaches this (200 MB at uint16)."""
+    shard_tokens: int = 1_000_000_000
+    """Tokens per shard: a shard closes after the document that reaches this. 1B tokens is a 2 GB .bin at
+    uint16 (4 GB at int32) and an .idx of about 12 bytes per document: the paper's 561B tokens make about
+    560 train shards, so a rank's maps, directory listings and manifests stay in the hundreds."""
     valid_fraction: float = 0.01
     """Fraction of documents held out for validation, chosen by a stable hash of the text."""
     min_chars: int = 0
@@ -455,23 +458,27 @@ def open_split(directory: str | Path, split: str = "train") -> list[IndexedDatas
     return [IndexedDataset(directory / s["prefix"], tokens=s["tokens"]) for s in man["shards"] if s["split"] == split]
 
 
-def _check_hash(path: Path, want: str, want_bytes: int | None = None) -> None:
+def _check_hash(path: Path, want: str | None, want_bytes: int | None = None, *, hashed: str | None = None) -> None:
+    """Presence, size, and (``want`` given) the sha256, computed here unless ``hashed`` already."""
     if not path.is_file():
         raise ClovaError(f"{path}: missing (listed in the manifest); rerun `clova tokenize` to rebuild it")
     size = path.stat().st_size
     if want_bytes is not None and size != want_bytes:
         raise ClovaError(f"{path}: {size} bytes but the manifest says {want_bytes}; the file is truncated or was changed")
-    if file_sha256(path) != want:
+    if want is not None and (hashed or file_sha256(path)) != want:
         raise ClovaError(f"{path}: sha256 differs from the manifest; the file is corrupt or was changed")
 
 
-def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: int | None) -> None:
-    """Re-hash one shard's files and check its .idx against its .bin; ClovaError naming the file."""
+def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: int | None) -> dict:
+    """Check one shard's .idx against its .bin and both against the manifest, reading each file once;
+    ClovaError naming the file, else the stamps of its files (see :func:`file_stamp`)."""
     bin_path, idx_path, keys_path = prefix_files(prefix)
-    _check_hash(bin_path, record["bin_sha256"], record.get("bin_bytes"))
+    _check_hash(bin_path, None, record.get("bin_bytes"))  # presence and size before anything is read
     _check_hash(idx_path, record["idx_sha256"])
+    stamps = {"idx": file_stamp(idx_path, record["idx_sha256"])}
     if record.get("keys_sha256"):
         _check_hash(keys_path, record["keys_sha256"], 8 * record["documents"])
+        stamps["keys"] = file_stamp(keys_path, record["keys_sha256"])
     ds = IndexedDataset(prefix)
     n = len(ds)
     bad = lambda what: ClovaError(f"{idx_path}: {what}")  # noqa: E731
@@ -496,32 +503,52 @@ def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: i
         contiguous = n == 0 or (ds.pointers[0] == 0 and np.array_equal(ds.pointers[1:], ends[:-1]))
         if not contiguous or ds.num_tokens * item != bin_bytes:
             raise bad(f"sizes cover {ds.num_tokens * item} bytes but {bin_path.name} holds {bin_bytes}")
-    if n and eod_id is not None:
-        last = ds.tokens[(ends - item) // item]
-        if (last != eod_id).any():
-            first = int(np.argmax(last != eod_id))
-            raise bad(f"document {first} does not end with the end-of-document token {eod_id}")
-    if n and vocab_size is not None and int(ds.tokens.max()) >= vocab_size:
-        raise ClovaError(f"{bin_path}: token id {int(ds.tokens.max())} outside the vocabulary ({vocab_size})")
+    sha, blocks, top, first_bad = scan_bin(bin_path, ds.dtype, (ends - item) // item, eod_id if n else None)
+    _check_hash(bin_path, record["bin_sha256"], hashed=sha)
+    if first_bad >= 0:
+        raise bad(f"document {first_bad} does not end with the end-of-document token {eod_id}")
+    if n and vocab_size is not None and top >= vocab_size:
+        raise ClovaError(f"{bin_path}: token id {top} outside the vocabulary ({vocab_size})")
+    stamps["bin"] = file_stamp(bin_path, sha, blocks=blocks)
+    return stamps
 
 
-def verify_shard_dir(directory: str | Path, progress: bool = False) -> dict:
-    """Re-hash every shard file and check every .idx against its .bin; a summary, or ClovaError."""
+def _check_one(args: tuple) -> dict:
+    return check_shard(*args[:2], eod_id=args[2], vocab_size=args[3])
+
+
+def verify_shard_dir(directory: str | Path, progress: bool = False, *, workers: int = 1, only: Sequence[str] | None = None) -> dict:
+    """Re-hash every shard file and check every .idx against its .bin; a summary with each shard's file stamps
+    (under "stamps", by prefix), or ClovaError. ``workers`` processes share the shards; ``only`` (prefixes)
+    limits the file checks to those shards (the manifest's own totals are always checked)."""
     from clova_train.core.progress import progress_bar
 
     directory = Path(directory)
     man = read_manifest(directory)
     tok = man["tokenizer"]
     summary = {s: {"shards": 0, "documents": 0, "tokens": 0} for s in SPLITS}
+    todo = [r for r in man["shards"] if only is None or r["prefix"] in set(only)]
     total_bytes = sum(s["bin_bytes"] for s in man["shards"])
-    with progress_bar("verifying", total_bytes, enabled=progress, unit="bytes") as advance:
-        for rec in man["shards"]:
-            check_shard(directory / rec["prefix"], rec, eod_id=tok["eod_id"], vocab_size=tok["vocab_size"])
-            part = summary[rec["split"]]
-            part["shards"] += 1
-            part["documents"] += rec["documents"]
-            part["tokens"] += rec["tokens"]
-            advance(rec["bin_bytes"])
+    jobs = [(directory / r["prefix"], r, tok["eod_id"], tok["vocab_size"]) for r in todo]
+    stamps = {}
+    with progress_bar("verifying", sum(r["bin_bytes"] for r in todo), enabled=progress, unit="bytes") as advance:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                for rec, st in zip(todo, pool.map(_check_one, jobs)):
+                    stamps[rec["prefix"]] = st
+                    advance(rec["bin_bytes"])
+        else:
+            for rec, job in zip(todo, jobs):
+                stamps[rec["prefix"]] = _check_one(job)
+                advance(rec["bin_bytes"])
+    for rec in man["shards"]:
+        part = summary[rec["split"]]
+        part["shards"] += 1
+        part["documents"] += rec["documents"]
+        part["tokens"] += rec["tokens"]
     totals = man["totals"]
     for split in SPLITS:
         if summary[split]["documents"] != man["split"][split]["documents"]:
@@ -541,4 +568,5 @@ def verify_shard_dir(directory: str | Path, progress: bool = False) -> dict:
         "bytes": total_bytes,
         "tokenizer_hash": tok["hash"],
         **summary,
+        "stamps": stamps,
     }

@@ -139,6 +139,8 @@ class TrainRequest:
     resume: bool = False
     force: bool = False
     """Start even when the memory plan says the run cannot fit."""
+    reverify: bool = False
+    """Re-hash every shard file before step 1, trusting no stamp of an earlier check."""
 
 
 @dataclass
@@ -157,6 +159,7 @@ class RunSpec:
     resume: bool = False
     checked: bool = False
     force: bool = False
+    reverify: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -180,6 +183,7 @@ class RunSpec:
             "resume": self.resume,
             "checked": self.checked,
             "force": self.force,
+            "reverify": self.reverify,
         }
 
     @classmethod
@@ -197,4 +201,5 @@ class RunSpec:
             resume=d["resume"],
             checked=d["checked"],
             force=d.get("force", False),
+            reverify=d.get("reverify", False),
         )

@@ -148,6 +148,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         identity=identity,
         resume=req.resume,
         force=req.force,
+        reverify=req.reverify,
     )
     check_run_dir(spec)
     if check:
