@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from clova_train.cli import app
 from clova_train.core.errors import ClovaError
 from clova_train.shards.format import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, OPEN_SHARDS, IndexedDatasetWriter, open_split
-from clova_train.shards.index import IndexCache, ORDER_VERSION, build_indices, epochs_needed
+from clova_train.shards.index import IndexCache, ORDER_VERSION, all_sizes, build_indices, epochs_needed
 from clova_train.training.sampler import (
     DataConfig, TrainStream, check_order_version, eval_batches, open_train_data, open_valid_data, prepare_indices,
 )
@@ -149,6 +149,7 @@ def test_shards_are_mapped_lazily_and_open_files_stay_bounded(tmp_path):
     try:
         total = sum(int(s[len(s) - 1][-1] == 0) for s in shards)
         assert total == 60
+        assert len(all_sizes(shards)) == 600  # what an index build reads keeps no map open either
         assert open_shard_files() <= 2 * 8
     finally:
         OPEN_SHARDS.limit = limit

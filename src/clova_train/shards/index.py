@@ -202,6 +202,16 @@ class IndexCache:
 # ------------------------------------------------------------------ building for shard dirs
 
 
+def all_sizes(shards: Sequence) -> np.ndarray:
+    """Every document's size, in order, copied into one int32 array (no view keeps a shard's map open)."""
+    out = np.empty(sum(len(s) for s in shards), dtype=np.int32)
+    pos = 0
+    for s in shards:
+        out[pos : pos + len(s)] = s.sizes
+        pos += len(s)
+    return out
+
+
 def epochs_needed(samples_per_epoch: int, share: float, total_samples: int) -> int:
     """Epochs of one dataset that ``total_samples`` blended samples reach: the greedy blend stays within one
     sample of each dataset's share, so ``share * total + 2`` samples bound what it draws."""
@@ -233,7 +243,7 @@ def build_indices(paths: Sequence[str | Path], cache: str | Path, *, seq_len: in
         if not missing:
             continue
         shards = [s for d in dirs for s in open_split(d, split)]
-        sizes = np.concatenate([np.asarray(s.sizes) for s in shards]) if shards else np.zeros(0, np.int32)
+        sizes = all_sizes(shards)
         n_tokens = sum(s.num_tokens for s in shards)
         for e, k in missing:
             store.build(k, sizes, n_tokens, spec, e)

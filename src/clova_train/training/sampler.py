@@ -111,8 +111,9 @@ class PackedDataset:
 
     def doc_sizes(self) -> np.ndarray:
         """Every document's size, in file order (read only to build an index)."""
-        sizes = [np.asarray(s.sizes) for s in self.shards]
-        return np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int32)
+        from clova_train.shards.index import all_sizes
+
+        return all_sizes(self.shards)
 
     def epoch_key(self, e: int) -> str:
         return self.spec.key(e)
