@@ -202,3 +202,21 @@ def test_a_merged_dirs_stamps_cover_its_node_dirs(tmp_path, tokenizer_dir, konlp
     tokenize_corpus(konlpy_files, tokenizer_dir, nodes[1], ShardConfig(workers=1, num_nodes=2, node_rank=1, min_chars=20), show_progress=False)
     with pytest.raises(ClovaError, match=r"node dir ../node-1 changed since the merge.*clova tokenize merge"):
         check_inputs(spec)
+
+
+def test_verification_spreads_over_processes_with_the_same_verdicts(korean_shards, tmp_path):
+    import shutil
+
+    from clova_train.shards.format import verify_shard_dir
+
+    one = verify_shard_dir(korean_shards)
+    two = verify_shard_dir(korean_shards, workers=2)
+    assert len(one["stamps"]) >= 2 and one["stamps"] == two["stamps"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(korean_shards, damaged)
+    f = next(p for p in sorted(damaged.glob("*.bin")) if p.stat().st_size > 100)
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ClovaError, match=rf"{f.name}: sha256 differs"):
+        verify_shard_dir(damaged, workers=2)
