@@ -220,3 +220,11 @@ def test_verification_spreads_over_processes_with_the_same_verdicts(korean_shard
     f.write_bytes(bytes(raw))
     with pytest.raises(ClovaError, match=rf"{f.name}: sha256 differs"):
         verify_shard_dir(damaged, workers=2)
+
+
+def test_a_failed_index_build_names_its_cause(tmp_path):
+    from clova_train.shards.index import build_in_subprocess
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClovaError, match=r"building the sample index in .* failed: .*empty: no manifest.json"):
+        build_in_subprocess([str(tmp_path / "empty")], tmp_path / "cache", seq_len=16, seed=1, epochs=[1])

@@ -260,16 +260,18 @@ def build_in_subprocess(paths: Sequence[str], cache: str | Path, *, seq_len: int
     import subprocess
 
     args = json.dumps({"paths": [str(p) for p in paths], "cache": str(cache), "seq_len": seq_len, "seed": seed, "epochs": list(epochs)})
-    r = subprocess.run([sys.executable, "-m", __name__, args], capture_output=True, text=True)
+    # Its progress lines go to this process's stdout; its error comes back on stderr.
+    r = subprocess.run([sys.executable, "-m", __name__, args], stderr=subprocess.PIPE, text=True)
     if r.returncode:
-        lines = (r.stderr or r.stdout).strip().splitlines()
+        lines = (r.stderr or "").strip().splitlines()
         raise ClovaError(f"building the sample index in {cache} failed: {lines[-1] if lines else f'exit {r.returncode}'}")
 
 
 def _main(argv: list[str]) -> int:
     req = json.loads(argv[0])
     try:
-        build_indices(req["paths"], req["cache"], seq_len=req["seq_len"], seed=req["seed"], epochs=req["epochs"])
+        build_indices(req["paths"], req["cache"], seq_len=req["seq_len"], seed=req["seed"], epochs=req["epochs"],
+                      note=lambda line: print(line, flush=True))
     except ClovaError as e:
         print(str(e), file=sys.stderr)
         return 2
