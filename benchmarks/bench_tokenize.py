@@ -131,6 +131,7 @@ def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> None:
             f"clova tokenize --workers {w}           {mb / s:8.2f} MB/s {r['documents'] / s:10,.0f} docs/s"
             f"   ratio vs encode_batch {t_ref / s:5.2f} (by CPU time {cpu_ref / r['workers_cpu']:4.2f})"
             f"   CPU main {r['main_cpu']:.1f} s + workers {r['workers_cpu']:.1f} s"
+            f" (coordinator's share {r['main_cpu'] / (r['main_cpu'] + r['workers_cpu']):.0%}; goal < 5%)"
             f"   peak RSS main {r['main_rss_mb']:.0f} MB, largest worker {r['worker_rss_mb']:.0f} MB"
         )
     print(f"scaling 1 -> 2 workers: {runs[1]['seconds'] / runs[2]['seconds']:.2f}x   outputs byte-identical: {same}"

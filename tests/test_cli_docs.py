@@ -34,6 +34,7 @@ COMMANDS = [
     ["tokenize", "merge"],
     ["shards", "inspect"],
     ["shards", "verify"],
+    ["shards", "index"],
     ["plan"],
     ["train"],
     ["export"],

@@ -101,6 +101,9 @@ def test_copied_constants_match_morph(remote):
     assert remote.EOJEOL.pattern == morph.EOJEOL.pattern
     assert remote._FALLBACK.pattern == morph._FALLBACK.pattern
     assert (remote.MAX_ANALYSIS_CHARS, remote.MAX_CACHED_CHARS) == (morph.MAX_ANALYSIS_CHARS, morph.MAX_CACHED_CHARS)
+    from clova_train.text import readers
+
+    assert remote.CONTROL.pattern == readers._CONTROL.pattern
 
 
 # ---------------------------------------------------------------- AutoTokenizer: ids and text
@@ -119,7 +122,8 @@ def test_ids_match_on_real_text(hf, tok, konlpy_files, konlpy_lines):
         text = f.read_text(encoding="utf-8")
         ids = tok.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids
-        assert hf.decode(ids) == tok.decode(ids) == unicodedata.normalize("NFC", text)
+        # The kobill files hold form feeds (\x0c): cleaned away, as from the shards.
+        assert hf.decode(ids) == tok.decode(ids) == tok.normalize(text) == unicodedata.normalize("NFC", text.replace("\x0c", ""))
 
 
 @settings(max_examples=100, deadline=None)
@@ -190,3 +194,22 @@ def test_loads_without_clova_train(hf_dir, tok):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == tok.encode(text)
+
+
+def test_control_characters_get_the_same_ids_in_shards_encode_and_autotokenizer(hf, tok, tokenizer_dir, tmp_path):
+    """A \\r, \\x0b or \\x7f in a prompt must become what training saw: the shards drop them, so encode and the export do."""
+    from clova_train.shards.build import tokenize_corpus
+    from clova_train.shards.format import ShardConfig, open_split
+
+    texts = ["국민의 자유\r\n를 보장한다", "헌법\x0b은\x7f 국민의\t권리", "\x7f\r대한민국\x0b 헌법 \x85끝"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    tokenize_corpus([corpus], tokenizer_dir, tmp_path / "shards", ShardConfig(valid_fraction=0.0, workers=1), show_progress=False)
+    (shard,) = open_split(tmp_path / "shards", "train")
+    from_shards = sorted(shard[i][:-1].tolist() for i in range(len(shard)))  # EOD dropped
+    encoded = [tok.encode(t) for t in texts]
+    assert sorted(encoded) == from_shards
+    assert hf(texts, add_special_tokens=False)["input_ids"] == encoded
+    for t, ids in zip(texts, encoded):
+        decoded = tok.decode(ids)
+        assert not any(c in decoded for c in "\r\x0b\x7f\x85") and decoded.count("\n") == t.count("\n")

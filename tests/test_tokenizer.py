@@ -85,7 +85,10 @@ def test_roundtrip_on_real_text(tok, konlpy_lines):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(nfc_text, korean_ish))
 def test_roundtrip_on_generated_unicode(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+    # Lossless for what the cleaning keeps; control characters but \n and \t go, as from the shards.
+    assert tok.decode(tok.encode(text)) == tok.normalize(text)
+    if text == tok.normalize(text):
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_no_token_crosses_a_morpheme_on_real_text(tok, konlpy_lines):

@@ -12,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, parse_data_spec
+from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, eval_windows, parse_data_spec
 from clova_train.core.errors import ClovaError
+from clova_train.shards.format import read_manifest
 from clova_train.training.loop import WORKER_MODULE
 from clova_train.training.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
 from clova_train.training.ds_config import ParallelConfig, deepspeed_config, load_template, template_defaults
@@ -130,7 +131,10 @@ def test_stream_and_eval_refusals():
     valid = PackedDataset([synthetic(20, 9)], 16, 0, shuffle=False)
     batches = [eval_batches(valid, 10, micro_batch=2, rank=r, world=2) for r in range(2)]
     assert [len(b) for b in batches] == [2, 2]  # 10 rounded down to 8 = 2 ranks x 2 micro-batches x 2
-    assert np.array_equal(batches[1][0][0].numpy(), valid[4])
+    # The windows are spread over the whole valid stream by a stride, not the first 8 in file order.
+    picks = eval_windows(len(valid), 10, 4)
+    assert len(picks) == 8 and picks[-1] >= len(valid) - len(valid) // 8 and np.all(np.diff(picks) == len(valid) // 8)
+    assert np.array_equal(batches[1][0][0].numpy(), valid[int(picks[4])])
     assert eval_batches(tiny, 8, micro_batch=1, rank=0, world=1) == []
 
 
@@ -526,20 +530,26 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
 
     shards = tmp_path / "shards"
     shutil.copytree(korean_shards, shards)
-    spec = SimpleNamespace(run_dir=tmp_path / "run", data=DataConfig(paths=[str(shards)]))
+    spec = SimpleNamespace(run_dir=tmp_path / "run", data=DataConfig(paths=[str(shards)]), reverify=False)
     check_inputs(spec)
-    assert (tmp_path / "run" / VERIFIED_FILE).is_file()
+    stamps = json.loads((tmp_path / "run" / VERIFIED_FILE).read_text())["shards"]
+    assert len(stamps) == len(read_manifest(shards)["shards"])  # one stamp per shard, each file by real path
+    assert all(st["bin"]["path"].startswith(str(shards.resolve())) and st["bin"]["blocks"] for st in stamps.values())
 
-    def no_rehash(path, progress=False):
-        raise AssertionError("re-hashed an unchanged shard dir")
+    def no_full_check(job):
+        raise AssertionError(f"fully re-checked an unchanged shard {job[0]}")
 
     with monkeypatch.context() as m:
-        m.setattr(clova_train.shards.format, "verify_shard_dir", no_rehash)
-        check_inputs(spec)  # a restart: same files, no hashing
+        m.setattr(clova_train.shards.format, "_check_one", no_full_check)
+        check_inputs(spec)  # a restart: .idx re-hashed, a sample of .bin blocks read, nothing checked in full
+        with pytest.raises(AssertionError, match="fully re-checked"):
+            check_inputs(SimpleNamespace(**{**vars(spec), "reverify": True}))  # --reverify trusts no stamp
+    # A flipped byte with the mtime put back: the block sample still finds it (these shards are one block each).
     binfile = next(p for p in sorted(shards.glob("*.bin")) if p.stat().st_size > 100)
+    st = binfile.stat()
     raw = bytearray(binfile.read_bytes())
     raw[10] ^= 1
     binfile.write_bytes(bytes(raw))
-    os.utime(binfile, ns=(binfile.stat().st_atime_ns, binfile.stat().st_mtime_ns + 10**9))
+    os.utime(binfile, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ClovaError, match="sha256 differs"):
         check_inputs(spec)

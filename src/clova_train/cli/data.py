@@ -47,7 +47,7 @@ def tokenize(
     tokenizer_dir: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer dir from `clova tokenizer train`."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Shard dir; rerunning into it resumes an interrupted run."),
     config: Optional[Path] = typer.Option(None, "--config", help="A JSON ShardConfig; flags override it."),
-    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 100M).", rich_help_panel="Shards"),
+    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 1B: 2 GB at uint16; the paper's 561B tokens make ~560 shards).", rich_help_panel="Shards"),
     valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction", help="Held-out fraction, by a stable hash of the text (default 0.01).", rich_help_panel="Shards"),
     min_chars: Optional[int] = typer.Option(None, "--min-chars", help="Skip shorter documents (after cleaning).", rich_help_panel="Cleaning"),
     max_chars: Optional[int] = typer.Option(None, "--max-chars", help="A longer document is bad input (default 4M).", rich_help_panel="Cleaning"),
@@ -128,7 +128,7 @@ def _shard_summary(report: dict, title: str) -> Table:
     return table
 
 
-shards_app = typer.Typer(help="Inspect and verify shard dirs made by `clova tokenize`.", no_args_is_help=True)
+shards_app = typer.Typer(help="Inspect, verify and index shard dirs made by `clova tokenize`.", no_args_is_help=True)
 
 
 @shards_app.command("inspect")
@@ -199,4 +199,26 @@ def shards_verify(
         f"[green]ok[/]: {s['shards']} shards, {s['bytes']:,} bytes; "
         f"train {s['train']['documents']:,} documents / {s['train']['tokens']:,} tokens, "
         f"valid {s['valid']['documents']:,} documents / {s['valid']['tokens']:,} tokens"
+    )
+
+
+@shards_app.command("index")
+@friendly
+def shards_index(
+    data: List[str] = typer.Argument(..., help="Shard dirs as `clova train --data` takes them (DIR or DIR:WEIGHT), in the same order."),
+    cache: Path = typer.Option(..., "--cache", help="The cache dir the run will get as --data-cache (shared by every node)."),
+    seq_len: int = typer.Option(2048, "--seq-len", help="The run's --seq-len."),
+    seed: int = typer.Option(1234, "--seed", help="The run's --seed."),
+    samples: int = typer.Option(0, "--samples", help="Samples the run draws (steps x global batch); 0: one epoch of each dir."),
+) -> None:
+    """Build a run's memory-mapped sample indices ahead of the job, on one node; the ranks then only map them.
+
+    Example: [bold]clova shards index shards/news:0.7 shards/blogs:0.3 --cache /shared/idx --seq-len 2048 --samples 73242624[/]
+    """
+    from clova_train.training.sampler import build_run_indices
+
+    s = build_run_indices(data, cache, seq_len=seq_len, seed=seed, total_samples=samples, note=out.print)
+    out.print(
+        f"[green]ok[/]: {s['built']} index entries built, {s['kept']} already there, in {s['seconds']:.1f} s; "
+        f"epochs per dir {s['epochs']}; pass --data-cache {s['cache']} to `clova train`"
     )

@@ -30,7 +30,6 @@ import multiprocessing as mp
 import os
 import signal
 import time
-import unicodedata
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
@@ -47,7 +46,7 @@ from clova_train.text.readers import (
     check_inputs,
     input_size,
     iter_documents,
-    strip_control,
+    clean,
 )
 from clova_train.core.errors import ClovaError
 from clova_train.core.progress import progress_bar
@@ -248,9 +247,7 @@ class _DocumentStream:
                 )
             stats.clean_skips.add("too_long", f"{stats.path}:{doc.where}")
             return None
-        text = strip_control(doc.text)
-        if self.norm != "none":
-            text = unicodedata.normalize(self.norm, text)
+        text = clean(doc.text, self.norm)
         if not text or text.isspace():
             stats.clean_skips.add("empty_after_cleaning", f"{stats.path}:{doc.where}")
             return None

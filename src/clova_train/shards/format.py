@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -36,6 +37,7 @@ import numpy as np
 from clova_train.text.readers import check_read_options
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import commit_file, file_sha256, tmp_name
+from clova_train.shards.stamps import file_stamp, scan_bin
 
 MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -65,8 +67,10 @@ KEY_DTYPE = np.dtype("<u8")
 class ShardConfig:
     """How `clova tokenize` cleans, splits and shards a corpus. Flags override a JSON file."""
 
-    shard_tokens: int = 100_000_000
-    """Tokens per shard: a shard closes after the document that reaches this (200 MB at uint16)."""
+    shard_tokens: int = 1_000_000_000
+    """Tokens per shard: a shard closes after the document that reaches this. 1B tokens is a 2 GB .bin at
+    uint16 (4 GB at int32) and an .idx of about 12 bytes per document: the paper's 561B tokens make about
+    560 train shards, so a rank's maps, directory listings and manifests stay in the hundreds."""
     valid_fraction: float = 0.01
     """Fraction of documents held out for validation, chosen by a stable hash of the text."""
     min_chars: int = 0
@@ -275,14 +279,70 @@ def _read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
     return np.dtype(DTYPE_CODES[code]), n, n_doc_idx
 
 
+class _OpenMaps:
+    """The memory maps of the most recently used shards; older ones are closed.
+
+    A map holds a file descriptor for as long as it lives, so thousands of
+    shards mapped at once would pass the usual soft limit of 1,024 open files;
+    shards are mapped on first use and at most ``limit`` stay mapped.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._maps: "OrderedDict[str, tuple]" = OrderedDict()
+
+    def get(self, ds: "IndexedDataset") -> tuple:
+        maps = self._maps.get(ds.prefix)
+        if maps is not None:
+            self._maps.move_to_end(ds.prefix)
+            return maps
+        maps = ds._map()
+        self._maps[ds.prefix] = maps
+        while len(self._maps) > self.limit:
+            self._maps.popitem(last=False)  # views still held elsewhere keep their map (and descriptor) alive
+        return maps
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+
+OPEN_SHARDS = _OpenMaps(limit=128)
+"""Shards kept mapped at once per process (two descriptors each: .idx and .bin)."""
+
+
+def check_open_files(extra: int = 512) -> None:
+    """Make sure this process may keep :data:`OPEN_SHARDS` mapped plus ``extra`` other files open.
+
+    Raises the soft limit up to the hard one when that suffices (no privilege
+    needed); otherwise a one-line error with the fix.
+    """
+    import resource
+
+    need = 2 * OPEN_SHARDS.limit + extra
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise ClovaError(
+        f"this process may open only {soft} files (hard limit {hard}) but needs about {need} "
+        f"({OPEN_SHARDS.limit} shards mapped at once, two files each, plus {extra} for the rest); "
+        f"run `ulimit -n {need}` before starting (a hard limit comes from limits.conf or the job scheduler)"
+    )
+
+
 class IndexedDataset:
     """Read-only, zero-copy view of one shard: ``ds[i]`` is document i's tokens (EOD included).
 
     Attributes ``sizes`` (int32), ``pointers`` (int64 byte offsets), ``doc_idx``
-    (int64) and ``dtype`` mirror Megatron-LM's ``MMapIndexedDataset``.
+    (int64) and ``dtype`` mirror Megatron-LM's ``MMapIndexedDataset``. Opening
+    reads the header only; the files are mapped on first access through
+    :data:`OPEN_SHARDS`. ``tokens`` (from a verified manifest) spares reading
+    every size to count them.
     """
 
-    def __init__(self, prefix: str | Path):
+    def __init__(self, prefix: str | Path, tokens: int | None = None):
         self.prefix = str(prefix)
         bin_path, idx_path, _ = prefix_files(prefix)
         self.dtype, n, n_doc_idx = _read_header(idx_path)
@@ -293,19 +353,41 @@ class IndexedDataset:
                 f"{idx_path}: {actual} bytes but its header promises {expected} "
                 f"({n} sequences); the file is truncated or corrupt"
             )
-        idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        self.sizes: np.ndarray = np.frombuffer(idx, dtype="<i4", count=n, offset=HEADER_BYTES)
-        self.pointers: np.ndarray = np.frombuffer(idx, dtype="<i8", count=n, offset=HEADER_BYTES + 4 * n)
-        self.doc_idx: np.ndarray = np.frombuffer(idx, dtype="<i8", count=n_doc_idx, offset=HEADER_BYTES + 12 * n)
         if not bin_path.is_file():
             raise ClovaError(f"{bin_path}: missing (its index {idx_path.name} exists)")
+        self._n, self._n_doc_idx, self._known_tokens = n, n_doc_idx, tokens
+
+    def _map(self) -> tuple:
+        bin_path, idx_path, _ = prefix_files(self.prefix)
+        n = self._n
+        idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
+        sizes = np.frombuffer(idx, dtype="<i4", count=n, offset=HEADER_BYTES)
+        pointers = np.frombuffer(idx, dtype="<i8", count=n, offset=HEADER_BYTES + 4 * n)
+        doc_idx = np.frombuffer(idx, dtype="<i8", count=self._n_doc_idx, offset=HEADER_BYTES + 12 * n)
         if bin_path.stat().st_size == 0:  # mmap refuses empty files
-            self._tokens = np.zeros(0, dtype=self.dtype)
+            tokens = np.zeros(0, dtype=self.dtype)
         else:
-            self._tokens = np.frombuffer(np.memmap(bin_path, dtype=np.uint8, mode="r"), dtype=self.dtype.newbyteorder("<"))
+            tokens = np.frombuffer(np.memmap(bin_path, dtype=np.uint8, mode="r"), dtype=self.dtype.newbyteorder("<"))
+        return sizes, pointers, doc_idx, tokens
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[0]
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[1]
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[2]
+
+    @property
+    def _tokens(self) -> np.ndarray:
+        return OPEN_SHARDS.get(self)[3]
 
     def __len__(self) -> int:
-        return len(self.sizes)
+        return self._n
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
@@ -322,14 +404,17 @@ class IndexedDataset:
             i += n
         if not 0 <= i < n:
             raise IndexError(f"document {i} out of range for {n} documents in {self.prefix}")
-        base = int(self.pointers[i]) // self.dtype.itemsize
-        end = base + int(self.sizes[i])
+        sizes, pointers, _, tokens = OPEN_SHARDS.get(self)
+        base = int(pointers[i]) // self.dtype.itemsize
+        end = base + int(sizes[i])
         start = min(base + offset, end)
         stop = end if length is None else min(start + length, end)
-        return self._tokens[start:stop]
+        return tokens[start:stop]
 
     @property
     def num_tokens(self) -> int:
+        if self._known_tokens is not None:
+            return self._known_tokens
         return int(self.sizes.sum(dtype=np.int64))
 
     @property
@@ -370,26 +455,30 @@ def open_split(directory: str | Path, split: str = "train") -> list[IndexedDatas
         raise ClovaError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     directory = Path(directory)
     man = read_manifest(directory)
-    return [IndexedDataset(directory / s["prefix"]) for s in man["shards"] if s["split"] == split]
+    return [IndexedDataset(directory / s["prefix"], tokens=s["tokens"]) for s in man["shards"] if s["split"] == split]
 
 
-def _check_hash(path: Path, want: str, want_bytes: int | None = None) -> None:
+def _check_hash(path: Path, want: str | None, want_bytes: int | None = None, *, hashed: str | None = None) -> None:
+    """Presence, size, and (``want`` given) the sha256, computed here unless ``hashed`` already."""
     if not path.is_file():
         raise ClovaError(f"{path}: missing (listed in the manifest); rerun `clova tokenize` to rebuild it")
     size = path.stat().st_size
     if want_bytes is not None and size != want_bytes:
         raise ClovaError(f"{path}: {size} bytes but the manifest says {want_bytes}; the file is truncated or was changed")
-    if file_sha256(path) != want:
+    if want is not None and (hashed or file_sha256(path)) != want:
         raise ClovaError(f"{path}: sha256 differs from the manifest; the file is corrupt or was changed")
 
 
-def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: int | None) -> None:
-    """Re-hash one shard's files and check its .idx against its .bin; ClovaError naming the file."""
+def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: int | None) -> dict:
+    """Check one shard's .idx against its .bin and both against the manifest, reading each file once;
+    ClovaError naming the file, else the stamps of its files (see :func:`file_stamp`)."""
     bin_path, idx_path, keys_path = prefix_files(prefix)
-    _check_hash(bin_path, record["bin_sha256"], record.get("bin_bytes"))
+    _check_hash(bin_path, None, record.get("bin_bytes"))  # presence and size before anything is read
     _check_hash(idx_path, record["idx_sha256"])
+    stamps = {"idx": file_stamp(idx_path, record["idx_sha256"])}
     if record.get("keys_sha256"):
         _check_hash(keys_path, record["keys_sha256"], 8 * record["documents"])
+        stamps["keys"] = file_stamp(keys_path, record["keys_sha256"])
     ds = IndexedDataset(prefix)
     n = len(ds)
     bad = lambda what: ClovaError(f"{idx_path}: {what}")  # noqa: E731
@@ -414,32 +503,52 @@ def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: i
         contiguous = n == 0 or (ds.pointers[0] == 0 and np.array_equal(ds.pointers[1:], ends[:-1]))
         if not contiguous or ds.num_tokens * item != bin_bytes:
             raise bad(f"sizes cover {ds.num_tokens * item} bytes but {bin_path.name} holds {bin_bytes}")
-    if n and eod_id is not None:
-        last = ds.tokens[(ends - item) // item]
-        if (last != eod_id).any():
-            first = int(np.argmax(last != eod_id))
-            raise bad(f"document {first} does not end with the end-of-document token {eod_id}")
-    if n and vocab_size is not None and int(ds.tokens.max()) >= vocab_size:
-        raise ClovaError(f"{bin_path}: token id {int(ds.tokens.max())} outside the vocabulary ({vocab_size})")
+    sha, blocks, top, first_bad = scan_bin(bin_path, ds.dtype, (ends - item) // item, eod_id if n else None)
+    _check_hash(bin_path, record["bin_sha256"], hashed=sha)
+    if first_bad >= 0:
+        raise bad(f"document {first_bad} does not end with the end-of-document token {eod_id}")
+    if n and vocab_size is not None and top >= vocab_size:
+        raise ClovaError(f"{bin_path}: token id {top} outside the vocabulary ({vocab_size})")
+    stamps["bin"] = file_stamp(bin_path, sha, blocks=blocks)
+    return stamps
 
 
-def verify_shard_dir(directory: str | Path, progress: bool = False) -> dict:
-    """Re-hash every shard file and check every .idx against its .bin; a summary, or ClovaError."""
+def _check_one(args: tuple) -> dict:
+    return check_shard(*args[:2], eod_id=args[2], vocab_size=args[3])
+
+
+def verify_shard_dir(directory: str | Path, progress: bool = False, *, workers: int = 1, only: Sequence[str] | None = None) -> dict:
+    """Re-hash every shard file and check every .idx against its .bin; a summary with each shard's file stamps
+    (under "stamps", by prefix), or ClovaError. ``workers`` processes share the shards; ``only`` (prefixes)
+    limits the file checks to those shards (the manifest's own totals are always checked)."""
     from clova_train.core.progress import progress_bar
 
     directory = Path(directory)
     man = read_manifest(directory)
     tok = man["tokenizer"]
     summary = {s: {"shards": 0, "documents": 0, "tokens": 0} for s in SPLITS}
+    todo = [r for r in man["shards"] if only is None or r["prefix"] in set(only)]
     total_bytes = sum(s["bin_bytes"] for s in man["shards"])
-    with progress_bar("verifying", total_bytes, enabled=progress, unit="bytes") as advance:
-        for rec in man["shards"]:
-            check_shard(directory / rec["prefix"], rec, eod_id=tok["eod_id"], vocab_size=tok["vocab_size"])
-            part = summary[rec["split"]]
-            part["shards"] += 1
-            part["documents"] += rec["documents"]
-            part["tokens"] += rec["tokens"]
-            advance(rec["bin_bytes"])
+    jobs = [(directory / r["prefix"], r, tok["eod_id"], tok["vocab_size"]) for r in todo]
+    stamps = {}
+    with progress_bar("verifying", sum(r["bin_bytes"] for r in todo), enabled=progress, unit="bytes") as advance:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                for rec, st in zip(todo, pool.map(_check_one, jobs)):
+                    stamps[rec["prefix"]] = st
+                    advance(rec["bin_bytes"])
+        else:
+            for rec, job in zip(todo, jobs):
+                stamps[rec["prefix"]] = _check_one(job)
+                advance(rec["bin_bytes"])
+    for rec in man["shards"]:
+        part = summary[rec["split"]]
+        part["shards"] += 1
+        part["documents"] += rec["documents"]
+        part["tokens"] += rec["tokens"]
     totals = man["totals"]
     for split in SPLITS:
         if summary[split]["documents"] != man["split"][split]["documents"]:
@@ -459,4 +568,5 @@ def verify_shard_dir(directory: str | Path, progress: bool = False) -> dict:
         "bytes": total_bytes,
         "tokenizer_hash": tok["hash"],
         **summary,
+        "stamps": stamps,
     }

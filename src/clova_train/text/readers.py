@@ -103,6 +103,12 @@ def strip_control(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
+def clean(text: str, form: str = "NFC") -> str:
+    """The one cleaning before tokens, for shards, tokenizer training and encoding alike (so a prompt meets
+    the ids training saw): control characters but newline and tab out, then Unicode normalisation."""
+    return normalize(strip_control(text), form)
+
+
 def detect_format(path: Path) -> tuple[str, str | None]:
     """Return (format, compression) for an input path, or raise a clear error."""
     if path.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from clova_train.text.readers import (
-    normalize,
+    clean,
 )
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import EOJEOL, MAX_CACHED_CHARS, MorphSegmenter, analyzer_info
@@ -101,7 +101,8 @@ class ClovaTokenizer:
         return self._full.get_vocab_size()
 
     def normalize(self, text: str) -> str:
-        return normalize(text, self.normalization)
+        """The text as the tokenizer sees it: the shards' cleaning (control characters out, then normalisation)."""
+        return clean(text, self.normalization)
 
     def segment(self, text: str) -> list[str]:
         """Morpheme pieces of the normalised text; they concatenate back to it."""
@@ -126,7 +127,7 @@ class ClovaTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text (no end-of-document token appended)."""
         norm = self.normalization
-        docs = [EOJEOL.findall(t if norm == "none" else normalize(t, norm)) for t in texts]
+        docs = [EOJEOL.findall(clean(t, norm)) for t in texts]
         cache = self._cache
         missing = {w for ws in docs for w in ws if w not in cache}
         if len(cache) + len(missing) > self._cache_entries:

@@ -1,7 +1,8 @@
 """Morpheme-aware byte-level BPE for models exported by clova-train.
 
 Load it with ``AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)``.
-Text is normalised (NFC), cut into eojeols (whitespace plus the word after
+Text is cleaned as training's shards were (control characters other than
+newline and tab removed, then NFC), cut into eojeols (whitespace plus the word after
 it), each eojeol is cut into morphemes by MeCab-ko, and byte-level BPE runs
 inside each morpheme, exactly as at training time, so ids match training's.
 Without ``trust_remote_code`` the same ``tokenizer.json`` loads as plain
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib.metadata import version
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 # ---- copy of clova_train.tokenizer.morph: keep in step with it --------------------------------
@@ -96,6 +97,12 @@ class MorphemeSplit:
 
 
 _NORMALIZERS = {"NFC": normalizers.NFC, "NFKC": normalizers.NFKC}
+# clova_train.text.readers' control characters (copied: this file runs without clova-train): removed
+# before normalisation, as from every document of the training shards.
+_CONTROL_RANGES = ((0x00, 0x08), (0x0B, 0x1F), (0x7F, 0x9F))
+CONTROL = re.compile("[" + "".join(f"\\x{a:02x}-\\x{b:02x}" for a, b in _CONTROL_RANGES) + "]")
+# The same class for `tokenizers` (Oniguruma reads \xHH as a byte, \x{H} as a code point).
+_CONTROL_ONIG = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _CONTROL_RANGES) + "]"
 
 
 class ClovaTokenizerFast(PreTrainedTokenizerFast):
@@ -123,7 +130,10 @@ class ClovaTokenizerFast(PreTrainedTokenizerFast):
         return super().convert_to_native_format(trust_remote_code=True, **kwargs)
 
     def _install(self, backend: Tokenizer) -> None:
-        backend.normalizer = _NORMALIZERS[self.normalization]() if self.normalization in _NORMALIZERS else None
+        steps = [normalizers.Replace(Regex(_CONTROL_ONIG), "")]
+        if self.normalization in _NORMALIZERS:
+            steps.append(_NORMALIZERS[self.normalization]())
+        backend.normalizer = normalizers.Sequence(steps)
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.PreTokenizer.custom(MorphemeSplit()), self._byte_level()]
         )

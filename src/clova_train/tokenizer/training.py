@@ -20,8 +20,8 @@ from clova_train.text.readers import (
     check_inputs,
     check_read_options,
     input_size,
+    clean,
     iter_documents,
-    normalize,
 )
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import EOJEOL, MorphSegmenter, analyzer_info
@@ -137,7 +137,7 @@ def train_tokenizer(
                     advance(nbytes)
                 if not _keep(doc.text, cfg.sample_fraction, cfg.seed):
                     continue
-                text = normalize(doc.text, cfg.normalization)
+                text = clean(doc.text, cfg.normalization)
                 docs_used += 1
                 chars += len(text)
                 eojeols.update(EOJEOL.findall(text))

@@ -138,11 +138,15 @@ class TrainRequest:
     deepspeed: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     parallel: dict[str, Any] = field(default_factory=dict)
+    data_cache: str | None = None
+    """Directory of the memory-mapped sample indices (None: the config file's, else RUN_DIR/data_cache)."""
     resume: bool = False
     force: bool = False
     """Start even when the memory plan says the run cannot fit."""
     resume_step: int | None = None
     """Resume from this step's checkpoint (discarding newer ones), e.g. when the newest is damaged."""
+    reverify: bool = False
+    """Re-hash every shard file before step 1, trusting no stamp of an earlier check."""
 
 
 @dataclass
@@ -162,6 +166,7 @@ class RunSpec:
     checked: bool = False
     force: bool = False
     resume_step: int | None = None
+    reverify: bool = False
 
     @property
     def run_dir(self) -> Path:
@@ -186,6 +191,7 @@ class RunSpec:
             "checked": self.checked,
             "force": self.force,
             "resume_step": self.resume_step,
+            "reverify": self.reverify,
         }
 
     @classmethod
@@ -204,4 +210,5 @@ class RunSpec:
             checked=d["checked"],
             force=d.get("force", False),
             resume_step=d.get("resume_step"),
+            reverify=d.get("reverify", False),
         )

@@ -35,7 +35,9 @@ from clova_train.training.preflight import _rank0_check, memory_check
 from clova_train.training.reshard import describe_change, layout, load_resharded
 from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
-from clova_train.training.sampler import TrainStream, eval_batches, open_train_data, open_valid_data
+from clova_train.shards.format import check_open_files
+from clova_train.shards.index import ORDER_VERSION
+from clova_train.training.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
 from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
 from clova_train.training.zero import ZeroEngine
 
@@ -116,9 +118,11 @@ def run_worker(spec: RunSpec) -> str:
     engine = build_engine(spec.model, ds_config, spec.parallel, seed=train.seed, dist=dist)
     # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
     share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
-    datasets = open_train_data(spec.data.paths, train.seq_len, train.seed)
+    check_open_files()
+    datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.steps * train.global_batch,
+                                           build=rank0, note=console.print if dist.local_rank == 0 else None)
     stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share), pin=dist.is_cuda)
-    valid = eval_batches(open_valid_data(spec.data.paths, train.seq_len), train.eval_samples if train.eval_every else 0, **share)
+    valid = eval_batches(valid_data, train.eval_samples if train.eval_every else 0, **share)
     ckpt = Checkpointer(run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last, keep_every=train.keep_every, faults=faults)
     metrics = MetricsLogger(run_dir, enabled=rank0, monitor=engine.monitor if rank0 else None)
     guard = BadStepGuard(train.max_bad_steps)
@@ -131,6 +135,7 @@ def run_worker(spec: RunSpec) -> str:
     if tag is not None:
         state, changed = resume_state(ckpt, tag, here, spec)
         step, tokens = state["step"], state["tokens"]
+        check_order_version(state, ckpt.dir / tag)
         stream.load_state_dict(state["sampler"])
         guard = BadStepGuard(train.max_bad_steps, state["bad_steps"], state["consecutive_bad_steps"])
         if state.get("rng") is not None:
@@ -151,7 +156,8 @@ def run_worker(spec: RunSpec) -> str:
     def save(at: int) -> str:
         # Rank-independent state: in DeepSpeed's client state and, readable without unpickling, in the marker
         # (resuming on another layout reads it there); each rank's RNG goes to its own file (Checkpointer.save).
-        resume = {"sampler": stream.state_dict(), "bad_steps": guard.total, "consecutive_bad_steps": guard.consecutive}
+        resume = {"sampler": stream.state_dict(), "order_version": ORDER_VERSION, "bad_steps": guard.total,
+                  "consecutive_bad_steps": guard.consecutive}
         client = {"clova": {"step": at, "tokens": tokens, "config_hash": spec.config_hash, "world_size": dist.world, **resume}}
         marker = {"step": at, "tokens": tokens, "loss": last["loss"], "valid_loss": last["valid_loss"],
                   "config_hash": spec.config_hash, "world_size": dist.world, "launcher": launcher,

@@ -42,32 +42,70 @@ def check_run_dir(spec: RunSpec) -> None:
         )
 
 
-def _shard_stamp(path: str) -> list:
-    """Name, size and mtime of every file in a shard dir: what a rerun compares before re-hashing."""
-    return [[f.name, st.st_size, st.st_mtime_ns] for f in sorted(Path(path).iterdir()) if f.is_file() for st in [f.stat()]]
+STAMPS_VERSION = 2
+# Below this many bytes to check, one process is quicker than starting a pool.
+_POOL_BYTES = 1 << 28
+
+
+def _read_stamps(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except json.JSONDecodeError:
+        rec = {}
+    return rec.get("shards", {}) if isinstance(rec, dict) and rec.get("version") == STAMPS_VERSION else {}
+
+
+def _check_merged_nodes(path: str, man: dict) -> None:
+    """A merged dir's shards live in its node dirs: a node dir rebuilt after the merge is another dataset."""
+    from clova_train.core.files import file_sha256
+    from clova_train.shards.format import MANIFEST
+
+    for node in man.get("node", {}).get("merged_from", []):
+        node_man = Path(path) / node["dir"] / MANIFEST
+        if not node_man.is_file() or file_sha256(node_man) != node["manifest_sha256"]:
+            raise ClovaError(
+                f"{path}: its node dir {node['dir']} changed since the merge (its {MANIFEST} differs); "
+                f"rerun `clova tokenize merge` over the node dirs"
+            )
 
 
 def check_inputs(spec: RunSpec) -> None:
     """Verify every shard against its manifest (sizes, hashes, token range) before step 1.
 
-    Re-hashing a 1 TB corpus takes tens of minutes, and a preempted run
-    restarts often: a shard dir whose files still have the sizes and mtimes
-    recorded after the last full check (RUN_DIR/verified_shards.json) is not
-    re-hashed.
+    A full check reads every file once (hash and token checks in one pass,
+    spread over processes when there is much to read) and stamps each file it
+    read, by real path, in RUN_DIR/verified_shards.json: a merged dir's stamps
+    cover the node dirs' files. A restart re-hashes every .idx and a seeded
+    sample of .bin blocks against the stamps (cheap at any size) and fully
+    checks only the shards that fail that; ``spec.reverify`` checks everything.
     """
-    from clova_train.shards.format import verify_shard_dir
+    import os
+    import time
+
+    import numpy as np
+
+    from clova_train.shards.format import prefix_files, read_manifest, verify_shard_dir
+    from clova_train.shards.stamps import spot_check
 
     record = spec.run_dir / VERIFIED_FILE
-    try:
-        verified = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
-    except json.JSONDecodeError:
-        verified = {}
-    stamps = {path: _shard_stamp(path) for path in spec.data.paths}
+    stamps = {} if getattr(spec, "reverify", False) else _read_stamps(record)
+    rng = np.random.default_rng(time.time_ns())  # another sample of blocks at every start
     for path in spec.data.paths:
-        if verified.get(path) != stamps[path]:
-            verify_shard_dir(path)
+        man = read_manifest(path)
+        _check_merged_nodes(path, man)
+        keys, stale = {}, []
+        for rec in man["shards"]:
+            keys[rec["prefix"]] = key = os.path.realpath(prefix_files(Path(path) / rec["prefix"])[1])
+            want = {k: rec[f"{k}_sha256"] for k in ("bin", "idx", "keys") if rec.get(f"{k}_sha256")}
+            if key not in stamps or spot_check(stamps[key], want, rng) is not None:
+                stale.append(rec)
+        size = sum(r["bin_bytes"] for r in stale)
+        workers = min(8, os.cpu_count() or 1) if size > _POOL_BYTES else 1
+        checked = verify_shard_dir(path, workers=workers, only=[r["prefix"] for r in stale])
+        for prefix, st in checked["stamps"].items():
+            stamps[keys[prefix]] = st
     spec.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record, stamps)
+    atomic_write_json(record, {"version": STAMPS_VERSION, "shards": stamps})
 
 
 def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: float, local_world: int, *, show=None) -> dict | None:
@@ -108,15 +146,31 @@ def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: flo
 
 
 def _rank0_check(spec: RunSpec, rank: int) -> None:
-    """Under an external launcher, rank 0 checks the inputs once and every rank learns the verdict."""
+    """Under an external launcher, rank 0 checks the inputs once and every rank reads the verdict from the run
+    dir: a check of a large corpus outlasts a collective's timeout, so nobody waits inside one."""
+    import secrets
+    import time
+
     import torch.distributed as td
 
-    verdict = [None]
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    td.broadcast_object_list(token, src=0)  # returns at once: every rank is here at start
+    verdict = spec.run_dir / f".preflight-{token[0]}.json"
     if rank == 0:
+        for old in spec.run_dir.glob(".preflight-*.json"):
+            old.unlink(missing_ok=True)
         try:
             check_inputs(spec)
+            result = {"error": None}
         except ClovaError as e:
-            verdict[0] = str(e)
-    td.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise CollectiveError(verdict[0])
+            result = {"error": str(e)}
+        atomic_write_json(verdict, result)
+    else:
+        t0 = time.monotonic()
+        while not verdict.is_file():
+            if time.monotonic() - t0 > spec.data.cache_timeout:
+                raise CollectiveError(f"rank 0 did not finish checking the shards within {spec.data.cache_timeout:.0f} s; see its log")
+            time.sleep(1.0)
+        result = json.loads(verdict.read_text(encoding="utf-8"))
+    if result["error"]:
+        raise CollectiveError(result["error"])

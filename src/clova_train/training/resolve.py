@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,8 +13,8 @@ from clova_train.training.ds_config import ParallelConfig, template_defaults, ze
 from clova_train.training.ds_validate import validate_deepspeed
 from clova_train.training.pipeline import check_partition
 from clova_train.training.preflight import check_inputs, check_run_dir
-from clova_train.training.rundir import CONFIG_FILE
-from clova_train.training.sampler import DataConfig, data_config_from_specs
+from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
+from clova_train.training.sampler import DataConfig, data_config_from_specs, token_weights
 
 CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
 
@@ -40,8 +38,9 @@ def _layer(cls, where: str, *layers: dict, flags: dict):
 
 def _shard_fingerprint(manifest: dict) -> str:
     """Identifies a shard dir's training data by content, wherever it is mounted."""
-    train = sorted((s["prefix"], s.get("bin_sha256", "")) for s in manifest["shards"] if s["split"] == "train")
-    return hashlib.sha256(json.dumps(train).encode()).hexdigest()
+    from clova_train.shards.index import split_fingerprint
+
+    return split_fingerprint(manifest, "train")
 
 
 def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpec:
@@ -61,9 +60,12 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     if not data.paths:
         raise ClovaError("no training data: give --data SHARD_DIR[:WEIGHT]...")
     manifests = [read_manifest(p) for p in data.paths]
+    cache = req.data_cache or data.cache or str(run_dir / DATA_CACHE_DIR)
     data = DataConfig(
         paths=[str(Path(p).resolve()) for p in data.paths],
-        weights=data.weights or [float(sum(s["tokens"] for s in m["shards"] if s["split"] == "train")) for m in manifests],
+        weights=data.weights or token_weights(manifests),
+        cache=str(Path(cache).resolve()),
+        cache_timeout=data.cache_timeout,
     )
 
     # Tokenizer: the flag, else the file's, else the one the shards were made with.
@@ -147,6 +149,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         resume=req.resume,
         force=req.force,
         resume_step=req.resume_step,
+        reverify=req.reverify,
     )
     check_run_dir(spec)
     if check:

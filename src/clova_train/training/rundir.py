@@ -16,6 +16,8 @@ Run dir layout (``clova export`` relies on it):
     TensorBoard events through DeepSpeed's monitor.
 ``launch.json``, ``verified_shards.json``
     The resolved run handed to the workers; the shard files last verified.
+``data_cache/``
+    The memory-mapped sample indices (unless ``--data-cache`` puts them elsewhere).
 """
 
 CONFIG_FILE = "config.json"
@@ -26,3 +28,4 @@ MARKER_FILE = "clova_checkpoint.json"
 LATEST_FILE = "latest"
 LAUNCH_FILE = "launch.json"
 VERIFIED_FILE = "verified_shards.json"
+DATA_CACHE_DIR = "data_cache"

@@ -25,6 +25,10 @@ import torch
 
 from clova_train.core.errors import ClovaError
 
+# The validation windows are a property of the data, not of the run's seed: every run over the same
+# shard dirs evaluates the same windows, and an export can score them again.
+EVAL_SEED = 0
+
 
 @dataclass
 class DataConfig:
@@ -34,6 +38,10 @@ class DataConfig:
     """Shard dirs made by `clova tokenize`; their train splits are blended, their valid splits evaluated."""
     weights: list[float] = field(default_factory=list)
     """Relative sampling weight of each dir, in the order of ``paths`` (empty: proportional to train tokens)."""
+    cache: str = ""
+    """Where the sample indices are built and memory-mapped (empty: RUN_DIR/data_cache); share one across runs."""
+    cache_timeout: float = 7200.0
+    """Seconds a rank waits for another process to build the sample indices before giving up."""
 
     def __post_init__(self) -> None:
         self.paths = [str(p) for p in self.paths]
@@ -42,6 +50,8 @@ class DataConfig:
             raise ClovaError(f"data: {len(self.weights)} weights for {len(self.paths)} shard dirs; give one per dir or none")
         if any(not w > 0 for w in self.weights):
             raise ClovaError(f"data: weights must be > 0, got {self.weights}")
+        if not self.cache_timeout > 0:
+            raise ClovaError(f"data: cache_timeout must be > 0, not {self.cache_timeout}")
         if len(set(self.paths)) != len(self.paths):
             raise ClovaError("data: a shard dir is listed twice; give it a larger weight instead")
 
@@ -72,41 +82,58 @@ class PackedDataset:
     ``ds[k]`` is sample ``k`` (int64, ``seq_len + 1`` tokens); samples past
     the first epoch come from later epochs, each with its own document and
     window order. ``shuffle=False`` keeps file order (the validation set).
+    With ``cache`` and ``spec`` each epoch's index is memory-mapped from the
+    cache (built there by this process only if nobody built it before); without
+    them it is computed in RAM, as small tests do.
     """
 
-    def __init__(self, shards: Sequence, seq_len: int, seed: int, *, stream: int = 0, shuffle: bool = True, name: str = ""):
+    def __init__(self, shards: Sequence, seq_len: int, seed: int, *, stream: int = 0, shuffle: bool = True, name: str = "",
+                 cache=None, spec=None):
+        from clova_train.shards.index import IndexSpec
+
         self.shards = list(shards)
         self.seq_len = seq_len
         self.seed = seed
         self.stream = stream
         self.shuffle = shuffle
         self.name = name
-        sizes = [np.asarray(s.sizes, dtype=np.int64) for s in self.shards]
-        self.doc_sizes = np.concatenate(sizes) if sizes else np.zeros(0, dtype=np.int64)
-        self.shard_starts = np.cumsum([0] + [len(s) for s in sizes])  # first global doc of each shard
-        self.n_tokens = int(self.doc_sizes.sum())
+        self.cache = cache
+        self.spec = spec or IndexSpec("", seq_len, seed, stream, shuffle)
+        # Per shard only (never per document): what a rank holds does not grow with the corpus.
+        self.shard_starts = np.cumsum([0] + [len(s) for s in self.shards])  # first global doc of each shard
+        self.n_tokens = int(sum(_shard_tokens(s) for s in self.shards))
         # Windows overlap by one token, so n tokens give (n - 1) // seq_len of them.
         self.samples_per_epoch = max(0, (self.n_tokens - 1) // seq_len)
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._epochs: dict[int, tuple] = {}
 
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(document order, token offset of each document in the stream, window order)."""
+    def doc_sizes(self) -> np.ndarray:
+        """Every document's size, in file order (read only to build an index)."""
+        from clova_train.shards.index import all_sizes
+
+        return all_sizes(self.shards)
+
+    def epoch_key(self, e: int) -> str:
+        return self.spec.key(e)
+
+    def _epoch(self, e: int) -> tuple:
+        """(document order, token offset of each document in the stream, window order); order and windows
+        are None when unshuffled (file order)."""
         if e not in self._epochs:
-            n_docs = len(self.doc_sizes)
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.stream, e])
-                order = rng.permutation(n_docs)
-                windows = rng.permutation(self.samples_per_epoch)
-            else:
-                order, windows = np.arange(n_docs), np.arange(self.samples_per_epoch)
-            starts = np.zeros(n_docs + 1, dtype=np.int64)
-            np.cumsum(self.doc_sizes[order], out=starts[1:])
+            from clova_train.shards.index import epoch_arrays
+
+            key = self.spec.key(e)
+            arrays = self.cache.open(key) if self.cache is not None else None
+            if arrays is None and self.cache is not None:
+                self.cache.build(key, self.doc_sizes(), self.n_tokens, self.spec, e)
+                arrays = self.cache.open(key)
+            if arrays is None:
+                arrays = epoch_arrays(self.doc_sizes(), self.n_tokens, self.spec, e)
             if len(self._epochs) >= 2:  # an epoch boundary needs two; older ones are never read again
                 del self._epochs[min(self._epochs)]
-            self._epochs[e] = (order, starts, windows)
+            self._epochs[e] = (arrays.get("order"), arrays["starts"], arrays.get("windows"))
         return self._epochs[e]
 
     def _doc_tokens(self, doc: int, offset: int, length: int) -> np.ndarray:
@@ -118,15 +145,20 @@ class PackedDataset:
             raise IndexError(f"{self.name}: no complete sample of {self.seq_len + 1} tokens")
         e, j = divmod(int(k), self.samples_per_epoch)
         order, starts, windows = self._epoch(e)
-        start = int(windows[j]) * self.seq_len
+        start = int(windows[j] if windows is not None else j) * self.seq_len
         i = int(np.searchsorted(starts, start, side="right")) - 1
         offset, need, pieces = start - int(starts[i]), self.seq_len + 1, []
         while need:
-            piece = self._doc_tokens(int(order[i]), offset, need)
+            piece = self._doc_tokens(int(order[i]) if order is not None else i, offset, need)
             pieces.append(piece)
             need -= len(piece)
             i, offset = i + 1, 0
         return np.concatenate(pieces).astype(np.int64)
+
+
+def _shard_tokens(shard) -> int:
+    n = getattr(shard, "num_tokens", None)
+    return int(n) if n is not None else int(np.asarray(shard.sizes, dtype=np.int64).sum())
 
 
 def blend(weights: np.ndarray, position: int, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,33 +248,115 @@ class TrainStream:
         return f"global samples {s['position']}..{s['position'] + self.global_batch - 1} ({per} onwards)"
 
 
+def eval_windows(n_valid: int, samples: int, multiple: int) -> np.ndarray:
+    """Which validation windows an evaluation scores: ``samples`` (rounded down to ``multiple``) spread over
+    the whole valid stream by a stride from a seeded offset, so every input and every data dir is represented."""
+    n = min(samples, n_valid)
+    n -= n % multiple
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    stride = n_valid // n
+    offset = int(np.random.default_rng(EVAL_SEED).integers(stride))
+    return offset + np.arange(n, dtype=np.int64) * stride
+
+
 def eval_batches(valid: PackedDataset, samples: int, *, micro_batch: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's share of the first ``samples`` validation windows, rounded down to whole micro-batches on every rank.
+    """This rank's share of ``samples`` validation windows (:func:`eval_windows`), rounded down to whole
+    micro-batches on every rank.
 
     Every rank gets the same number of micro-batches (ZeRO-3 forwards are
     collective). Empty when the valid split is too small.
     """
-    n = min(samples, len(valid))
-    n -= n % (micro_batch * world)
-    if n == 0:
+    picks = eval_windows(len(valid), samples, micro_batch * world)
+    if len(picks) == 0:
         return []
-    per = n // world
-    rows = [valid[k] for k in range(rank * per, (rank + 1) * per)]
+    per = len(picks) // world
+    rows = [valid[int(k)] for k in picks[rank * per : (rank + 1) * per]]
     return list(torch.from_numpy(np.stack(rows)).split(micro_batch))
 
 
-def open_train_data(paths: Sequence[str | Path], seq_len: int, seed: int) -> list[PackedDataset]:
-    """One PackedDataset per shard dir (its train split)."""
-    from clova_train.shards.format import open_split
+def _open(paths: Sequence[str | Path], split: str, seq_len: int, seed: int, stream: int, shuffle: bool, name: str, cache) -> PackedDataset:
+    from clova_train.shards.format import open_split, read_manifest
+    from clova_train.shards.index import IndexCache, spec_for_manifests
 
-    return [
-        PackedDataset(open_split(p, "train"), seq_len, seed, stream=i, name=str(p)) for i, p in enumerate(paths)
-    ]
+    spec = spec_for_manifests([read_manifest(p) for p in paths], split, seq_len, seed, stream, shuffle)
+    shards = [s for p in paths for s in open_split(p, split)]
+    store = IndexCache(cache) if cache else None
+    return PackedDataset(shards, seq_len, seed, stream=stream, shuffle=shuffle, name=name, cache=store, spec=spec)
 
 
-def open_valid_data(paths: Sequence[str | Path], seq_len: int) -> PackedDataset:
+def open_train_data(paths: Sequence[str | Path], seq_len: int, seed: int, cache: str | Path | None = None) -> list[PackedDataset]:
+    """One PackedDataset per shard dir (its train split); with ``cache``, its indices are mapped from there."""
+    return [_open([p], "train", seq_len, seed, i, True, str(p), cache) for i, p in enumerate(paths)]
+
+
+def open_valid_data(paths: Sequence[str | Path], seq_len: int, cache: str | Path | None = None) -> PackedDataset:
     """The valid splits of all shard dirs, in file order, as one dataset."""
-    from clova_train.shards.format import open_split
+    from clova_train.shards.index import VALID_SEED
 
-    shards = [s for p in paths for s in open_split(p, "valid")]
-    return PackedDataset(shards, seq_len, 0, shuffle=False, name="valid")
+    return _open(list(paths), "valid", seq_len, VALID_SEED, 0, False, "valid", cache)
+
+
+def token_weights(manifests: Sequence[dict]) -> list[float]:
+    """The default blend: each dir weighted by its train tokens."""
+    return [float(sum(s["tokens"] for s in m["shards"] if s["split"] == "train")) for m in manifests]
+
+
+def build_run_indices(specs: Sequence[str], cache: str | Path, *, seq_len: int, seed: int, total_samples: int, note=None) -> dict:
+    """`clova shards index`: what a run over ``--data specs`` for ``total_samples`` samples maps, built here.
+
+    0 samples: one epoch of each dir. The keys equal the run's when the dirs
+    come in the same order with the same seed and seq_len.
+    """
+    from clova_train.shards.format import read_manifest
+    from clova_train.shards.index import build_indices
+
+    data = data_config_from_specs(specs)
+    datasets = open_train_data(data.paths, seq_len, seed)
+    weights = data.weights or token_weights([read_manifest(p) for p in data.paths])
+    epochs = index_keys(datasets, weights, total_samples)[0] if total_samples else [1] * len(datasets)
+    summary = build_indices(data.paths, cache, seq_len=seq_len, seed=seed, epochs=epochs, note=note)
+    return {**summary, "epochs": epochs}
+
+
+def check_order_version(state: dict, where) -> None:
+    """A checkpoint's sampler position means something only under the sample order that wrote it
+    (checkpoints from before the version was recorded used version 1)."""
+    from clova_train.shards.index import ORDER_VERSION
+
+    version = state.get("order_version", 1)
+    if version != ORDER_VERSION:
+        raise ClovaError(
+            f"{where} was written under sample order version {version} and this clova-train draws version "
+            f"{ORDER_VERSION}; its data position would point at other samples: resume it with the clova-train "
+            "that wrote it, or start a new --out"
+        )
+
+
+def index_keys(datasets: Sequence[PackedDataset], weights: Sequence[float], total_samples: int) -> tuple[list[int], list[str]]:
+    """Epochs of each dataset that ``total_samples`` blended samples reach, and the cache keys of all of them."""
+    from clova_train.shards.index import epochs_needed
+
+    w = np.asarray(weights, dtype=np.float64)
+    epochs = [epochs_needed(len(ds), float(share), total_samples) for ds, share in zip(datasets, w / w.sum())]
+    return epochs, [ds.epoch_key(e) for ds, n in zip(datasets, epochs) for e in range(n)]
+
+
+def prepare_indices(data: DataConfig, seq_len: int, seed: int, total_samples: int, *, build: bool, note=None) -> tuple[list[PackedDataset], PackedDataset]:
+    """The run's train datasets and validation set, their indices in ``data.cache`` for ``total_samples``.
+
+    With ``build`` (one process of the job), missing entries are built in a
+    child process (so no rank ever holds a whole index); everybody else waits
+    for them on the file system, never in a collective.
+    """
+    from clova_train.shards.index import IndexCache, build_in_subprocess
+
+    datasets = open_train_data(data.paths, seq_len, seed, cache=data.cache)
+    valid = open_valid_data(data.paths, seq_len, cache=data.cache)
+    epochs, keys = index_keys(datasets, data.weights, total_samples)
+    keys.append(valid.epoch_key(0))
+    store = IndexCache(data.cache)
+    if build and not all(store.ready(k) for k in keys):
+        build_in_subprocess(data.paths, data.cache, seq_len=seq_len, seed=seed, epochs=epochs)
+    store.wait(keys, data.cache_timeout, what=f"{len(data.paths)} shard dir(s), seq_len {seq_len}, seed {seed}", note=note)
+    return datasets, valid
