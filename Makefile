@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml Makefile
 	# DeepSpeed builds from source against the torch already installed, so
 	# no build isolation (which would fetch a second, CUDA, torch).
 	$(BIN)/python -m pip install -q --no-build-isolation "$(TORCH)" -e ".[dev]"
-	# With a CUDA toolkit, FusedAdam is compiled now, once, instead of JIT on every fresh node
-	# (where a stale lock in a shared torch_extensions dir hangs the job).
-	if command -v nvcc >/dev/null 2>&1 && ! $(BIN)/python -c "from deepspeed.git_version_info import installed_ops as o; assert o['fused_adam']" 2>/dev/null; then \
+	# With a CUDA toolkit and a CUDA build of torch, FusedAdam is compiled now, once, instead of JIT on
+	# every fresh node (where a stale lock in a shared torch_extensions dir hangs the job). nvcc beside a
+	# CPU torch (as on CPU-only CI machines) builds nothing.
+	if command -v nvcc >/dev/null 2>&1 && $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" \
+	   && ! $(BIN)/python -c "from deepspeed.git_version_info import installed_ops as o; assert o['fused_adam']" >/dev/null 2>&1; then \
 		DS_BUILD_FUSED_ADAM=1 $(BIN)/python -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps \
-			"deepspeed==$$($(BIN)/python -c 'import deepspeed; print(deepspeed.__version__)')"; \
+			"deepspeed==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("deepspeed"))')"; \
 	fi
 	touch $(STAMP)
 
