@@ -292,15 +292,20 @@ class _OpenMaps:
         self._maps: "OrderedDict[str, tuple]" = OrderedDict()
 
     def get(self, ds: "IndexedDataset") -> tuple:
-        maps = self._maps.get(ds.prefix)
+        # By file identity, not by name: a shard rewritten under the same prefix is another shard.
+        maps = self._maps.get(ds.identity)
         if maps is not None:
-            self._maps.move_to_end(ds.prefix)
+            self._maps.move_to_end(ds.identity)
             return maps
         maps = ds._map()
-        self._maps[ds.prefix] = maps
+        self._maps[ds.identity] = maps
         while len(self._maps) > self.limit:
             self._maps.popitem(last=False)  # views still held elsewhere keep their map (and descriptor) alive
         return maps
+
+    def drop(self, ds: "IndexedDataset") -> None:
+        """Unmap ``ds`` now (a one-pass reader is done with it; a deleted file's space comes back)."""
+        self._maps.pop(ds.identity, None)
 
     def clear(self) -> None:
         self._maps.clear()
@@ -356,6 +361,8 @@ class IndexedDataset:
         if not bin_path.is_file():
             raise ClovaError(f"{bin_path}: missing (its index {idx_path.name} exists)")
         self._n, self._n_doc_idx, self._known_tokens = n, n_doc_idx, tokens
+        b, i = bin_path.stat(), idx_path.stat()
+        self.identity = (self.prefix, b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, i.st_ino, i.st_size, i.st_mtime_ns)
 
     def _map(self) -> tuple:
         bin_path, idx_path, _ = prefix_files(self.prefix)
@@ -480,6 +487,14 @@ def check_shard(prefix: Path, record: dict, *, eod_id: int | None, vocab_size: i
         _check_hash(keys_path, record["keys_sha256"], 8 * record["documents"])
         stamps["keys"] = file_stamp(keys_path, record["keys_sha256"])
     ds = IndexedDataset(prefix)
+    try:
+        return _check_mapped(ds, record, stamps, eod_id=eod_id, vocab_size=vocab_size)
+    finally:
+        OPEN_SHARDS.drop(ds)  # checked once; a training run maps it again when it needs it
+
+
+def _check_mapped(ds: IndexedDataset, record: dict, stamps: dict, *, eod_id: int | None, vocab_size: int | None) -> dict:
+    bin_path, idx_path, _ = prefix_files(ds.prefix)
     n = len(ds)
     bad = lambda what: ClovaError(f"{idx_path}: {what}")  # noqa: E731
     if record.get("dtype") and ds.dtype != np.dtype(record["dtype"]):

@@ -13,7 +13,7 @@ import numpy as np
 from clova_train.shards.keys import KeySet
 from clova_train.shards.manifest import build_manifest, report, skips_from_dict
 from clova_train.core.errors import ClovaError
-from clova_train.shards.format import KEY_DTYPE, MANIFEST, IndexedDataset, ShardConfig, prefix_files, read_manifest, write_bytes, write_index
+from clova_train.shards.format import OPEN_SHARDS, KEY_DTYPE, MANIFEST, IndexedDataset, ShardConfig, prefix_files, read_manifest, write_bytes, write_index
 from clova_train.core.files import atomic_write_json, file_sha256, fsync_path, is_tmp_name, tmp_name
 
 
@@ -149,6 +149,7 @@ def _write_view(out_dir: Path, name: str, prefix: Path, rec: dict, keep: np.ndar
     os.symlink(os.path.relpath(prefix_files(prefix)[0].resolve(), out_dir.resolve()), link)
     os.replace(link, bin_path)
     sizes, pointers = ds.sizes[keep], ds.pointers[keep]
+    OPEN_SHARDS.drop(ds)  # fancy indexing copied them; the node dir's files stay unmapped
     idx_sha = write_index(idx_path, ds.dtype, sizes, pointers)
     keys = _read_keys(prefix, rec, prefix.parent)[keep]
     keys_sha = write_bytes(keys_path, keys.tobytes())
