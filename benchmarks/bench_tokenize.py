@@ -5,8 +5,9 @@ On a generated corpus (real konlpy sentences recombined, deterministic seed,
 
 - ``encode_batch``: one process encoding documents already in memory, cold
   cache (the ceiling one tokenizing core can reach);
-- the main process alone reading, cleaning, deduplicating and splitting (the
-  rate at which it can feed workers);
+- one worker reading, cleaning and hashing a whole input without encoding
+  (the part of a worker's time that is not tokenizing; the main process no
+  longer reads);
 - ``clova tokenize`` end to end (reading, cleaning, dedup, tokenizing,
   writing shards, hashing) with 1 and 2 workers, each in a fresh process whose
   peak memory (main process and largest worker) is reported.
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tokenizer import generated_lines, konlpy_lines  # noqa: E402  (same corpus recipe)
 
 from clova_train.shards.format import ShardConfig
-from clova_train.shards.build import _DocumentStream
+from clova_train.shards import parts
 from clova_train.tokenizer.bpe import ClovaTokenizer
 from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
@@ -88,16 +89,14 @@ def encode_reference(tok_dir: Path, lines: list[str], batch: int = 1000) -> tupl
     return time.perf_counter() - t, time.process_time() - c
 
 
-def read_clean_only(path: Path, normalization: str) -> float:
-    with ThreadPoolExecutor(2) as io:
-        stream = _DocumentStream([path], ShardConfig(), normalization, [0, 0], io)
+def read_clean_only(path: Path, tok_dir: Path) -> float:
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(1, initializer=parts.init_worker, initargs=(str(tok_dir), True, ShardConfig())) as pool:
+        pool.apply(parts.lines_in, (str(path), 0, 1))  # the worker is up before the clock starts
         t = time.perf_counter()
-        for _ in stream.batches(lambda n: None):
-            pass
-        dt = time.perf_counter() - t
-        for s in stream.inputs:
-            s.sha256.result()
-    return dt
+        pool.apply(parts.read_part, (str(path), None, False, "uint16"))
+        return time.perf_counter() - t
 
 
 def pipeline(path: Path, tok_dir: Path, out: Path, workers: int) -> dict:
@@ -113,10 +112,9 @@ def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     mb = path.stat().st_size / 1e6
     docs = len(lines)
-    norm = ClovaTokenizer.load(tok_dir).normalization
 
     t_ref, cpu_ref = encode_reference(tok_dir, lines)
-    t_read = read_clean_only(path, norm)
+    t_read = read_clean_only(path, tok_dir)
     runs = {w: pipeline(path, tok_dir, workdir / f"{name}-w{w}", w) for w in (1, 2)}
     same = all(
         (workdir / f"{name}-w1" / f.name).read_bytes() == f.read_bytes() for f in (workdir / f"{name}-w2").iterdir()
@@ -124,7 +122,7 @@ def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> None:
 
     print(f"\n== {name}: {mb:.1f} MB, {docs:,} documents, {os.cpu_count()} cores")
     print(f"encode_batch (1 process, in memory)  {mb / t_ref:8.2f} MB/s {docs / t_ref:10,.0f} docs/s   CPU {cpu_ref:.1f} s")
-    print(f"read+clean+dedup only (main process) {mb / t_read:8.2f} MB/s {docs / t_read:10,.0f} docs/s")
+    print(f"read+clean+hash only (1 worker)      {mb / t_read:8.2f} MB/s {docs / t_read:10,.0f} docs/s")
     for w, r in runs.items():
         s = r["seconds"]
         print(

@@ -88,7 +88,7 @@ class ShardConfig:
     workers: int = 0
     """Tokenizing processes (0: all cores this process may use); never changes the output."""
     batch_chars: int = 1 << 18
-    """Characters per batch sent to a worker; trades memory for speed, never changes the output."""
+    """Characters per tokenizer batch (a worker's part of an input is 4x that in bytes); trades memory for speed, never changes the output."""
     num_nodes: int = 1
     """Machines sharing the corpus; each takes a contiguous slice of the input files."""
     node_rank: int = 0
