@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -147,7 +146,7 @@ class _InputStats:
         self.clean_skips = SkipCounts()
         self.yielded = 0
         self.written = [0, 0]
-        self.sha256: Future | None = None
+        self.sha256 = None  # the pool's AsyncResult
 
     def record(self) -> dict:
         skips = SkipCounts()
@@ -160,7 +159,7 @@ class _InputStats:
         return {
             "path": str(self.path),
             "bytes": input_size(self.path),
-            "sha256": self.sha256.result(),
+            "sha256": self.sha256.get(),
             "documents_read": read,
             "documents_written": {"train": self.written[TRAIN], "valid": self.written[VALID]},
             "documents_skipped": skips.total,
@@ -176,14 +175,12 @@ class _DocumentStream:
     straddles the boundary is encoded on a second pass).
     """
 
-    def __init__(self, paths: list[Path], cfg: ShardConfig, skip_first: list[int], io: ThreadPoolExecutor):
+    def __init__(self, paths: list[Path], cfg: ShardConfig, skip_first: list[int]):
         self.cfg = cfg
         self.inputs = [_InputStats(p) for p in paths]
         self.keys = KeySet() if cfg.dedup else None
         self.skip_first = list(skip_first)
         self.seen = [0, 0]
-        self.io = io
-        self.threshold = np.uint64(int(cfg.valid_fraction * 2**64))
 
     def _resumed(self) -> bool:
         return any(seen < skip for seen, skip in zip(self.seen, self.skip_first))
@@ -191,7 +188,7 @@ class _DocumentStream:
     def batches(self, pool, dtype: str, window: int, advance) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """(split, tokens, lengths, keys, sources) to write, in order."""
         for stats in self.inputs:
-            stats.sha256 = self.io.submit(file_sha256, stats.path)
+            stats.sha256 = pool.apply_async(file_sha256, (stats.path,))  # in a worker, as the reading is
         tasks = (
             (parts.read_part, (path, span, not self._resumed(), dtype), src)
             for src, path, span in _parts(pool, [s.path for s in self.inputs], window)
@@ -206,15 +203,18 @@ class _DocumentStream:
         stats.reader_skips.merge(part.reader_skips)
         stats.clean_skips.merge(part.clean_skips)
         stats.yielded += part.read
-        n = len(part.wheres)
+        n = len(part.digests) // 16
         if not n:
             return
-        words = np.frombuffer(part.digests, dtype="<u8").reshape(-1, 2)  # see digest()
-        keys, draws = words[:, 0], words[:, 1]
+        keys, split = parts.split_of(part.digests, self.cfg.valid_fraction)
         keep = self.keys.add_new(keys) if self.keys is not None else np.ones(n, dtype=bool)
-        for i in np.flatnonzero(~keep):
-            stats.clean_skips.add("duplicate", f"{stats.path}:{part.wheres[i]}")
-        split = np.where(draws < self.threshold, VALID, TRAIN).astype(np.int8)
+        dups = np.flatnonzero(~keep)
+        if len(dups):
+            room = max(0, stats.clean_skips.max_examples - len(stats.clean_skips.examples.get("duplicate", [])))
+            for i in dups[:room]:
+                stats.clean_skips.add("duplicate", f"{stats.path}:{parts.where_of(part.wheres, i)}")
+            if len(dups) > room:
+                stats.clean_skips.counts["duplicate"] += len(dups) - room
         ship = keep.copy()
         for s in (TRAIN, VALID):
             mine = keep & (split == s)
@@ -227,12 +227,14 @@ class _DocumentStream:
             return
         if part.tokens is None:  # read while resuming, but it reaches past the finished shards
             part = pool.apply(parts.read_part, args[:2] + (True,) + args[3:])
-        tokens, lengths = part.tokens, part.lengths
         for s in (TRAIN, VALID):
-            mine = ship & (split == s)
-            if mine.any():
-                k = int(mine.sum())
-                yield s, tokens[np.repeat(mine, lengths)], lengths[mine], keys[mine].copy(), np.full(k, src, dtype=np.int32)
+            mine = ship[split == s]  # the part's documents of split s, in order
+            if not mine.any():
+                continue
+            tokens, lengths = part.tokens[s], part.lengths[s]
+            if not mine.all():
+                tokens, lengths = tokens[np.repeat(mine, lengths)], lengths[mine]
+            yield s, tokens, lengths, keys[split == s][mine], np.full(len(lengths), src, dtype=np.int32)
 
 
 # ------------------------------------------------------------------ writing
@@ -473,10 +475,8 @@ def _tokenize_corpus(
     workers = resolve_workers(cfg.workers)
     # fork: workers start before any thread exists here, and start in milliseconds.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with worker_pool(ctx, workers, parts.init_worker, (str(tok.path), workers > 1, cfg)) as pool, ThreadPoolExecutor(
-        2
-    ) as io:
-        stream = _DocumentStream(paths, cfg, skip_first, io)
+    with worker_pool(ctx, workers, parts.init_worker, (str(tok.path), workers > 1, cfg)) as pool:
+        stream = _DocumentStream(paths, cfg, skip_first)
         try:
             with progress_bar("tokenizing", sum(input_size(p) for p in paths), enabled=show_progress, unit="bytes") as advance:
                 for s, tokens, lengths, keys, sources in stream.batches(pool, dtype.name, 2 * workers + 2, advance):

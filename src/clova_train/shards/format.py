@@ -214,7 +214,7 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int32)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
-        data = tokens.tobytes()
+        data = memoryview(tokens).cast("B")  # no copy of what may be a large batch
         self._f.write(data)
         self._sha.update(data)
         self._sizes.append(lengths)

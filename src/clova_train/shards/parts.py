@@ -53,7 +53,8 @@ def lines_in(path: str, start: int, end: int) -> int:
 
 
 class PartResult:
-    """What one part holds, in document order: 16-byte digests, where each is, tokens, skips."""
+    """What one part holds, in document order: 16-byte digests, where each is, skips, and the tokens and
+    lengths as (train, valid) pairs, each in document order."""
 
     __slots__ = ("digests", "wheres", "tokens", "lengths", "reader_skips", "clean_skips", "read")
 
@@ -80,10 +81,41 @@ def read_part(path: str, span: Span | None, encode: bool, dtype: str) -> PartRes
         texts.append(text)
         wheres.append(doc.where)
         digests.append(digest(text.encode("utf-8")))
+    digests = b"".join(digests)
     tokens = lengths = None
     if encode:
+        # Grouped by split here, so that the main process writes each group as it comes (no copy) unless
+        # a duplicate has to go.
         tokens, lengths = _encode(texts, dtype)
-    return PartResult(b"".join(digests), wheres, tokens, lengths, reader_skips, clean_skips, read)
+        valid = split_of(digests, _cfg.valid_fraction)[1].astype(bool)
+        per_token = np.repeat(valid, lengths)
+        tokens = (tokens[~per_token], tokens[per_token])
+        lengths = (lengths[~valid], lengths[valid])
+    return PartResult(digests, _compact(wheres), tokens, lengths, reader_skips, clean_skips, read)
+
+
+def split_of(digests: bytes, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, split: 1 for valid) of each document from its 16-byte digests; see keys.digest()."""
+    words = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    return words[:, 0], (words[:, 1] < np.uint64(int(valid_fraction * 2**64))).astype(np.int8)
+
+
+def _compact(wheres: list[str]) -> tuple[str, np.ndarray] | list[str]:
+    """(prefix, numbers) when every location is "<prefix> N" ("line N" for text and jsonl): one array
+    to send back, not a string per document."""
+    if not wheres:
+        return wheres
+    head = wheres[0].rpartition(" ")[0] + " "
+    if not all(w.startswith(head) and w[len(head) :].isdigit() for w in wheres):
+        return wheres
+    return head[:-1], np.array([int(w[len(head) :]) for w in wheres], dtype=np.int64)
+
+
+def where_of(wheres: tuple[str, np.ndarray] | list[str], i: int) -> str:
+    """The location of document i of a part (see _compact)."""
+    if isinstance(wheres, tuple):
+        return f"{wheres[0]} {int(wheres[1][i])}"
+    return wheres[i]
 
 
 def _clean(raw: str, where: str, path: str, skips: SkipCounts) -> str | None:
