@@ -14,7 +14,7 @@ On a generated corpus (real konlpy sentences recombined, deterministic seed,
 
 It prints MB/s of input and documents/s, the coordinating process's share of
 all CPU time (with and without its start-up imports, a fixed cost that a small
-corpus magnifies), the ratio of end-to-end to
+corpus magnifies, and of the CPU the big corpus adds over the small one), the ratio of end-to-end to
 encode_batch (target >= 0.9) and the scaling from 1 to 2 workers. Wall-clock
 figures need an otherwise idle machine; the ratio "by CPU time" (encode_batch
 CPU seconds over the workers' CPU seconds for the same text) does not.
@@ -110,7 +110,7 @@ def pipeline(path: Path, tok_dir: Path, out: Path, workers: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> None:
+def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> dict:
     path = workdir / f"{name}.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     mb = path.stat().st_size / 1e6
@@ -138,6 +138,17 @@ def bench(name: str, lines: list[str], tok_dir: Path, workdir: Path) -> None:
         )
     print(f"scaling 1 -> 2 workers: {runs[1]['seconds'] / runs[2]['seconds']:.2f}x   outputs byte-identical: {same}"
           f"   ({runs[1]['tokens']:,} tokens, {runs[1]['shards']} shards)")
+    return runs
+
+
+def marginal_share(small: dict, big: dict) -> str:
+    """The coordinator's share of the CPU that the bigger corpus adds: start-up costs cancel out."""
+    out = []
+    for w in big:
+        main = big[w]["main_cpu"] - small[w]["main_cpu"]
+        work = big[w]["workers_cpu"] - small[w]["workers_cpu"]
+        out.append(f"--workers {w}: {main / (main + work):.1%}")
+    return "coordinator's share of the added CPU (big corpus minus the small one): " + ", ".join(out) + " (goal < 5%)"
 
 
 def main() -> None:
@@ -155,8 +166,9 @@ def main() -> None:
         t = time.perf_counter()
         train_tokenizer([d / "sample.txt"], d / "tok", TokenizerConfig(vocab_size=args.vocab), show_progress=False)
         print(f"tokenizer: vocab {args.vocab} learned on {len(gen) // 10:,} generated + the konlpy lines in {time.perf_counter() - t:.1f} s")
-        bench("konlpy (real text)", base, d / "tok", d)
-        bench(f"generated {args.mb:g} MB", gen, d / "tok", d)
+        small = bench("konlpy (real text)", base, d / "tok", d)
+        big = bench(f"generated {args.mb:g} MB", gen, d / "tok", d)
+        print(marginal_share(small, big))
     print(f"\nat the end: load average {os.getloadavg()[0]:.2f}; two busy processes get {cores_free():.2f} cores")
 
 
