@@ -445,3 +445,63 @@ def test_cli_help_names_both_forms():
     assert res.exit_code == 0 and "clova tokenize merge" in res.output and "--shard-tokens" in res.output
     res = CliRunner().invoke(app, ["tokenize", "merge", "--help"])
     assert res.exit_code == 0 and "Usage: clova tokenize merge [OPTIONS]" in res.output
+
+
+@pytest.mark.parametrize("doc_sep", ["line", "blank"])
+def test_byte_ranges_read_the_same_documents_and_skips_as_the_whole_file(tmp_path, konlpy_lines, doc_sep):
+    """Workers read byte ranges cut at document boundaries: together they must give the whole file's documents,
+    line numbers, byte offsets in messages and skips, BOM, CRLF, bad lines and blank-looking lines included."""
+    from clova_train.text.readers import SkipCounts, count_lines, iter_documents, spans
+
+    rows = []
+    for i, line in enumerate(konlpy_lines[:1500]):
+        rows.append(line.encode())
+        if i % 7 == 3:
+            rows.append(b"")  # a paragraph break
+        if i % 11 == 5:
+            rows.append(" \u3000 ".encode())  # blank to str.strip(), not an ASCII blank line: no cut here
+        if i % 97 == 13:
+            rows.append(b"bad \xff byte")
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(rows) + b"\r\n")
+
+    whole_skips = SkipCounts()
+    whole = [(d.text, d.where) for d in iter_documents(path, doc_sep=doc_sep, on_error="skip", skips=whole_skips)]
+    ranges = spans(path, 4096, doc_sep)
+    assert len(ranges) > 20 and ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    parts, part_skips, before = [], SkipCounts(), 0
+    for a, b in ranges:
+        parts += [(d.text, d.where) for d in iter_documents(path, doc_sep=doc_sep, on_error="skip", skips=part_skips, span=(a, b, before))]
+        before += count_lines(path, a, b)
+    assert parts == whole and len(whole) > 200
+    assert part_skips.to_dict() == whole_skips.to_dict() and whole_skips.total > 5
+
+    # with --on-error raise the first bad line is named the same way from inside its range
+    with pytest.raises(ClovaError) as whole_error:
+        list(iter_documents(path, doc_sep=doc_sep))
+    before, message = 0, None
+    for a, b in ranges:
+        try:
+            list(iter_documents(path, doc_sep=doc_sep, span=(a, b, before)))
+        except ClovaError as e:
+            message = str(e)
+            break
+        before += count_lines(path, a, b)
+    assert message == str(whole_error.value) and "byte" in message
+
+
+def test_output_is_the_same_for_any_part_size_and_worker_count(konlpy_files, tokenizer_dir, tmp_path):
+    """Parts of 4 KiB or whole files, one worker or two: the same shards, manifest and skips (jsonl and txt)."""
+    src = tmp_path / "in.jsonl"
+    lines = [line for f in konlpy_files for line in f.read_text(encoding="utf-8").splitlines()]
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines + lines[:200]), encoding="utf-8")
+    inputs = [src, *konlpy_files]
+    run(inputs, tokenizer_dir, tmp_path / "a", workers=1, batch_chars=1024)
+    run(inputs, tokenizer_dir, tmp_path / "b", workers=2, batch_chars=1 << 22)
+    names = sorted(f.name for f in (tmp_path / "a").iterdir())
+    assert names == sorted(f.name for f in (tmp_path / "b").iterdir()) and len(names) > 10
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    man = read_manifest(tmp_path / "a")
+    assert man["skipped"]["by_reason"].get("duplicate", 0) >= 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import unicodedata
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from clova_train.cli import app
 from clova_train.core.config import from_dict, load_json
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import MorphSegmenter
-from clova_train.tokenizer.bpe import ClovaTokenizer, count_crossing, crossing_tokens
+from clova_train.tokenizer.bpe import META_FILE, ClovaTokenizer, count_crossing, crossing_tokens
 from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -317,3 +318,15 @@ def test_truncated_zstd_is_reported_not_silently_shortened(tmp_path, konlpy_line
     r = train_tokenizer([p], tmp_path / "tok", TokenizerConfig(vocab_size=300, on_error="skip"), show_progress=False)
     assert r["skipped"]["by_reason"] == {"truncated_input": 1}
     assert 0 < r["documents_read"] < len(lines)
+
+
+def test_parallel_reading_learns_the_same_tokenizer(tmp_path, konlpy_files):
+    """Inputs read in 4 KiB parts by two processes, or whole by one: the same sample, counts and tokenizer."""
+    cfg = TokenizerConfig(vocab_size=1000, sample_fraction=0.5, seed=3, workers=1)
+    r1 = train_tokenizer(konlpy_files, tmp_path / "a", cfg, show_progress=False)
+    r2 = train_tokenizer(konlpy_files, tmp_path / "b", replace(cfg, workers=2), show_progress=False, part_bytes=4096)
+    assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
+    for key in ("documents_read", "documents_used", "characters", "unique_eojeols", "skipped"):
+        assert r1[key] == r2[key], key
+    meta = [json.loads((tmp_path / d / META_FILE).read_text()) for d in "ab"]
+    assert meta[0]["inputs"] == meta[1]["inputs"] and meta[0]["documents"] == meta[1]["documents"]

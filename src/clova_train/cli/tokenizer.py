@@ -30,7 +30,7 @@ def tokenizer_train(
     text_key: Optional[str] = typer.Option(None, "--text-key", help="Text field in jsonl/parquet/datasets inputs.", rich_help_panel="Input"),
     doc_sep: Optional[str] = typer.Option(None, "--doc-sep", help=".txt documents: 'line' or 'blank' (blank-line separated).", rich_help_panel="Input"),
     on_error: Optional[str] = typer.Option(None, "--on-error", help="'raise' (default) or 'skip' bad documents, counted by reason.", rich_help_panel="Input"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Threads for BPE training (0: all cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes reading the inputs and threads for BPE training (0: all cores); the tokenizer is the same for any count."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Learn a morpheme-aware byte-level BPE: MeCab-ko splits morphemes, merges never cross one.

@@ -1,17 +1,20 @@
 """`clova tokenize`: raw corpus -> cleaned, deduplicated, tokenized Megatron shards.
 
-The main process reads every input in order, cleans each document (control
-characters out, the tokenizer's Unicode normalisation, length limits), drops
-exact duplicates, assigns train/valid by a stable hash of the text, and ships
-batches to a pool of tokenizer processes. Results come back in submission
-order and the main process writes them in that order, so the output depends
-only on the document stream: the same bytes for any ``--workers``.
+Workers read their own parts of the inputs (byte ranges of plain text and
+jsonl files cut at document boundaries, whole files otherwise; see parts.py),
+clean each document (control characters out, the tokenizer's Unicode
+normalisation, length limits), hash and encode it. The main process never
+reads the inputs: it takes the parts' results in input order, drops exact
+duplicates by key, assigns train/valid by the same hash and writes shards in
+that order, so the output depends only on the document stream: the same bytes
+for any ``--workers``.
 
 Shard boundaries are a function of that stream too (a shard closes after the
 document that reaches ``shard_tokens``). ``progress.json`` records every
 finished shard; a rerun with the same arguments verifies those shards by hash,
-re-reads the inputs (cheap next to tokenizing, and it rebuilds the dedup
-state exactly) and tokenizes only the documents not yet in a finished shard.
+re-reads and hashes the inputs (cheap next to tokenizing, and it rebuilds the
+dedup state exactly) and tokenizes only the parts that reach past the
+finished shards.
 
 Many machines: ``num_nodes``/``node_rank`` pick a contiguous, byte-balanced
 slice of the input files; :func:`merge_shard_dirs` joins the node dirs into
@@ -28,26 +31,17 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import signal
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import chain
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from clova_train.shards.keys import KeySet, digest
+from clova_train.shards.keys import KeySet
 from clova_train.shards.manifest import build_manifest, report
-from clova_train.text.readers import (
-    Document,
-    SkipCounts,
-    check_inputs,
-    input_size,
-    iter_documents,
-    clean,
-)
+from clova_train.shards import parts
+from clova_train.text.readers import SkipCounts, Span, check_inputs, input_size
 from clova_train.core.errors import ClovaError
 from clova_train.core.progress import progress_bar
 from clova_train.shards.format import KEY_DTYPE, MANIFEST, PROGRESS, SPLITS, IndexedDatasetWriter, ShardConfig, check_shard, dtype_for_vocab, prefix_files, read_manifest, verify_shard_dir, write_bytes
@@ -111,61 +105,36 @@ def resolve_workers(workers: int) -> int:
         return os.cpu_count() or 1
 
 
-# ------------------------------------------------------------------ dedup
+# ------------------------------------------------------------------ reading, in the workers
 
 
-# ------------------------------------------------------------------ workers
-
-_worker_tok: ClovaTokenizer | None = None
-
-
-def _init_worker(tokenizer_dir: str, one_thread: bool) -> None:
-    global _worker_tok
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; guard.worker_pool stops us.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if one_thread:
-        # Many worker processes already fill the cores; Rust threads inside each would oversubscribe.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tok = ClovaTokenizer.load(tokenizer_dir)
-
-
-def _encode(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of every text plus the end-of-document token, concatenated, and per-document lengths."""
-    tok = _worker_tok
-    ids = tok.encode_batch(texts)
-    eod = tok.eod_id
-    for x in ids:
-        x.append(eod)
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    tokens = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
-    return tokens, lengths
-
-
-class _Batch:
-    """Documents on their way to a worker, and what the writer needs to know about each."""
-
-    __slots__ = ("texts", "split", "keys", "source")
-
-    def __init__(self, texts: list[str], split: np.ndarray, keys: np.ndarray, source: np.ndarray):
-        self.texts, self.split, self.keys, self.source = texts, split, keys, source
-
-
-def _ordered_results(pool, batches: Iterator[_Batch], dtype: str, window: int):
-    """Like ``pool.imap`` (ordered) but with at most ``window`` batches in flight, so memory stays bounded."""
+def _ordered(pool, tasks, window: int):
+    """Like ``pool.imap`` (ordered) over (function, args, tag) but with at most ``window`` tasks in flight,
+    so memory stays bounded; yields (tag, args, result)."""
     pending: deque = deque()
-    for batch in batches:
-        pending.append((batch, pool.apply_async(_encode, (batch.texts, dtype))))
-        batch.texts = None  # the pool holds them until sent; keeping them here would double the memory
+    for fn, args, tag in tasks:
+        pending.append((tag, args, pool.apply_async(fn, args)))
         if len(pending) >= window:
-            b, r = pending.popleft()
-            yield b, r.get()
+            t, a, r = pending.popleft()
+            yield t, a, r.get()
     while pending:
-        b, r = pending.popleft()
-        yield b, r.get()
+        t, a, r = pending.popleft()
+        yield t, a, r.get()
 
 
-# ------------------------------------------------------------------ reading and cleaning
+def _parts(pool, paths: list[Path], window: int) -> Iterator[tuple[int, str, Span | None]]:
+    """(input index, path, span) of every part in input order; spans carry the lines before them.
+    Cutting and line counting run in the workers: the main process never reads the inputs."""
+    for src, _, ranges in _ordered(pool, ((parts.plan, (str(p),), i) for i, p in enumerate(paths)), window):
+        path = str(paths[src])
+        if len(ranges) == 1:
+            yield src, path, None  # the whole input, in any format
+            continue
+        before = 0
+        counts = ((parts.lines_in, (path, a, b), (a, b)) for a, b in ranges)
+        for (a, b), _, n in _ordered(pool, counts, window):
+            yield src, path, (a, b, before)
+            before += n
 
 
 class _InputStats:
@@ -177,7 +146,7 @@ class _InputStats:
         self.clean_skips = SkipCounts()
         self.yielded = 0
         self.written = [0, 0]
-        self.sha256: Future | None = None
+        self.sha256 = None  # the pool's AsyncResult
 
     def record(self) -> dict:
         skips = SkipCounts()
@@ -190,7 +159,7 @@ class _InputStats:
         return {
             "path": str(self.path),
             "bytes": input_size(self.path),
-            "sha256": self.sha256.result(),
+            "sha256": self.sha256.get(),
             "documents_read": read,
             "documents_written": {"train": self.written[TRAIN], "valid": self.written[VALID]},
             "documents_skipped": skips.total,
@@ -199,106 +168,73 @@ class _InputStats:
 
 
 class _DocumentStream:
-    """Reads, cleans, dedups and splits the inputs in order, in batches for the workers.
+    """The parts' results in input order, deduplicated and split, as per-split batches for the shard writers.
 
-    ``skip_first[s]`` documents of split s are counted but not shipped: they
-    are already in finished shards of an interrupted run.
+    ``skip_first[s]`` documents of split s are counted but not written: they are already in finished
+    shards of an interrupted run, so parts before them are read and hashed but not encoded (one that
+    straddles the boundary is encoded on a second pass).
     """
 
-    def __init__(self, paths: list[Path], cfg: ShardConfig, normalization: str, skip_first: list[int], io: ThreadPoolExecutor):
+    def __init__(self, paths: list[Path], cfg: ShardConfig, skip_first: list[int]):
         self.cfg = cfg
-        self.norm = normalization
         self.inputs = [_InputStats(p) for p in paths]
         self.keys = KeySet() if cfg.dedup else None
         self.skip_first = list(skip_first)
         self.seen = [0, 0]
-        self.io = io
-        self.threshold = np.uint64(int(cfg.valid_fraction * 2**64))
 
-    def _documents(self, advance) -> Iterator[tuple[int, str, str, bytes]]:
-        cfg = self.cfg
-        for src, stats in enumerate(self.inputs):
-            path = stats.path
-            stats.sha256 = self.io.submit(file_sha256, path)
-            docs = iter_documents(
-                path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=stats.reader_skips
-            )
-            size, shown = input_size(path), 0
-            for doc in docs:
-                stats.yielded += 1
-                text = self._clean(doc, stats)
-                if text is None:
-                    continue
-                data = text.encode("utf-8")
-                if shown < size:
-                    step = min(len(data) + 1, size - shown)
-                    shown += step
-                    advance(step)
-                yield src, doc.where, text, data
-            advance(size - shown)
+    def _resumed(self) -> bool:
+        return any(seen < skip for seen, skip in zip(self.seen, self.skip_first))
 
-    def _clean(self, doc: Document, stats: _InputStats) -> str | None:
-        cfg = self.cfg
-        if len(doc.text) > cfg.max_chars:
-            if cfg.on_error == "raise":
-                raise ClovaError(
-                    f"{stats.path}: {doc.where}: document of {len(doc.text):,} characters is over --max-chars "
-                    f"{cfg.max_chars:,} (a missing line break or binary data?); raise the limit or pass --on-error skip"
-                )
-            stats.clean_skips.add("too_long", f"{stats.path}:{doc.where}")
-            return None
-        text = clean(doc.text, self.norm)
-        if not text or text.isspace():
-            stats.clean_skips.add("empty_after_cleaning", f"{stats.path}:{doc.where}")
-            return None
-        if len(text) < cfg.min_chars:
-            stats.clean_skips.add("too_short", f"{stats.path}:{doc.where}")
-            return None
-        return text
+    def batches(self, pool, dtype: str, window: int, advance) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(split, tokens, lengths, keys, sources) to write, in order."""
+        for stats in self.inputs:
+            stats.sha256 = pool.apply_async(file_sha256, (stats.path,))  # in a worker, as the reading is
+        tasks = (
+            (parts.read_part, (path, span, not self._resumed(), dtype), src)
+            for src, path, span in _parts(pool, [s.path for s in self.inputs], window)
+        )
+        for src, args, part in _ordered(pool, tasks, window):
+            yield from self._take(src, args, part, pool)
+            span = args[1]
+            advance(span[1] - span[0] if span is not None else input_size(self.inputs[src].path))
 
-    def batches(self, advance) -> Iterator[_Batch]:
-        texts: list[str] = []
-        wheres: list[str] = []
-        digests: list[bytes] = []
-        sources: list[int] = []
-        chars = 0
-        for src, where, text, data in self._documents(advance):
-            texts.append(text)
-            wheres.append(where)
-            digests.append(digest(data))
-            sources.append(src)
-            chars += len(text)
-            if chars >= self.cfg.batch_chars:
-                batch = self._finish(texts, wheres, digests, sources)
-                if batch is not None:
-                    yield batch
-                texts, wheres, digests, sources, chars = [], [], [], [], 0
-        if texts:
-            batch = self._finish(texts, wheres, digests, sources)
-            if batch is not None:
-                yield batch
-
-    def _finish(self, texts: list[str], wheres: list[str], digests: list[bytes], sources: list[int]) -> _Batch | None:
-        words = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)  # see digest()
-        keys, draws = words[:, 0], words[:, 1]
-        src = np.asarray(sources, dtype=np.int32)
-        keep = self.keys.add_new(keys) if self.keys is not None else np.ones(len(texts), dtype=bool)
-        for i in np.flatnonzero(~keep):
-            stats = self.inputs[src[i]]
-            stats.clean_skips.add("duplicate", f"{stats.path}:{wheres[i]}")
-        split = np.where(draws < self.threshold, VALID, TRAIN).astype(np.int8)
+    def _take(self, src: int, args: tuple, part: parts.PartResult, pool):
+        stats = self.inputs[src]
+        stats.reader_skips.merge(part.reader_skips)
+        stats.clean_skips.merge(part.clean_skips)
+        stats.yielded += part.read
+        n = len(part.digests) // 16
+        if not n:
+            return
+        keys, split = parts.split_of(part.digests, self.cfg.valid_fraction)
+        keep = self.keys.add_new(keys) if self.keys is not None else np.ones(n, dtype=bool)
+        dups = np.flatnonzero(~keep)
+        if len(dups):
+            room = max(0, stats.clean_skips.max_examples - len(stats.clean_skips.examples.get("duplicate", [])))
+            for i in dups[:room]:
+                stats.clean_skips.add("duplicate", f"{stats.path}:{parts.where_of(part.wheres, i)}")
+            if len(dups) > room:
+                stats.clean_skips.counts["duplicate"] += len(dups) - room
         ship = keep.copy()
         for s in (TRAIN, VALID):
             mine = keep & (split == s)
             order = self.seen[s] + np.cumsum(mine) - 1  # position of each document within its split
             ship &= ~(mine & (order < self.skip_first[s]))
-            self.seen[s] += int(mine.sum())
-            for i, n in zip(*np.unique(src[mine], return_counts=True)):
-                self.inputs[i].written[s] += int(n)
+            count = int(mine.sum())
+            self.seen[s] += count
+            stats.written[s] += count
         if not ship.any():
-            return None
-        idx = np.flatnonzero(ship)
-        return _Batch([texts[i] for i in idx], split[idx], keys[idx].copy(), src[idx])
+            return
+        if part.tokens is None:  # read while resuming, but it reaches past the finished shards
+            part = pool.apply(parts.read_part, args[:2] + (True,) + args[3:])
+        for s in (TRAIN, VALID):
+            mine = ship[split == s]  # the part's documents of split s, in order
+            if not mine.any():
+                continue
+            tokens, lengths = part.tokens[s], part.lengths[s]
+            if not mine.all():
+                tokens, lengths = tokens[np.repeat(mine, lengths)], lengths[mine]
+            yield s, tokens, lengths, keys[split == s][mine], np.full(len(lengths), src, dtype=np.int32)
 
 
 # ------------------------------------------------------------------ writing
@@ -539,19 +475,12 @@ def _tokenize_corpus(
     workers = resolve_workers(cfg.workers)
     # fork: workers start before any thread exists here, and start in milliseconds.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with worker_pool(ctx, workers, _init_worker, (str(tok.path), workers > 1)) as pool, ThreadPoolExecutor(
-        2
-    ) as io:
-        stream = _DocumentStream(paths, cfg, tok.normalization, skip_first, io)
+    with worker_pool(ctx, workers, parts.init_worker, (str(tok.path), workers > 1, cfg)) as pool:
+        stream = _DocumentStream(paths, cfg, skip_first)
         try:
             with progress_bar("tokenizing", sum(input_size(p) for p in paths), enabled=show_progress, unit="bytes") as advance:
-                for batch, (tokens, lengths) in _ordered_results(pool, stream.batches(advance), dtype.name, 2 * workers + 2):
-                    for s, shards in enumerate(series):
-                        mine = batch.split == s
-                        if mine.all():
-                            shards.add(tokens, lengths, batch.keys, batch.source)
-                        elif mine.any():
-                            shards.add(tokens[np.repeat(mine, lengths)], lengths[mine], batch.keys[mine], batch.source[mine])
+                for s, tokens, lengths, keys, sources in stream.batches(pool, dtype.name, 2 * workers + 2, advance):
+                    series[s].add(tokens, lengths, keys, sources)
             for shards in series:
                 shards.close()
         except BaseException:

@@ -88,7 +88,7 @@ class ShardConfig:
     workers: int = 0
     """Tokenizing processes (0: all cores this process may use); never changes the output."""
     batch_chars: int = 1 << 18
-    """Characters per batch sent to a worker; trades memory for speed, never changes the output."""
+    """Characters per tokenizer batch (a worker's part of an input is 4x that in bytes); trades memory for speed, never changes the output."""
     num_nodes: int = 1
     """Machines sharing the corpus; each takes a contiguous slice of the input files."""
     node_rank: int = 0
@@ -214,7 +214,7 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int32)
         if int(lengths.sum()) != tokens.size:
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {tokens.size} tokens were given")
-        data = tokens.tobytes()
+        data = memoryview(tokens).cast("B")  # no copy of what may be a large batch
         self._f.write(data)
         self._sha.update(data)
         self._sizes.append(lengths)

@@ -38,6 +38,10 @@ MANIFEST_NAME = "manifest.json"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+# (first byte, end byte, lines before the first byte) of a plain file: a worker's part of one input.
+Span = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class Document:
     """One document and where it came from."""
@@ -217,22 +221,28 @@ class _Reader:
         self.skips.add(reason, f"{self.path}:{where}")
 
 
-def _lines(path: Path, compression: str | None, reader: _Reader) -> Iterator[tuple[int, int, bytes]]:
-    """Yield (line number, byte offset, raw line) with decompression errors made readable."""
+def _lines(path: Path, compression: str | None, reader: _Reader, span: Span | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """Yield (line number, byte offset, raw line) with decompression errors made readable; ``span``
+    limits a plain file to the lines in one byte range."""
     f = _open_binary(path, compression)
-    lineno, offset = 0, 0
+    start, end, lineno = span if span is not None else (0, None, 0)
+    offset = start
     try:
         try:
             head = f.peek(8192)[:8192] if hasattr(f, "peek") else b""
         except Exception:  # a corrupt stream: readline below reports it with a line number
             head = b""
         why = _binary_head(head)
+        if why and start:
+            return  # the range at offset 0 reports the file once
         if why:
             if reader.on_error == "raise":
                 raise ClovaError(f"{path}: looks like a binary file ({why}); pass text, jsonl, parquet or a directory saved by `datasets`")
             reader.skips.add("binary_file", str(path))
             return
-        while True:
+        if start:
+            f.seek(start)
+        while end is None or offset < end:
             try:
                 line = f.readline()
             except Exception as e:  # EOFError/OSError from gzip, ZstdError from zstandard
@@ -311,10 +321,10 @@ def _strip_eol(text: str) -> str:
     return text
 
 
-def _iter_txt(path, compression, reader, doc_sep) -> Iterator[Document]:
+def _iter_txt(path, compression, reader, doc_sep, span=None) -> Iterator[Document]:
     src = str(path)
     if doc_sep == "line":
-        for lineno, offset, raw in _lines(path, compression, reader):
+        for lineno, offset, raw in _lines(path, compression, reader, span):
             text = _decode(raw, lineno, offset, reader)
             if text is None:
                 continue
@@ -326,7 +336,7 @@ def _iter_txt(path, compression, reader, doc_sep) -> Iterator[Document]:
     buf: list[str] = []
     start = 0
     bad = False
-    for lineno, offset, raw in _lines(path, compression, reader):
+    for lineno, offset, raw in _lines(path, compression, reader, span):
         text = _decode(raw, lineno, offset, reader)
         if text is None:
             bad = True  # the whole paragraph is skipped with its bad line
@@ -343,9 +353,9 @@ def _iter_txt(path, compression, reader, doc_sep) -> Iterator[Document]:
         yield Document(_strip_eol("".join(buf)), src, f"line {start}")
 
 
-def _iter_jsonl(path, compression, reader, text_key) -> Iterator[Document]:
+def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Document]:
     src = str(path)
-    for lineno, offset, raw in _lines(path, compression, reader):
+    for lineno, offset, raw in _lines(path, compression, reader, span):
         line = _decode(raw, lineno, offset, reader)
         if line is None or not line.strip():
             continue
@@ -430,20 +440,76 @@ def iter_documents(
     doc_sep: str = "line",
     on_error: str = "raise",
     skips: SkipCounts | None = None,
+    span: Span | None = None,
 ) -> Iterator[Document]:
-    """Stream the documents of one input, raising or counting bad ones."""
+    """Stream the documents of one input, raising or counting bad ones; ``span`` (from :func:`spans`, with
+    the lines before it) reads one byte range of a plain text or jsonl file, numbering lines as the whole file does."""
     path = Path(path)
     if doc_sep not in DOC_SEPS:
         raise ClovaError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, not {doc_sep!r}")
     fmt, compression = detect_format(path)
+    if span is not None and (fmt not in ("txt", "jsonl") or compression):
+        raise ValueError(f"{path}: byte ranges need a plain .txt or .jsonl file")
     reader = _Reader(path, on_error, skips if skips is not None else SkipCounts())
     if fmt == "txt":
-        return _iter_txt(path, compression, reader, doc_sep)
+        return _iter_txt(path, compression, reader, doc_sep, span)
     if fmt == "jsonl":
-        return _iter_jsonl(path, compression, reader, text_key)
+        return _iter_jsonl(path, compression, reader, text_key, span)
     if fmt == "parquet":
         return _iter_parquet(path, reader, text_key)
     return _iter_saved(path, reader, text_key)
+
+
+# A line holding only ASCII blanks: always a document break in --doc-sep blank, whatever the decoding.
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+_LINE_END = re.compile(rb"\n")
+
+
+def spans(path: Path, target: int, doc_sep: str = "line") -> list[tuple[int, int]]:
+    """Byte ranges of about ``target`` bytes that together cover a file, each ending at a document
+    boundary (a line end; a blank line with ``doc_sep="blank"``); one range for any input that cannot be
+    split (compressed, parquet, datasets). Reads only near the cuts."""
+    fmt, compression = detect_format(path)
+    size = input_size(path)
+    if fmt not in ("txt", "jsonl") or compression or size <= target:
+        return [(0, size)]
+    blank = doc_sep == "blank" and fmt == "txt"
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + target < size:
+            pos = cuts[-1] + target - 1  # a cut right after a line ending at pos is allowed
+            f.seek(pos)
+            base, tail, cut = pos, b"", None
+            while cut is None:
+                block = f.read(1 << 16)
+                if not block:
+                    break
+                tail += block
+                m = (_BLANK_LINE if blank else _LINE_END).search(tail)
+                if m:
+                    cut = base + m.end()
+                elif len(tail) > 1 << 17:  # keep a tail long enough for a break across blocks
+                    base, tail = base + len(tail) - (1 << 16), tail[-(1 << 16):]
+            if cut is None or cut >= size:
+                break
+            cuts.append(cut)
+    cuts.append(size)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def count_lines(path: Path, start: int, end: int) -> int:
+    """Line ends in one byte range of a file (what lines before a :func:`spans` range need)."""
+    n = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(left, 1 << 22))
+            if not block:
+                break
+            n += block.count(b"\n")
+            left -= len(block)
+    return n
 
 
 def check_inputs(paths: list[str | Path]) -> list[Path]:

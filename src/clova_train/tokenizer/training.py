@@ -7,7 +7,8 @@ import os
 import shutil
 import time
 from collections import Counter
-from contextlib import nullcontext
+import multiprocessing as mp
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,11 +18,14 @@ from clova_train.tokenizer.bpe import BYTE_ALPHABET, FORMAT_VERSION, META_FILE, 
 from clova_train.text.readers import (
     NORMALIZATIONS,
     SkipCounts,
+    Span,
     check_inputs,
     check_read_options,
-    input_size,
     clean,
+    count_lines,
+    input_size,
     iter_documents,
+    spans,
 )
 from clova_train.core.errors import ClovaError
 from clova_train.tokenizer.morph import EOJEOL, MorphSegmenter, analyzer_info
@@ -57,7 +61,7 @@ class TokenizerConfig:
     on_error: str = "raise"
     """raise: stop at the first bad document; skip: count it by reason and go on."""
     workers: int = 0
-    """Threads for BPE training (0: all cores)."""
+    """Threads for BPE training and processes reading the inputs (0: all cores); never changes the tokenizer."""
 
     def __post_init__(self) -> None:
         if not self.special_tokens:
@@ -102,10 +106,63 @@ def _train_stream(morphemes: Counter, batch_chars: int = 1 << 16) -> Iterator[st
             c -= n
 
 
+def _read_task(task: tuple[str, Span | None, TokenizerConfig]) -> tuple[Counter, SkipCounts, int, int, int]:
+    """Eojeol counts of the sampled documents of one part of an input, with its skips and counts."""
+    path, span, cfg = task
+    skips = SkipCounts()
+    eojeols: Counter = Counter()
+    read = used = chars = 0
+    for doc in iter_documents(Path(path), text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips, span=span):
+        read += 1
+        if not _keep(doc.text, cfg.sample_fraction, cfg.seed):
+            continue
+        text = clean(doc.text, cfg.normalization)
+        used += 1
+        chars += len(text)
+        eojeols.update(EOJEOL.findall(text))
+    return eojeols, skips, read, used, chars
+
+
+def _plan(paths: list[Path], doc_sep: str, part_bytes: int, pool) -> list[tuple[int, Path, Span | None]]:
+    """(input index, path, span) of every part in input order; a whole input where it cannot be split."""
+    out = []
+    for i, path in enumerate(paths):
+        ranges = spans(path, part_bytes, doc_sep)
+        if len(ranges) == 1:
+            out.append((i, path, None))
+            continue
+        jobs = [(path, a, b) for a, b in ranges]
+        lines = pool.starmap(count_lines, jobs) if pool is not None else [count_lines(*j) for j in jobs]
+        before = 0
+        for (a, b), n in zip(ranges, lines):
+            out.append((i, path, (a, b, before)))
+            before += n
+    return out
+
+
+@contextmanager
+def _reading_pool(workers: int):
+    """Processes that read parts of the inputs (None for one), so reading scales with the cores."""
+    n = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if n <= 1:
+        yield None
+        return
+    # fork: before any Rust thread exists in this process, and it starts in milliseconds.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(n) as pool:
+        yield pool
+
+
 def train_tokenizer(
-    inputs: Sequence[str | Path], out_dir: str | Path, cfg: TokenizerConfig, *, show_progress: bool = True
+    inputs: Sequence[str | Path], out_dir: str | Path, cfg: TokenizerConfig, *, show_progress: bool = True,
+    part_bytes: int = 1 << 22,
 ) -> dict:
-    """Learn a morpheme-aware byte-level BPE from ``inputs`` into ``out_dir``; return a report."""
+    """Learn a morpheme-aware byte-level BPE from ``inputs`` into ``out_dir``; return a report.
+
+    Worker processes read parts of about ``part_bytes`` (byte ranges of plain text and jsonl, whole inputs
+    otherwise) and count the eojeols of the sampled documents; the counts are merged in input order, so the
+    tokenizer is the same for any number of workers. The sample is by a hash of each text, so every
+    document is still read, but only the sampled ones are cleaned and counted."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     paths = check_inputs(list(inputs))
@@ -122,30 +179,26 @@ def train_tokenizer(
     eojeols: Counter = Counter()
     docs_read = docs_used = chars = 0
     inputs_meta = []
-    with progress_bar("reading", sum(input_size(p) for p in paths), enabled=show_progress, unit="bytes") as advance:
-        for path in paths:
-            n_before = docs_read
-            size = input_size(path)
-            seen = 0
-            for doc in iter_documents(
-                path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips
-            ):
-                docs_read += 1
-                nbytes = len(doc.text) + 1  # characters: cheap and close enough for a bar
-                seen += nbytes
-                if seen <= size:
-                    advance(nbytes)
-                if not _keep(doc.text, cfg.sample_fraction, cfg.seed):
-                    continue
-                text = clean(doc.text, cfg.normalization)
-                docs_used += 1
-                chars += len(text)
-                eojeols.update(EOJEOL.findall(text))
-            if seen < size:
-                advance(size - seen)
-            inputs_meta.append(
-                {"path": str(path), "bytes": size, "sha256": file_sha256(path), "documents": docs_read - n_before}
-            )
+    sha = {}
+    with progress_bar("reading", sum(input_size(p) for p in paths), enabled=show_progress, unit="bytes") as advance, _reading_pool(
+        cfg.workers
+    ) as pool:
+        if pool is not None:
+            sha = {p: pool.apply_async(file_sha256, (p,)) for p in paths}
+        parts = _plan(paths, cfg.doc_sep, part_bytes, pool)
+        results = pool.imap(_read_task, [(str(p), span, cfg) for _, p, span in parts]) if pool else (
+            _read_task((str(p), span, cfg)) for _, p, span in parts
+        )
+        counts = [0] * len(paths)
+        for (i, path, span), (part_eojeols, part_skips, read, used, n_chars) in zip(parts, results):
+            eojeols.update(part_eojeols)  # in input order: the same counts in the same first-seen order as one reader
+            skips.merge(part_skips)
+            docs_read, docs_used, chars = docs_read + read, docs_used + used, chars + n_chars
+            counts[i] += read
+            advance(span[1] - span[0] if span else input_size(path))
+        for i, path in enumerate(paths):
+            digest = sha[path].get() if path in sha else file_sha256(path)
+            inputs_meta.append({"path": str(path), "bytes": input_size(path), "sha256": digest, "documents": counts[i]})
     if not eojeols:
         raise ClovaError(
             f"no text to learn from: {docs_read} documents read, {docs_used} kept, {skips.total} skipped; "
