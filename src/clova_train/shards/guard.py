@@ -6,6 +6,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,15 @@ from clova_train.shards.format import prefix_files
 def worker_pool(ctx, workers: int, initializer: Callable, initargs: tuple):
     """A pool whose workers finish their batch and exit (close + join), never terminated mid-task: a worker
     killed while it holds the task queue's lock hangs the pool's cleanup (a SIGTERM to the process group did)."""
-    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    # Workers are born with SIGINT/SIGTERM blocked (the mask is inherited by fork, also by the forks the pool's
+    # handler thread makes later) and ignore them from their initializer on, so a signal sent to the process
+    # group just as they start cannot kill one half-started; this process gets its pending signal on unblocking.
+    stop = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        pool = ctx.Pool(workers, initializer=_ignoring_stop, initargs=(initializer, initargs))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield pool
     finally:
@@ -29,6 +38,14 @@ def worker_pool(ctx, workers: int, initializer: Callable, initargs: tuple):
             for p in mp.active_children():
                 p.kill()
             os._exit(130)
+
+
+def _ignoring_stop(initializer: Callable, initargs: tuple) -> None:
+    """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it closes the pool), then the real initializer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # discards one that arrived while blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    initializer(*initargs)
 
 
 def note(line: str) -> None:

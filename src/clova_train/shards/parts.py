@@ -10,7 +10,6 @@ counted, so the main process only dedups by key, splits and writes.
 from __future__ import annotations
 
 import os
-import signal
 from itertools import chain
 from pathlib import Path
 
@@ -27,10 +26,8 @@ _cfg: ShardConfig | None = None
 
 
 def init_worker(tokenizer_dir: str, one_thread: bool, cfg: ShardConfig) -> None:
+    """A tokenizing worker's state (guard.worker_pool has made it ignore SIGINT and SIGTERM already)."""
     global _tok, _cfg
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    # SIGTERM too: a worker killed while it holds the task queue's lock deadlocks the pool; guard.worker_pool stops us.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if one_thread:
         # Many worker processes already fill the cores; Rust threads inside each would oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

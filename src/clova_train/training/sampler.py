@@ -338,8 +338,14 @@ def index_keys(datasets: Sequence[PackedDataset], weights: Sequence[float], tota
     from clova_train.shards.index import epochs_needed
 
     w = np.asarray(weights, dtype=np.float64)
-    epochs = [epochs_needed(len(ds), float(share), total_samples) for ds, share in zip(datasets, w / w.sum())]
+    epochs = [min(AHEAD_EPOCHS, epochs_needed(len(ds), float(share), total_samples)) for ds, share in zip(datasets, w / w.sum())]
     return epochs, [ds.epoch_key(e) for ds, n in zip(datasets, epochs) for e in range(n)]
+
+
+# Epochs built before step 1. A pre-training run passes over its data once or a few times; a small dataset
+# read hundreds of times over would otherwise build hundreds of indices first. Later epochs are built into
+# the cache by the first rank that reaches them (PackedDataset._epoch), each a small index by then.
+AHEAD_EPOCHS = 8
 
 
 def prepare_indices(data: DataConfig, seq_len: int, seed: int, total_samples: int, *, build: bool, note=None) -> tuple[list[PackedDataset], PackedDataset]:
