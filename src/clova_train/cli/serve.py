@@ -57,8 +57,7 @@ def _ptuned(model, tok, path: Path):
     """
     import json
 
-    from clova_train.evaluation.prompts import META_FILE, load_prompt
-    from clova_train.evaluation.prompts import PROMPT_MARK, encode_pieces, prompt_embedder
+    from clova_train.evaluation.prompts import META_FILE, PROMPT_MARK, encode_pieces, load_prompt, prompt_embedder
     from clova_train.evaluation.tasks import get_task
 
     meta = path / META_FILE
