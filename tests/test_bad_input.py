@@ -264,6 +264,35 @@ def test_sigterm_during_tokenize_is_one_line_and_resumable(big_corpus, tokenizer
     assert (out / "manifest.json").is_file()
 
 
+_SIGTERM_AT_POOL_START = """
+import multiprocessing as mp, os, signal, sys, time
+from clova_train.core.signals import Terminated, stop_on_sigterm
+from clova_train.shards.guard import worker_pool
+
+class SignalledWhileForking:  # a real fork pool; the group's SIGTERM lands while its workers start
+    def Pool(self, *args, **kwargs):
+        pool = mp.get_context("fork").Pool(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # blocked here, so pending until worker_pool unblocks it
+        return pool
+
+with stop_on_sigterm():
+    try:
+        # the workers take a while to start, as loading the tokenizer does
+        with worker_pool(SignalledWhileForking(), 2, time.sleep, (0.5,)) as pool:
+            pool.apply(print, ("task ran",))
+    except Terminated:
+        sys.exit(130)
+"""
+
+
+def test_sigterm_while_the_pool_starts_still_closes_it():
+    # The window CI once hit: a pending SIGTERM raised before the pool was handed out left it to its
+    # finalizer, which waits for workers that ignore SIGTERM; the process printed its line and never exited.
+    r = subprocess.run([sys.executable, "-c", _SIGTERM_AT_POOL_START], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert "task ran" not in r.stdout  # the signal stops the work before any task is handed out
+
+
 # ---------------------------------------------------------------- the table: one command, one line
 
 

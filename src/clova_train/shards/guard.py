@@ -23,12 +23,16 @@ def worker_pool(ctx, workers: int, initializer: Callable, initargs: tuple):
     # handler thread makes later) and ignore them from their initializer on, so a signal sent to the process
     # group just as they start cannot kill one half-started; this process gets its pending signal on unblocking.
     stop = {signal.SIGINT, signal.SIGTERM}
+    # The unblocking sits inside the try that closes and joins: a signal pending since the fork is raised
+    # there, and a pool left to its finalizer would hang, since that terminates workers that ignore SIGTERM.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
     try:
         pool = ctx.Pool(workers, initializer=_ignoring_stop, initargs=(initializer, initargs))
-    finally:
+    except BaseException:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         yield pool
     finally:
         pool.close()
