@@ -1,4 +1,4 @@
-"""Resuming on another number of ranks (issue 15): ZeRO-3 2 -> 1 -> 2 ranks, pipeline 2 stages -> 1, against an uninterrupted 2-rank run."""
+"""Resuming on another number of ranks (issue 15): ZeRO-3 2 -> 1 -> 2 ranks, ZeRO-2 2 -> 1, pipeline 2 stages -> 1, against an uninterrupted 2-rank run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clova_train.training.rundir import METRICS_FILE
+from clova_train.training.rundir import CONFIG_FILE, METRICS_FILE
 
 from conftest import clova_cli
 
@@ -84,6 +84,24 @@ def test_zero3_resumes_on_one_rank_then_on_two(tmp_path, korean_shards, referenc
     check_partial_reads(run)
     saved = [x for x in metrics(run) if "save_seconds" in x]
     assert [x["step"] for x in saved] == [2, 4, 6] and all(x["save_bytes"] > 0 and x["save_seconds"] > 0 for x in saved)
+
+
+def test_zero2_resumes_on_one_rank(tmp_path, korean_shards, reference):
+    """ZeRO-1/2 keep each rank's slice of the flat fp32 masters and moments: a new world size re-cuts them."""
+    run = tmp_path / "run"
+    r = clova_cli("train", *ARGS, "--parallel", "zero2", "--data", korean_shards, "--out", run, "--nproc-per-node", "2",
+                  env={"CLOVA_FAULT": "kill_at_step=3"})
+    assert r.returncode == KILLED, r.stdout + r.stderr
+    r = clova_cli("train", "--out", run, "--resume", "--nproc-per-node", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from step_00000002" in r.stderr
+    assert "world size 2 -> 1, replicas 2 -> 1; micro-batch 2 per rank, accumulation 2 -> 4 steps" in r.stderr
+    same_trajectory(run, reference)  # ZeRO-2 and ZeRO-3 start alike and follow one curve
+    assert json.loads((run / CONFIG_FILE).read_text())["deepspeed"]["zero_optimization"]["stage"] == 2
+    last = run / "checkpoints" / "step_00000006"
+    assert json.loads((last / "clova_checkpoint.json").read_text())["layout"] == {"world_size": 1, "stages": 1, "replicas": 1}
+    assert [p.name for p in last.glob("*optim_states.pt")] == ["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    check_partial_reads(run)
 
 
 def test_pipeline_resumes_on_one_stage_and_exports(tmp_path, korean_shards, reference):
