@@ -22,6 +22,9 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scancel", "scontrol")
 NODES = ("clova-n1", "clova-n2")
+# What each node offers the scheduler (both are this machine): small, so a job asking more than a node has
+# is refused as on a real cluster. Memory is not a consumable here (CR_CPU): it is checked, not reserved.
+MEMORY_MB = 2048
 HOSTS_TAG = "# clova-train test cluster"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -44,7 +47,7 @@ def free_ports(n: int) -> list[int]:
 def slurm_conf(root: Path, ports: list[int], cpus: int) -> str:
     ctld, slurmd, *node_ports = ports
     nodes = "\n".join(
-        f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={p} CPUs={cpus} State=UNKNOWN"
+        f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname=localhost Port={p} CPUs={cpus} RealMemory={MEMORY_MB} State=UNKNOWN"
         for n, p in zip(NODES, node_ports)
     )
     # No cgroups in a container: processes are tracked by parent pid, tasks are not bound.

@@ -245,6 +245,8 @@ def test_slurm_stages_pickle_and_a_missing_sbatch_is_one_line(planted, tmp_path,
     with open(tmp_path / "out" / ".work" / "logs" / "read" / "executor.pik", "rb") as f:
         executor = dill.load(f)
     assert isinstance(executor.pipeline[0], ReadStep) and executor.tasks == 1
+    r = CliRunner().invoke(app, ["dedup", str(planted[0]), "--out", str(tmp_path / "o2"), "--slurm-partition", "cpu", "--slurm-mem-per-cpu", "0"])
+    assert r.exit_code == 2 and "--slurm-mem-per-cpu must be at least 1, not 0" in r.output and "Traceback" not in r.output
 
 
 def test_slurm_template_is_valid_bash_and_its_flags_exist():

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,12 +29,14 @@ from clova_train.training.rundir import MARKER_FILE, METRICS_FILE
 from conftest import clova_cli
 from slurm_cluster import missing_binaries, slurm_cluster
 from ssh_server import missing_binaries as ssh_missing, ssh_server
+from test_dedup import files, planted, split_corpus  # noqa: F401 (fixtures)
 from test_train import compared, metrics
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SBATCH = REPO / "cli" / "train.sbatch"
 TOKENIZE_SBATCH = REPO / "cli" / "slurm_tokenize.sbatch"
+DEDUP_SH = REPO / "cli" / "slurm_dedup.sbatch"
 # One rank per node, each with the cores a local 2-process run gives a worker (launch.cpu_threads), so both
 # runs use the same threads per rank; the template's GPUs and memory do not exist on this cluster.
 CPUS = max(1, usable_cores() // 2)
@@ -106,7 +110,7 @@ def local_run(tmp_path_factory, korean_shards) -> Path:
 
 def test_templates_pass_shellcheck():
     needs([] if shutil.which("shellcheck") else ["shellcheck"], "cannot lint the templates")
-    r = subprocess.run(["shellcheck", TRAIN_SBATCH, TOKENIZE_SBATCH], capture_output=True, text=True)
+    r = subprocess.run(["shellcheck", TRAIN_SBATCH, TOKENIZE_SBATCH, DEDUP_SH], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -133,6 +137,56 @@ def test_array_tokenize_then_merge_equals_one_process(slurm, tmp_path, tokenizer
         ours = [ids.tolist() for ds in open_split(tmp_path / "merged", split) for ids in ds]
         ref = [ids.tolist() for ds in open_split(tmp_path / "single", split) for ids in ds]
         assert ours == ref and ref, split
+
+
+def test_dedup_stages_run_as_slurm_array_jobs_and_equal_a_local_run(slurm, split_corpus, tmp_path):
+    """`CORPUS=... OUT=... PARTITION=debug bash cli/slurm_dedup.sbatch` on a login node: datatrove submits one array
+    job per stage, each depending on the one before; the last writes the manifest, and the output is the local run's."""
+    paths, local = split_corpus
+    out = tmp_path / "out"
+    env = {**slurm.env, "CORPUS": str(paths[0].parent / "in*.jsonl"), "OUT": str(out), "PARTITION": "debug",
+           "TIME_LIMIT": "00:20:00", "COLUMNS": "300"}
+    r = subprocess.run(["bash", DEDUP_SH], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2 and "sbatch refused a dedup stage" in r.stderr  # 4 GB per CPU by default; a node has 2
+    assert "Memory specification can not be satisfied" in r.stderr, r.stderr  # sbatch's own reason, shown above our line
+    env["EXTRA_ARGS"] = "--slurm-mem-per-cpu 1"
+    r = subprocess.run(["bash", DEDUP_SH], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted 7 Slurm stages" in r.stdout and "manifest.json appears when the last one ends" in r.stdout
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:  # until every job (the stats-merging ones too) has left the queue
+        queued = [line for line in slurm.run("squeue", "-h", "-o", "%i %j %T %r").stdout.splitlines() if " clova-dedup-" in line]
+        assert not [q for q in queued if "DependencyNeverSatisfied" in q], f"a stage failed: {queued}\n{slurm.logs()}"
+        if not queued:
+            break
+        time.sleep(2)
+    assert not queued, f"still queued after 420 s:\n{queued}\n{slurm.logs()}"
+    assert (out / "manifest.json").exists()
+    records = [dict(re.findall(r"(JobId|ArrayJobId|JobName|JobState|Reason)=(\S+)", line))
+               for line in slurm.run("scontrol", "show", "job", "-o").stdout.splitlines() if "JobName=clova-dedup-" in line]
+    refused = [r for r in records if r["Reason"] == "BadConstraints"]  # the first submission's, which asked 4 GB
+    assert refused and {r["JobState"] for r in refused} == {"FAILED"}, records
+    tasks: dict[str, Counter] = {}
+    for r in records:
+        if r not in refused:
+            assert r["JobState"] == "COMPLETED", r
+            tasks.setdefault(r["JobName"].removeprefix("clova-dedup-"), Counter())[r.get("ArrayJobId", r["JobId"])] += 1
+    # Each array job has a task per input (per LSH band for buckets, per line-key partition for count); beside it, datatrove's stats-merging job.
+    assert {stage: max(jobs.values()) for stage, jobs in tasks.items()} == {
+        "read": 3, "count": 16, "signature": 3, "buckets": 14, "cluster": 1, "write": 3, "finish": 1}, tasks
+    # The local run's bytes (tasks are fixed by the inputs and bands, not by the machines); its manifest differs
+    # only in the template's --on-error skip.
+    ours, ref = files(out), files(local)
+    assert {k: v for k, v in ours.items() if k != "manifest.json"} == {k: v for k, v in ref.items() if k != "manifest.json"}
+    manifest = json.loads(ours["manifest.json"])
+    assert manifest["config"]["on_error"] == manifest["fingerprint"]["config"]["on_error"] == "skip"
+    manifest["config"]["on_error"] = manifest["fingerprint"]["config"]["on_error"] = "raise"
+    assert manifest == json.loads(ref["manifest.json"])
+    assert sorted(p.name for p in (out / ".work").iterdir()) == ["logs", "slurm_logs"]  # the logs stay for the user
+
+    # Running the line again submits nothing: every stage is complete.
+    r = subprocess.run(["bash", DEDUP_SH], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stdout + r.stderr
 
 
 def test_train_sbatch_on_two_nodes_equals_a_local_two_process_run(slurm_run, local_run):

@@ -28,6 +28,8 @@ def dedup_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tasks run at once (0: all cores); the output is the same for any count."),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Run every stage as Slurm array jobs on this partition (datatrove's Slurm executor); see cli/slurm_dedup.sbatch.", rich_help_panel="Many machines"),
     slurm_time: Optional[str] = typer.Option(None, "--slurm-time", help="Time limit of each Slurm job (default 24:00:00).", rich_help_panel="Many machines"),
+    slurm_cpus: Optional[int] = typer.Option(None, "--slurm-cpus-per-task", help="CPUs per Slurm task (default 1; more gives a task more memory).", rich_help_panel="Many machines"),
+    slurm_mem: Optional[int] = typer.Option(None, "--slurm-mem-per-cpu", help="Memory per CPU of each Slurm task, in GB (default 4).", rich_help_panel="Many machines"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Remove near-duplicates (MinHash-LSH on MeCab-ko morpheme 5-grams) and low-quality Korean text, before `clova tokenize`.
@@ -51,7 +53,9 @@ def dedup_cmd(
         on_error=on_error,
         workers=workers,
     )
-    slurm = override(SlurmOptions(partition=slurm_partition), time=slurm_time) if slurm_partition else None
+    slurm = None
+    if slurm_partition:
+        slurm = override(SlurmOptions(partition=slurm_partition), time=slurm_time, cpus_per_task=slurm_cpus, mem_per_cpu_gb=slurm_mem)
     report = dedup_corpus(inputs, out_dir, cfg, recipe, show_progress=not quiet, slurm=slurm)
     if report.get("submitted"):
         out.print(f"submitted {len(report['stages'])} Slurm stages ({', '.join(report['stages'])}); {out_dir}/manifest.json appears when the last one ends")

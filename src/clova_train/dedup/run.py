@@ -67,6 +67,12 @@ class SlurmOptions:
     venv_path: str | None = None
     """A virtual environment each job activates (default: the one running this command)."""
 
+    def __post_init__(self):
+        for name in ("cpus_per_task", "mem_per_cpu_gb"):
+            if getattr(self, name) < 1:
+                flag = "--slurm-" + name.replace("_gb", "").replace("_", "-")
+                raise ClovaError(f"{flag} must be at least 1, not {getattr(self, name)}")
+
 
 def _stages(paths: list[str], work: Path, out_dir: Path, cfg: DedupConfig, recipe: QualityRecipe) -> list[tuple[str, list, int]]:
     """(name, pipeline, tasks) of every stage, in order."""
@@ -213,15 +219,17 @@ class FinishStep(PipelineStep):
         self.work, self.out_dir = Path(work), Path(out_dir)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        finish(self.work, self.out_dir)
+        # The logs stay: datatrove's stats-merging jobs may still be queued behind any stage (they read logs/),
+        # Slurm writes their output under slurm_logs/ (a job whose output dir is gone FAILS), and users read both.
+        finish(self.work, self.out_dir, keep=("logs", "slurm_logs"))
 
 
 def _load(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def finish(work: Path, out_dir: Path) -> dict:
-    """Join the tasks' counts and samples into manifest.json (written last), then drop the work dir."""
+def finish(work: Path, out_dir: Path, *, keep: tuple[str, ...] = ()) -> dict:
+    """Join the tasks' counts and samples into manifest.json (written last), then drop the work dir but ``keep``."""
     fp = _load(work / "fingerprint.json")
     cfg = fp["config"]
     n = len(fp["inputs"])
@@ -289,7 +297,12 @@ def finish(work: Path, out_dir: Path) -> dict:
     }
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     fsync_path(out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    if keep:
+        for p in work.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
