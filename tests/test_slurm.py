@@ -198,19 +198,37 @@ def test_train_sbatch_on_two_nodes_equals_a_local_two_process_run(slurm_run, loc
     assert compared(two_nodes) == compared(here)
 
 
-def test_usr1_preemption_checkpoints_once_and_resubmission_finishes_the_same_run(slurm, slurm_run, tmp_path, korean_shards):
-    """scancel --signal=USR1 mid-run (what --signal=USR1@120 sends): one checkpoint, exit 0; the same sbatch line resumes."""
+def test_usr1_preemption_checkpoints_once_and_the_job_requeues_itself_to_finish_the_same_run(slurm, slurm_run, tmp_path, korean_shards):
+    """scancel --signal=USR1 mid-run (what --signal=USR1@120 sends): one checkpoint, rank 0 requeues the job, and the
+    job, started again by Slurm under the same id, resumes and ends with the uninterrupted run's metrics."""
     run = tmp_path / "run"
     job, log = submit_train(slurm, tmp_path, run, korean_shards)
     wait_for_steps(run, 3, job, slurm)
     slurm.run("scancel", "--signal=USR1", job)
+    (j,) = slurm.wait(job, timeout=420)
+    text = output(log)  # both runs of the job: the template appends (--open-mode=append)
+    assert (j.state, j.exit_code) == ("COMPLETED", "0:0"), text + slurm.logs()
+    assert "Restarts=1" in j.info, j.info  # Slurm ran the job twice, resubmitted by nobody
+    stopped_at = int(re.search(r"stopped by SIGUSR1 after step (\d+)", text).group(1))
+    assert stopped_at < 12, text  # before the first periodic save: the checkpoint is the preemption's
+    assert f"checkpoint step_{stopped_at:08d} is complete. Requeued job {job}" in text, text
+    assert f"resuming from step_{stopped_at:08d}" in text
+    assert [tag for _, tag in Checkpointer.complete(run / "checkpoints")] == [f"step_{stopped_at:08d}", "step_00000012", "step_00000024"]
+    assert compared(metrics(run)) == compared(metrics(slurm_run))
+
+
+def test_scancel_checkpoints_once_and_resubmission_finishes_the_same_run(slurm, slurm_run, tmp_path, korean_shards):
+    """scancel (SIGTERM): one checkpoint, exit 0, no requeue (the user stopped it); the same sbatch line resumes."""
+    run = tmp_path / "run"
+    job, log = submit_train(slurm, tmp_path, run, korean_shards)
+    wait_for_steps(run, 3, job, slurm)
+    slurm.run("scancel", "--signal=TERM", job)
     (j,) = slurm.wait(job)
     text = output(log)
-    assert (j.state, j.exit_code) == ("COMPLETED", "0:0"), text + slurm.logs()
+    assert (j.state, j.exit_code) == ("COMPLETED", "0:0") and "Restarts=0" in j.info, text + slurm.logs()
     stopped_at = metrics(run)[-1]["step"]
-    assert f"stopped by SIGUSR1 after step {stopped_at}" in text and "resubmit the job" in text, text
+    assert f"stopped by SIGTERM after step {stopped_at}" in text and "resubmit the job" in text, text
     assert [tag for _, tag in Checkpointer.complete(run / "checkpoints")] == [f"step_{stopped_at:08d}"]
-    assert stopped_at < 12  # before the first periodic save: the one checkpoint is the preemption's
 
     job2, log2 = submit_train(slurm, tmp_path, run, korean_shards)
     (j2,) = slurm.wait(job2)
@@ -331,3 +349,15 @@ def test_collective_timeout_and_the_lost_peer_line(tmp_path):
     (tmp_path / "checkpoints" / "step_00000008" / MARKER_FILE).write_text(json.dumps({"tag": "step_00000008", "step": 8}))
     assert "the last complete checkpoint is step_00000008" in lost_peer_message(gloo, tmp_path)
     assert lost_peer_message(RuntimeError("shape mismatch"), tmp_path) is None  # a bug stays a traceback
+
+
+def test_requeue_is_the_flag_else_the_template_s_variable(monkeypatch):
+    from clova_train.training.config import TrainConfig
+    from clova_train.training.launch import requeue_slurm_job
+    from clova_train.training.loop import requeue_wanted
+
+    monkeypatch.delenv("CLOVA_REQUEUE", raising=False)
+    assert not requeue_wanted(TrainConfig())  # a plain `srun clova train` stops and stays stopped
+    monkeypatch.setenv("CLOVA_REQUEUE", "1")  # cli/train.sbatch
+    assert requeue_wanted(TrainConfig()) and not requeue_wanted(TrainConfig(requeue=False))
+    assert requeue_slurm_job({}) == "Not requeued (no SLURM_JOB_ID): resubmit the job"

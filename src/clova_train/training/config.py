@@ -62,6 +62,8 @@ class TrainConfig:
     """Also keep every checkpoint whose step is a multiple of N, beyond keep_last (0: no milestones)."""
     preempt_window: float | None = None
     """Seconds between the preemption signal and the kill (None: CLOVA_PREEMPT_WINDOW, as cli/train.sbatch sets it); a slower save is warned about."""
+    requeue: bool | None = None
+    """Under srun: after the checkpoint a SIGUSR1 (time limit near) triggers, requeue the job so it resumes by itself (None: CLOVA_REQUEUE=1, as cli/train.sbatch sets it)."""
     seed: int = 1234
     """Seed of the initialisation and of the global sample order."""
     max_bad_steps: int = 5

@@ -72,6 +72,23 @@ def under_srun(env=None) -> bool:
     return "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or env.get("CLOVA_LAUNCHER") == "slurm")
 
 
+def requeue_slurm_job(env=None) -> str:
+    """Put this srun's job back in the queue (``scontrol requeue``), once its checkpoint is complete; one line
+    saying what happened. Slurm ends the job's steps and later reruns its batch script, which resumes."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return "Not requeued (no SLURM_JOB_ID): resubmit the job"
+    try:
+        r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"Could not requeue job {job} ({e}): resubmit the job"
+    if r.returncode != 0:
+        said = ((r.stderr or r.stdout).strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        return f"Could not requeue job {job} (scontrol: {said}): resubmit the job"
+    return f"Requeued job {job}: when Slurm starts it again it resumes from the newest checkpoint"
+
+
 def under_launcher(env=None) -> bool:
     """torchrun, DeepSpeed's launcher or our own workers: rank and world already set."""
     env = os.environ if env is None else env

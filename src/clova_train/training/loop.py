@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -232,13 +233,16 @@ def run_worker(spec: RunSpec) -> str:
                 due = False
                 progress.note(f"checkpoint {saved} saved")
             if res.stop:
-                how = {
+                how = "Resume with: " + {
                     "local": f"clova train --out {run_dir} --resume",
                     "slurm": f"resubmit the job (srun ... clova train --out {run_dir} --resume)",
                 }.get(launcher, f"clova train --out {run_dir} --resume, started the same way on {dist.world} ranks")
+                if launcher == "slurm" and stop_signal.received == signal.SIGUSR1 and requeue_wanted(train) and dist.rank == 0:
+                    # SIGUSR1 is the time-limit warning (--signal=USR1@120), SIGTERM a scancel: only the first comes back.
+                    how = launch.requeue_slurm_job()
                 kept = f"checkpoint {tag_for(step)} is complete" if not res.skipped else (
                     f"step {step} was skipped, so the newest checkpoint is {ckpt.latest() or 'none (the run restarts at step 1)'}")
-                progress.note(f"stopped by {stop_signal.name} after step {step}; {kept}. Resume with: {how}")
+                progress.note(f"stopped by {stop_signal.name} after step {step}; {kept}. {how}")
                 return "stopped"
     progress.note(f"done: {step} steps, {tokens:,} tokens; checkpoints in {ckpt.dir}")
     return "done"
@@ -252,6 +256,13 @@ def preempt_window(train: TrainConfig) -> float | None:
         return float(os.environ["CLOVA_PREEMPT_WINDOW"])
     except (KeyError, ValueError):
         return None
+
+
+def requeue_wanted(train: TrainConfig) -> bool:
+    """--requeue/--no-requeue, else CLOVA_REQUEUE (cli/train.sbatch sets it to 1)."""
+    if train.requeue is not None:
+        return train.requeue
+    return os.environ.get("CLOVA_REQUEUE", "").strip().lower() in ("1", "true", "yes")
 
 
 def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tuple[dict, str | None]:
