@@ -134,6 +134,17 @@ def test_same_bytes_for_any_worker_count(split_corpus, tmp_path):
     assert man["totals"]["removed"].get("near_duplicate", 0) > 0
 
 
+def test_same_bytes_for_any_line_partition_count(split_corpus, tmp_path):
+    """--line-partitions only spreads the boilerplate count over more tasks (less memory each): same output."""
+    paths, w1 = split_corpus
+    r = clova_cli("dedup", *paths, "--out", tmp_path / "p3", "--line-partitions", 3, "--quiet")
+    assert r.returncode == 0, r.stderr
+    ours, ref = files(tmp_path / "p3"), files(w1)
+    assert {k: v for k, v in ours.items() if k != "manifest.json"} == {k: v for k, v in ref.items() if k != "manifest.json"}
+    man = json.loads(ours["manifest.json"])
+    assert man["config"]["line_partitions"] == 3 and man["totals"] == json.loads(ref["manifest.json"])["totals"]
+
+
 def _killed_then_resumed(paths, out: Path, stage: str, workers: int) -> None:
     args = ["dedup", *paths, "--out", out, "--quiet", "--workers", workers]
     r = clova_cli(*args, env={EXIT_AT_ENV: stage}, start_new_session=True)

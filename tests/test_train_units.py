@@ -553,3 +553,17 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
     os.utime(binfile, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(ClovaError, match="sha256 differs"):
         check_inputs(spec)
+
+
+def test_the_first_stop_signal_is_the_reason_and_a_second_ctrl_c_interrupts():
+    import signal
+
+    from clova_train.training.step import StopSignal
+
+    stop = StopSignal()
+    stop._handle(signal.SIGUSR1, None)  # the time-limit warning ...
+    stop._handle(signal.SIGTERM, None)  # ... then the SIGTERM of the requeue it asked for
+    assert stop.name == "SIGUSR1"
+    stop._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)

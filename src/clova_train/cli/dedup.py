@@ -20,6 +20,7 @@ def dedup_cmd(
     bands: Optional[int] = typer.Option(None, "--bands", help="LSH bands (default 14).", rich_help_panel="MinHash-LSH"),
     rows: Optional[int] = typer.Option(None, "--rows", help="Minhashes per band (default 8: 112 hashes, P(candidate | J=0.8) = 0.92).", rich_help_panel="MinHash-LSH"),
     shingle: Optional[str] = typer.Option(None, "--shingle", help="'morpheme' (MeCab-ko, default) or 'eojeol' (whitespace words).", rich_help_panel="MinHash-LSH"),
+    line_partitions: Optional[int] = typer.Option(None, "--line-partitions", help="Tasks the boilerplate line count is split over (default 16); each holds 1/N of all (document, line) keys, about 24 bytes a key while counting: 1024 for 1e11 lines takes 2.3 GB a task.", rich_help_panel="Quality"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Quality thresholds, e.g. recipes/korean_quality.json (default: its values).", rich_help_panel="Quality"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the minhash permutations and of the removed-document sample.", rich_help_panel="MinHash-LSH"),
     text_key: Optional[str] = typer.Option(None, "--text-key", help="Text field in jsonl/parquet/datasets inputs.", rich_help_panel="Input"),
@@ -52,6 +53,7 @@ def dedup_cmd(
         doc_sep=doc_sep,
         on_error=on_error,
         workers=workers,
+        line_partitions=line_partitions,
     )
     slurm = None
     if slurm_partition:

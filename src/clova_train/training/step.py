@@ -76,6 +76,7 @@ class StopSignal:
 
     def __init__(self):
         self.received: int | None = None
+        self._ctrl_c = False
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -88,9 +89,12 @@ class StopSignal:
             signal.signal(s, h)
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
+        if signum == signal.SIGINT:
+            if self._ctrl_c:
+                raise KeyboardInterrupt
+            self._ctrl_c = True
+        if self.received is None:  # the first signal says why; a later one (the SIGTERM of a requeue) does not
+            self.received = signum
 
     @property
     def name(self) -> str:
