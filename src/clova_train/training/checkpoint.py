@@ -18,7 +18,7 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
-from clova_train.training.distributed import CollectiveError
+from clova_train.training.distributed import CollectiveError, collective_timeout, lost_peer_detail
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
 from clova_train.training.trust import check_checkpoint_files
 
@@ -295,10 +295,14 @@ class Checkpointer:
             what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
             raise ClovaError(f"{e.filename or self.dir / tag}: {what} while saving checkpoint {tag}; {self._intact()}; "
                              f"free space (or lower --keep-last) and rerun with --resume") from None
-        except RuntimeError as e:  # gloo/NCCL: a peer rank exited mid-save (its own line says why)
+        except RuntimeError as e:  # gloo/NCCL: a peer rank exited mid-save (its own line says why), or hung
             if "clova" in type(e).__module__:
                 raise
-            raise PeerLost(f"checkpoint {tag} not saved: another rank stopped while saving (its line says why); {self._intact()}") from None
+            detail = lost_peer_detail(e)
+            why = "another rank stopped while saving (its line says why)" if detail is None else (
+                f"lost contact with another rank while saving ({detail}): a node died, hung or left the network "
+                f"(collective timeout {collective_timeout().total_seconds():g} s, CLOVA_COLLECTIVE_TIMEOUT)")
+            raise PeerLost(f"checkpoint {tag} not saved: {why}; {self._intact()}") from None
 
     def _intact(self) -> str:
         done = self.complete(self.dir)

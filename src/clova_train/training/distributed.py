@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -120,3 +121,17 @@ def init_distributed() -> Dist:
 
 class CollectiveError(ClovaError):
     """Raised identically on every rank (after a collective); only rank 0 prints it."""
+
+
+# What gloo and NCCL say when the rank at the other end died, hung or left the network.
+_PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Timed out waiting|Socket Timeout|Broken pipe"
+                        r"|NCCL communicator was aborted|Watchdog caught collective operation timeout")
+
+
+def lost_peer_detail(error: BaseException) -> str | None:
+    """The user-facing part of a collective's error when a peer was lost (None for any other error)."""
+    text = str(error).strip()
+    if not _PEER_LOST.search(text):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # gloo's C++ source path says nothing to a user
+    return detail.split(". This is typically")[0][:160]

@@ -39,7 +39,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text
 from clova_train.core.progress import console
 from clova_train.training.checkpoint import newest_checkpoint
-from clova_train.training.distributed import CollectiveError, collective_timeout
+from clova_train.training.distributed import CollectiveError, collective_timeout, lost_peer_detail
 from clova_train.training.rundir import LAUNCH_FILE
 
 DEFAULT_PORT = 29500
@@ -337,17 +337,11 @@ def spawn_local(spec_path: Path, cfg: LaunchConfig, module: str) -> int:
 
 
 # What gloo and NCCL say when a peer is gone (its process died) or silent past the collective timeout.
-_PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Timed out waiting|Socket Timeout|Broken pipe"
-                        r"|NCCL communicator was aborted|Watchdog caught collective operation timeout")
-
-
 def lost_peer_message(error: BaseException, run_dir: Path) -> str | None:
     """One line for a collective that failed because another rank died or stopped answering; None for other errors."""
-    text = str(error).strip()
-    if not _PEER_LOST.search(text):
+    detail = lost_peer_detail(error)
+    if detail is None:
         return None
-    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # gloo's C++ source path says nothing to a user
-    detail = detail.split(". This is typically")[0][:160]
     marker = newest_checkpoint(Path(run_dir))
     where = f"the last complete checkpoint is {marker['tag']}" if marker else "there is no complete checkpoint yet"
     return (f"lost contact with another rank ({detail}): a node died, hung or left the network "
