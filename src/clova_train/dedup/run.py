@@ -68,10 +68,9 @@ class SlurmOptions:
     """A virtual environment each job activates (default: the one running this command)."""
 
     def __post_init__(self):
-        for name in ("cpus_per_task", "mem_per_cpu_gb"):
-            if getattr(self, name) < 1:
-                flag = "--slurm-" + name.replace("_gb", "").replace("_", "-")
-                raise ClovaError(f"{flag} must be at least 1, not {getattr(self, name)}")
+        for flag, value in (("--slurm-cpus-per-task", self.cpus_per_task), ("--slurm-mem-per-cpu", self.mem_per_cpu_gb)):
+            if value < 1:
+                raise ClovaError(f"{flag} must be at least 1, not {value}")
 
 
 def _stages(paths: list[str], work: Path, out_dir: Path, cfg: DedupConfig, recipe: QualityRecipe) -> list[tuple[str, list, int]]:
@@ -297,12 +296,16 @@ def finish(work: Path, out_dir: Path, *, keep: tuple[str, ...] = ()) -> dict:
     }
     atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     fsync_path(out_dir)
-    if keep:
-        for p in work.iterdir():
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    else:
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
+        return manifest
+    for p in work.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return manifest
 
 

@@ -18,7 +18,7 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
-from clova_train.training.distributed import CollectiveError, collective_timeout, lost_peer_detail
+from clova_train.training.distributed import CollectiveError, lost_peer_reason
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
 from clova_train.training.trust import check_checkpoint_files
 
@@ -298,10 +298,7 @@ class Checkpointer:
         except RuntimeError as e:  # gloo/NCCL: a peer rank exited mid-save (its own line says why), or hung
             if "clova" in type(e).__module__:
                 raise
-            detail = lost_peer_detail(e)
-            why = "another rank stopped while saving (its line says why)" if detail is None else (
-                f"lost contact with another rank while saving ({detail}): a node died, hung or left the network "
-                f"(collective timeout {collective_timeout().total_seconds():g} s, CLOVA_COLLECTIVE_TIMEOUT)")
+            why = lost_peer_reason(e, during=" while saving") or "another rank stopped while saving (its line says why)"
             raise PeerLost(f"checkpoint {tag} not saved: {why}; {self._intact()}") from None
 
     def _intact(self) -> str:

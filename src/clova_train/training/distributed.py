@@ -128,10 +128,12 @@ _PEER_LOST = re.compile(r"Connection (reset|closed) by peer|Timed out waiting|So
                         r"|NCCL communicator was aborted|Watchdog caught collective operation timeout")
 
 
-def lost_peer_detail(error: BaseException) -> str | None:
-    """The user-facing part of a collective's error when a peer was lost (None for any other error)."""
+def lost_peer_reason(error: BaseException, during: str = "") -> str | None:
+    """Why a collective failed, for a user, when the rank at the other end was lost (None for any other error)."""
     text = str(error).strip()
     if not _PEER_LOST.search(text):
         return None
     detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0])  # gloo's C++ source path says nothing to a user
-    return detail.split(". This is typically")[0][:160]
+    detail = detail.split(". This is typically")[0][:160]
+    return (f"lost contact with another rank{during} ({detail}): a node died, hung or left the network "
+            f"(collective timeout {collective_timeout().total_seconds():g} s, CLOVA_COLLECTIVE_TIMEOUT)")

@@ -39,7 +39,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text
 from clova_train.core.progress import console
 from clova_train.training.checkpoint import newest_checkpoint
-from clova_train.training.distributed import CollectiveError, collective_timeout, lost_peer_detail
+from clova_train.training.distributed import CollectiveError, lost_peer_reason
 from clova_train.training.rundir import LAUNCH_FILE
 
 DEFAULT_PORT = 29500
@@ -336,17 +336,14 @@ def spawn_local(spec_path: Path, cfg: LaunchConfig, module: str) -> int:
     return 128 - first if first < 0 else first
 
 
-# What gloo and NCCL say when a peer is gone (its process died) or silent past the collective timeout.
 def lost_peer_message(error: BaseException, run_dir: Path) -> str | None:
     """One line for a collective that failed because another rank died or stopped answering; None for other errors."""
-    detail = lost_peer_detail(error)
-    if detail is None:
+    reason = lost_peer_reason(error)
+    if reason is None:
         return None
     marker = newest_checkpoint(Path(run_dir))
     where = f"the last complete checkpoint is {marker['tag']}" if marker else "there is no complete checkpoint yet"
-    return (f"lost contact with another rank ({detail}): a node died, hung or left the network "
-            f"(collective timeout {collective_timeout().total_seconds():g} s, CLOVA_COLLECTIVE_TIMEOUT). "
-            f"See that rank's log; {where}, and resubmitting the job continues from it")
+    return f"{reason}. See that rank's log; {where}, and resubmitting the job continues from it"
 
 
 def worker_main(spec, worker: Callable) -> int:
