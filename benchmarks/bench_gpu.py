@@ -22,6 +22,7 @@ import torch
 
 from bench_train_step import hf_twin
 from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training.plan import PlanConfig, estimate
 
 
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dist = init_distributed()
     tokens = args.micro_batch * args.accum * args.seq_len
-    flops = model.flops_per_token(args.seq_len) * tokens
+    flops = flops_per_token(model, args.seq_len) * tokens
     peak = _peak_tflops() * 1e12
-    print(f"{torch.cuda.get_device_name()} ({gpu_gb:.0f} GiB), {name} ({model.num_params() / 1e9:.2f}B), bf16, micro-batch {args.micro_batch} x {args.seq_len} x {args.accum} accumulation, activation checkpointing")
+    print(f"{torch.cuda.get_device_name()} ({gpu_gb:.0f} GiB), {name} ({num_params(model) / 1e9:.2f}B), bf16, micro-batch {args.micro_batch} x {args.seq_len} x {args.accum} accumulation, activation checkpointing")
     hf_s, hf_peak = bench_hf(model, args)
     print(f"  transformers GPT2LMHeadModel + torch fused AdamW: {hf_s:.3f} s/step, MFU {flops / hf_s / peak:.1%}, peak {hf_peak:.1f} GiB")
     for mode in ("zero1", "zero3"):

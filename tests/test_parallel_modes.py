@@ -12,7 +12,8 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import GPT, lm_loss
+from clova_train.model.gpt import GPT, num_params
+from clova_train.model.loss import lm_loss
 from clova_train.training.distributed import local_layout
 from clova_train.training.ds_config import ParallelConfig, deepspeed_config, template_defaults
 from clova_train.training.config import TrainConfig
@@ -77,9 +78,10 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
     cfg = ModelConfig.from_name("tiny", vocab_size=2048, block_size=64)
     torch.manual_seed(0)
     model = GPT(cfg)
+    model.init_weights()
     x, y = torch.randint(0, 2048, (3, 64)), torch.randint(0, 2048, (3, 64))
     chunked = model(x, y)  # 192 tokens in chunks of 1024 would be one chunk: force several
-    from clova_train.model.gpt import chunked_lm_loss
+    from clova_train.model.loss import chunked_lm_loss
 
     h = model.ln_f(model.hidden(x))
     several = chunked_lm_loss(h, model.wte.weight, y, chunk_tokens=50)
@@ -118,6 +120,7 @@ def test_compiled_blocks_train_like_eager_ones():
     for compiled in (False, True):
         torch.manual_seed(0)
         model = GPT(cfg)
+        model.init_weights()
         if compiled:
             compile_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -150,7 +153,7 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     counts = layer_param_counts(cfg)  # meta-device builds: no memory
     plan = pipeline_plan(cfg)
     assert len(counts) == len(plan) == cfg.n_layer + 4
-    assert sum(counts) - counts[-1] == cfg.num_params()  # the tied head reuses the embedding
+    assert sum(counts) - counts[-1] == num_params(cfg)  # the tied head reuses the embedding
     parts = partition_balanced(weights=counts, num_parts=16)  # what PipelineModule does with these counts
     start, stop = parts[5], parts[6]
     # What rank 5 builds: only its layers, and they hold that stage's count and no more.
@@ -158,7 +161,7 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     with torch.device("meta"):  # ~5B parameters: shapes only
         built = [plan[i].module(*plan[i].args, **plan[i].kwargs) for i in range(start, stop)]
     assert sum(p.numel() for m in built for p in m.parameters()) == owned
-    assert owned < cfg.num_params() / 12
+    assert owned < num_params(cfg) / 12
 
 
 # ---------------------------------------------------------------- DeepSpeed for real

@@ -22,6 +22,7 @@ from clova_train.core.files import atomic_write_json
 from clova_train.core.lock import dir_lock
 from clova_train.core.progress import console
 from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training import launch
 from clova_train.training.checkpoint import Checkpointer, Faults, newest_checkpoint, seed_all, set_rng_state, tag_for
 from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
@@ -69,8 +70,8 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
             "steps": train.steps,
             "tokens_per_step": train.tokens_per_step,
             "tokens": train.steps * train.tokens_per_step,
-            "parameters": spec.model.num_params(),
-            "flops_per_token": spec.model.flops_per_token(train.seq_len),
+            "parameters": num_params(spec.model),
+            "flops_per_token": flops_per_token(spec.model, train.seq_len),
             "device": device,
             "config_hash": spec.config_hash,
             "identity": spec.identity,
@@ -88,7 +89,7 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
     valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
     return (
-        f"{m.name}: {m.num_params():,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
+        f"{m.name}: {num_params(m):,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
         f"{', activation checkpointing' if spec.parallel.activation_checkpointing else ''}); "
         f"{train.global_batch} x {train.seq_len} tokens per step = micro-batch {train.micro_batch} x {accum} accumulation x "
@@ -149,7 +150,7 @@ def run_worker(spec: RunSpec) -> str:
     metrics.resume_at(step)
 
     evaluator = Evaluator(engine, valid)
-    flops = spec.model.flops_per_token(train.seq_len)
+    flops = flops_per_token(spec.model, train.seq_len)
     peak = peak_tflops(device_name, train.peak_tflops)
     last = {"loss": None, "valid_loss": None}
     launcher = os.environ.get("CLOVA_LAUNCHER", "external")

@@ -22,6 +22,7 @@ from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
 from clova_train.training.ds_config import MODES, OFFLOADS
 from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import flops_per_token, num_params
 
 GB = 1024**3
 # Dense bf16 peak TFLOP/s per device, for MFU and time estimates.
@@ -143,7 +144,7 @@ def _state_bytes_per_param(precision: str, parallel: str) -> tuple[int, int, int
 def estimate(cfg: PlanConfig) -> dict:
     """Per-GPU memory breakdown, whether it fits, and the time to train ``cfg.tokens``."""
     m = model_config(cfg)
-    n = m.num_params()
+    n = num_params(m)
     act_bytes = 4 if cfg.precision == "fp32" else 2
     w, g, o = _state_bytes_per_param(cfg.precision, cfg.parallel)
     tokens_micro = cfg.micro_batch * cfg.seq_len
@@ -189,7 +190,7 @@ def estimate(cfg: PlanConfig) -> dict:
     total = params + grads + optim + acts
     usable = cfg.gpu_mem * GB * USABLE_FRACTION
     host_ok = cpu_per_node <= cfg.cpu_mem * GB * USABLE_FRACTION
-    flops_token = m.flops_per_token(cfg.seq_len)
+    flops_token = flops_per_token(m, cfg.seq_len)
     stages = cfg.pipeline_stages if cfg.parallel == "pipeline" else 1
     micro_batches = max(1, cfg.global_batch // (cfg.micro_batch * dp))
     # 1F1B: every stage idles (S-1) of the (M+S-1) slots of a step.
@@ -273,7 +274,7 @@ def deepspeed_model_states(cfg: PlanConfig) -> tuple[int, int]:
 
     m = model_config(cfg)
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        m.num_params(),
+        num_params(m),
         largest_layer_params(m),
         num_gpus_per_node=cfg.gpus,
         num_nodes=cfg.nodes,

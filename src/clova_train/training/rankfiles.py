@@ -86,26 +86,10 @@ class Consolidated(Protocol):
     def close(self) -> None: ...
 
 
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
-
-
 def empty_model(cfg: ModelConfig) -> GPT:
-    """Our GPT on the meta device: names and shapes, no memory, no initialisation.
-
-    Initialising meta tensors still runs torch's Python reference kernels,
-    whose first use costs seconds, for values nobody reads; so, like
-    transformers' ``no_init_weights``, the ``torch.nn.init`` functions are
-    no-ops while the model is built (not thread-safe, and brief).
-    """
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return GPT(cfg)
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
+    """Our GPT on the meta device: names and shapes, no memory, no initialisation (building draws nothing; see GPT)."""
+    with torch.device("meta"):
+        return GPT(cfg)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

@@ -2,46 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import GPT, MLP, CausalSelfAttention, init_weights
+from clova_train.model.gpt import GPT
 from clova_train.training.distributed import Dist
 from clova_train.training.ds_config import ParallelConfig
 from clova_train.training.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
 
-# Modules whose parameters init_weights sets; under zero.Init each is gathered once.
-_INIT_UNITS = (CausalSelfAttention, MLP, torch.nn.Embedding, torch.nn.LayerNorm)
 
-
-def _layer_units(model: GPT) -> list[torch.nn.Module]:
-    """The model in pipeline layer order (see pipeline_layers): wte, wpe, blocks, ln_f."""
-    return [model.wte, model.wpe, *model.blocks, model.ln_f]
-
-
-def _initialize_partitioned(model: GPT, cfg: ModelConfig, seed: int, rank: int, *, partitioned: bool = True) -> None:
-    """Apply GPT-3 initialisation, the same whatever the stage or the number of ranks.
-
-    zero.Init partitions each submodule as soon as it is built, so GPT's own
-    ``init_weights`` pass finds empty tensors for everything but its direct
-    parameters. Rank 0 draws each unit in full and DeepSpeed broadcasts it, so
-    the weights do not depend on the number of ranks; layer i is drawn from
-    ``seed + i`` in pipeline layer order, as PipelineEngine draws it, so all
-    modes start from the same weights. Unpartitioned (ZeRO-1/2), every rank
-    draws the same values itself.
-    """
+def _gathered_on_rank0(rank: int):
+    """ZeRO-3: a unit's parameters gathered whole, written by rank 0 and broadcast, so the weights do not depend on the rank count."""
     import deepspeed
 
-    for i, layer in enumerate(_layer_units(model)):
-        torch.manual_seed(seed + i)
-        for module in layer.modules():
-            if isinstance(module, _INIT_UNITS):
-                if not partitioned:
-                    init_weights(module, cfg)
-                    continue
-                with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-                    if rank == 0:
-                        init_weights(module, cfg)
+    @contextlib.contextmanager
+    def gathered(module: torch.nn.Module):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            yield rank == 0
+
+    return gathered
 
 
 class ZeroEngine(Engine):
@@ -58,7 +39,8 @@ class ZeroEngine(Engine):
         else:
             with torch.device(dist.device):
                 model = GPT(model_cfg)
-        _initialize_partitioned(model, model_cfg, seed, dist.rank, partitioned=stage == 3)
+        # Part i draws from seed + i, as PipelineEngine draws it, so all modes start from the same weights.
+        model.init_weights(seed, gathered=_gathered_on_rank0(dist.rank) if stage == 3 else None)
         if parallel.activation_checkpointing:
             checkpoint_blocks(model)
         if parallel.compile:
