@@ -34,7 +34,7 @@ def accumulated_grad(mode: str, precision: str, reduce_dtype: str, batches: list
     model = ModelConfig.from_name("tiny", vocab_size=2048, block_size=64)
     train = TrainConfig(seq_len=32, global_batch=len(batches), micro_batch=batches[0].shape[0], steps=1, lr=1e-3, precision=precision)
     par = ParallelConfig(mode=mode, reduce_dtype=reduce_dtype)
-    ds_config = deepspeed_config({}, train, par, world=1, cuda=False, tensorboard_dir=None, d_model=model.n_embd)
+    ds_config = deepspeed_config({}, train, par, world=1, cuda=False, tensorboard_dir=None, model=model)
     engine = build_engine(model, ds_config, par, seed=1234, dist=dist)
     ds = engine.ds
     for i, mb in enumerate(batches):

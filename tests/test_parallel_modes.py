@@ -54,14 +54,14 @@ def test_resolved_config_reduces_in_fp32_and_sizes_buckets_by_width():
     t = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
     train = TrainConfig(steps=1, global_batch=16, micro_batch=1, lr=1e-3, precision="bf16")
     for mode, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3)):
-        ds = deepspeed_config(t, train, ParallelConfig(mode=mode), world=2, cuda=True, tensorboard_dir=None, d_model=2048)
+        ds = deepspeed_config(t, train, ParallelConfig(mode=mode), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=2048, n_head=16))
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
         assert ds["zero_optimization"]["reduce_bucket_size"] == 2 * 12 * 2048**2  # two 1.3B blocks
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 12 * 2048**2
-    wide = deepspeed_config(t, train, ParallelConfig(), world=2, cuda=True, tensorboard_dir=None, d_model=10240)["zero_optimization"]
+    wide = deepspeed_config(t, train, ParallelConfig(), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=10240, n_head=80))["zero_optimization"]
     assert wide["reduce_bucket_size"] == wide["stage3_prefetch_bucket_size"] == 500_000_000  # 82B: DeepSpeed's cap
-    fast = deepspeed_config(t, train, ParallelConfig(reduce_dtype="bf16"), world=2, cuda=True, tensorboard_dir=None, d_model=64)
+    fast = deepspeed_config(t, train, ParallelConfig(reduce_dtype="bf16"), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=64, n_head=4))
     assert fast["data_types"] == {"grad_accum_dtype": "bf16"} and fast["communication_data_type"] == "bf16"
     with pytest.raises(ClovaError, match="--reduce-dtype fp16 under bf16"):
         deepspeed_config(t, train, ParallelConfig(reduce_dtype="fp16"), world=2, cuda=True, tensorboard_dir=None)
@@ -138,7 +138,8 @@ def test_compiled_blocks_train_like_eager_ones():
 def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     from deepspeed.runtime.utils import partition_balanced
 
-    from clova_train.training.pipeline import layer_param_counts, pipeline_plan
+    from clova_train.model.gpt import parts as model_parts
+    from clova_train.training.pipeline import layer_param_counts
 
     from types import SimpleNamespace
 
@@ -151,7 +152,7 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     assert layer_param_counts(tiny) == PipelineModule._count_layer_params(SimpleNamespace(_layer_specs=pipeline_layers(tiny)))
     cfg = ModelConfig.from_name("82b")
     counts = layer_param_counts(cfg)  # meta-device builds: no memory
-    plan = pipeline_plan(cfg)
+    plan = model_parts(cfg)
     assert len(counts) == len(plan) == cfg.n_layer + 4
     assert sum(counts) - counts[-1] == num_params(cfg)  # the tied head reuses the embedding
     parts = partition_balanced(weights=counts, num_parts=16)  # what PipelineModule does with these counts
@@ -159,7 +160,7 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     # What rank 5 builds: only its layers, and they hold that stage's count and no more.
     owned = sum(counts[start:stop])
     with torch.device("meta"):  # ~5B parameters: shapes only
-        built = [plan[i].module(*plan[i].args, **plan[i].kwargs) for i in range(start, stop)]
+        built = [plan[i].module(cfg) for i in range(start, stop)]
     assert sum(p.numel() for m in built for p in m.parameters()) == owned
     assert owned < num_params(cfg) / 12
 

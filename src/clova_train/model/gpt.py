@@ -334,6 +334,21 @@ def part_names(cfg: ModelConfig) -> list[dict[str, str]]:
     return names + [{}] * (len(parts(cfg)) - len(names))
 
 
+def part_sizes(cfg: ModelConfig) -> list[int]:
+    """Parameters each part owns, in the order of :func:`parts` (the tied head owns none)."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in meta_model(cfg).layers()] + [0]
+
+
+def block_matrix_params(cfg: ModelConfig) -> int:
+    """Elements of one block's weight matrices: what its matmuls move, and what sizes ZeRO's buckets."""
+    return sum(p.numel() for p in meta_model(cfg).blocks[0].parameters() if p.dim() == 2)
+
+
+def largest_unit_params(cfg: ModelConfig) -> int:
+    """Parameters of the largest module that holds parameters itself (ZeRO-3 gathers one such at a time)."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta_model(cfg).modules())
+
+
 def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
     """Exact parameter count, read off the model (the tied head counted once); without the embedding tables if asked."""
     model = meta_model(cfg)

@@ -115,7 +115,7 @@ def run_worker(spec: RunSpec) -> str:
     seed_all(train.seed)
     tb_dir = str(run_dir / "tensorboard") if train.tensorboard else None
     ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda, tensorboard_dir=tb_dir,
-                                 d_model=spec.model.n_embd)
+                                 model=spec.model)
     kernel = optimizer_kernel(ds_config, dist.is_cuda)
     engine = build_engine(spec.model, ds_config, spec.parallel, seed=train.seed, dist=dist)
     # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
