@@ -68,10 +68,10 @@ def _worker(rank: int, world: int, port: int, args: dict) -> None:
     import deepspeed
     import torch
 
-    from clova_train.model.gpt import GPT, num_params
+    from clova_train.model.gpt import GPT
     from clova_train.model.config import ModelConfig
 
-    from clova_train.training.distributed import init_distributed
+    from clova_train.training.parallel.distributed import init_distributed
 
     torch.set_num_threads(1)
     init_distributed()  # gloo, and no JIT-compiled shared-memory op on CPU

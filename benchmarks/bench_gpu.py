@@ -35,7 +35,7 @@ def _largest_preset(gpu_gb: float, seq_len: int, micro_batch: int) -> str:
 
 
 def _peak_tflops() -> float:
-    from clova_train.training.metrics import peak_tflops
+    from clova_train.training.trainer.metrics import peak_tflops
 
     return peak_tflops(torch.cuda.get_device_name(), None) or 989.0
 
@@ -53,10 +53,10 @@ def _time_steps(step, warmup: int, steps: int) -> float:
 
 def bench_ours(mode: str, model: ModelConfig, args, dist) -> tuple[float, str, float]:
     """(seconds per step, optimizer line, peak GiB) for one of our engines on this GPU."""
-    from clova_train.training.config import TrainConfig
-    from clova_train.training.ds_config import ParallelConfig, deepspeed_config
-    from clova_train.training.loop import build_engine
-    from clova_train.training.prefetch import optimizer_kernel
+    from clova_train.training.run.config import TrainConfig
+    from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
+    from clova_train.training.trainer.loop import build_engine
+    from clova_train.training.trainer.prefetch import optimizer_kernel
 
     train = TrainConfig(seq_len=args.seq_len, global_batch=args.micro_batch * args.accum, micro_batch=args.micro_batch, steps=1, lr=1e-4, precision="bf16")
     par = ParallelConfig(mode=mode, activation_checkpointing=True)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from clova_train.training.distributed import init_distributed
+    from clova_train.training.parallel.distributed import init_distributed
 
     dist = init_distributed()
     tokens = args.micro_batch * args.accum * args.seq_len

@@ -14,9 +14,9 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT, num_params
 from clova_train.model.loss import lm_loss
-from clova_train.training.distributed import local_layout
-from clova_train.training.ds_config import ParallelConfig, deepspeed_config, template_defaults
-from clova_train.training.config import TrainConfig
+from clova_train.training.parallel.distributed import local_layout
+from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config, template_defaults
+from clova_train.training.run.config import TrainConfig
 from clova_train.training.rundir import CONFIG_FILE, METRICS_FILE
 
 from conftest import TRAIN_ARGS, clova_cli
@@ -96,7 +96,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
 
 
 def test_activation_checkpointing_keeps_less_for_backward():
-    from clova_train.training.engine import checkpoint_blocks
+    from clova_train.training.parallel.engine import checkpoint_blocks
     from clova_train.training.plan import activation_bytes
 
     from test_plan import _saved_activation_bytes
@@ -111,7 +111,7 @@ def test_activation_checkpointing_keeps_less_for_backward():
 
 
 def test_compiled_blocks_train_like_eager_ones():
-    from clova_train.training.engine import compile_blocks
+    from clova_train.training.parallel.engine import compile_blocks
 
     cfg = ModelConfig.from_name("tiny", vocab_size=512, block_size=32)
     g = torch.Generator().manual_seed(1)
@@ -139,13 +139,13 @@ def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     from deepspeed.runtime.utils import partition_balanced
 
     from clova_train.model.gpt import parts as model_parts
-    from clova_train.training.pipeline import layer_param_counts
+    from clova_train.training.parallel.pipeline import layer_param_counts
 
     from types import SimpleNamespace
 
     from deepspeed.pipe import PipelineModule
 
-    from clova_train.training.pipeline import pipeline_layers
+    from clova_train.training.parallel.pipeline import pipeline_layers
 
     tiny = ModelConfig.from_name("tiny", vocab_size=256, block_size=16)
     # DeepSpeed's own count builds every layer; ours, from the config, gives the same numbers.
@@ -254,7 +254,7 @@ def test_pipeline_with_activation_checkpointing_trains_from_zero3s_start(tmp_pat
 
 
 def test_prefetched_stream_gives_the_same_batches_and_the_consumers_state():
-    from clova_train.training.prefetch import Prefetcher
+    from clova_train.training.trainer.prefetch import Prefetcher
 
     from test_train_units import _streams
 
@@ -276,7 +276,7 @@ def test_prefetched_stream_gives_the_same_batches_and_the_consumers_state():
 
 def test_optimizer_line_says_which_kernel_runs_and_how_to_get_fused_adam(tmp_path, monkeypatch):
     train = TrainConfig(steps=1, global_batch=8, micro_batch=1, lr=1e-3, precision="bf16")
-    from clova_train.training.prefetch import optimizer_kernel
+    from clova_train.training.trainer.prefetch import optimizer_kernel
 
     cpu = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=False, tensorboard_dir=None)
     assert optimizer_kernel(cpu, cuda=False) == "optimizer: torch AdamW"

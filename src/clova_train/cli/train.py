@@ -112,8 +112,8 @@ def train_cmd(
     Example: [bold]clova train --model 1.3b --data shards/ --out runs/1.3b --train-tokens 150e9 --nproc-per-node 8[/]
     """
     from clova_train.training.launch import LaunchConfig
-    from clova_train.training.config import TrainRequest
-    from clova_train.training.loop import train
+    from clova_train.training.run.config import TrainRequest
+    from clova_train.training.train import train
 
     request = TrainRequest(
         out=str(out_dir),

@@ -1,7 +1,7 @@
 """Consolidating a run's DeepSpeed checkpoint into our own parameter names.
 
 Export never parses DeepSpeed's layout itself: it resolves a complete
-checkpoint here and asks :mod:`clova_train.training.rankfiles` (which
+checkpoint here and asks :mod:`clova_train.training.checkpoints.rankfiles` (which
 resuming on another layout reads with too) for a :class:`Consolidated`
 checkpoint, which knows every parameter's name (ours, as in ``model.GPT``)
 and shape up front and then yields ``(name, fp32 tensor)`` one parameter at
@@ -20,7 +20,7 @@ import torch
 from clova_train.core.config import read_json_object
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.training.rankfiles import (  # noqa: F401  (export's names for them)
+from clova_train.training.checkpoints.rankfiles import (  # noqa: F401  (export's names for them)
     READERS,
     CheckpointRef,
     Consolidated,

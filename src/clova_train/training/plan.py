@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
-from clova_train.training.ds_config import MODES, OFFLOADS
+from clova_train.training.parallel.ds_config import MODES, OFFLOADS
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import flops_per_token, largest_unit_params, num_params, part_sizes
 

@@ -8,9 +8,10 @@ import torch
 
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT
-from clova_train.training.distributed import Dist
-from clova_train.training.ds_config import ParallelConfig
-from clova_train.training.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.distributed import Dist
+from clova_train.training.parallel.ds_config import ParallelConfig
+from clova_train.training.parallel.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
 
 
 def _gathered_on_rank0(rank: int):
@@ -28,10 +29,10 @@ def _gathered_on_rank0(rank: int):
 class ZeroEngine(Engine):
     """ZeRO data parallelism at the stage the DeepSpeed config names (1: optimizer state, 2: + gradients, 3: + parameters)."""
 
-    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist):
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
         import deepspeed
 
-        stage = ds_config["zero_optimization"]["stage"]
+        stage = dims.zero_stage
         torch.manual_seed(seed)
         if stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -49,7 +50,8 @@ class ZeroEngine(Engine):
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
         self.device = dist.device
-        self.data_rank, self.data_world = dist.rank, dist.world
+        self.dims = dims
+        self.data_rank, self.data_world = dims.data_rank(dist.rank), dims.dp
 
     def train_batch(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.device)

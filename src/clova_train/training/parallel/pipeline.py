@@ -9,9 +9,10 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import Part, init_part, part_names, parts
 from clova_train.model.loss import lm_loss
-from clova_train.training.distributed import Dist
-from clova_train.training.ds_config import ParallelConfig
-from clova_train.training.engine import Engine, compile_blocks, param_groups
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.distributed import Dist
+from clova_train.training.parallel.ds_config import ParallelConfig
+from clova_train.training.parallel.engine import Engine, compile_blocks, param_groups
 
 
 def _own_names(part: Part, cfg: ModelConfig) -> dict[str, int]:
@@ -93,10 +94,10 @@ def _pipeline_module(cfg: ModelConfig):
 
 
 class PipelineEngine(Engine):
-    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist):
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
         import deepspeed
 
-        stages = parallel.stages(dist.world)
+        stages = dims.pp
         module = _pipeline_module(model_cfg)(
             layers=pipeline_layers(model_cfg),
             num_stages=stages,
@@ -119,7 +120,11 @@ class PipelineEngine(Engine):
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay), config=ds_config)
         self.device = dist.device
+        self.dims = dims
         self.data_rank, self.data_world = self.ds.grid.get_data_parallel_rank(), self.ds.grid.get_data_parallel_world_size()
+        if (self.data_rank, self.data_world) != (dims.data_rank(dist.rank), dims.dp):
+            raise ClovaError(f"DeepSpeed's pipeline grid puts rank {dist.rank} in replica {self.data_rank} of {self.data_world}; "
+                             f"the layout ({dims.describe()}) says {dims.data_rank(dist.rank)} of {dims.dp}")
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = lm_loss(logits, targets)

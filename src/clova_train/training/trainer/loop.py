@@ -1,6 +1,6 @@
 """The training loop of one rank (:func:`run_worker`) and `clova train`'s entry point (:func:`train`).
 
-:func:`~clova_train.training.resolve.prepare` resolves the request, :mod:`launch` starts the ranks, and each
+:func:`~clova_train.training.run.resolve.prepare` resolves the request, :mod:`launch` starts the ranks, and each
 rank's loop calls :func:`train_step`, an :class:`Evaluator`, a :class:`Checkpointer` and a :class:`MetricsLogger`.
 """
 
@@ -12,45 +12,45 @@ import os
 import signal
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
 from clova_train import __version__
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json
-from clova_train.core.lock import dir_lock
 from clova_train.core.progress import console
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training import launch
-from clova_train.training.checkpoint import Checkpointer, Faults, newest_checkpoint, seed_all, set_rng_state, tag_for
-from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
-from clova_train.training.distributed import CollectiveError, Dist, init_distributed
-from clova_train.training.ds_config import resolve_precision
-from clova_train.training.ds_config import ParallelConfig, deepspeed_config
-from clova_train.training.engine import Engine
-from clova_train.training.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
-from clova_train.training.pipeline import PipelineEngine
-from clova_train.training.prefetch import Prefetcher, optimizer_kernel
-from clova_train.training.preflight import _rank0_check, memory_check
-from clova_train.training.reshard import describe_change, layout, load_resharded
-from clova_train.training.resolve import prepare
+from clova_train.training.checkpoints.checkpoint import Checkpointer, Faults, seed_all, set_rng_state, tag_for
+from clova_train.training.run.config import RunSpec, TrainConfig, lr_at
+from clova_train.training.parallel.distributed import CollectiveError, Dist, init_distributed
+from clova_train.training.parallel.ds_config import resolve_precision
+from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.engine import Engine
+from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
+from clova_train.training.parallel.pipeline import PipelineEngine
+from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
+from clova_train.training.run.preflight import _rank0_check, memory_check
+from clova_train.training.checkpoints.reshard import describe_change, layout, load_resharded
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
 from clova_train.shards.index import ORDER_VERSION
-from clova_train.training.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
-from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
-from clova_train.training.zero import ZeroEngine
+from clova_train.training.data.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
+from clova_train.training.trainer.step import BadStepGuard, Evaluator, StopSignal, train_step
+from clova_train.training.parallel.zero import ZeroEngine
 
 
-# The process entry point of a rank (it imports this module; naming it keeps launch free of the loop).
-WORKER_MODULE = "clova_train.training.worker"
+def parallel_dims(parallel: ParallelConfig, world: int, ds_config: dict) -> ParallelDims:
+    """The run's layout: what --parallel and --pipeline-stages ask for, at the ZeRO stage the DeepSpeed config resolved."""
+    return ParallelDims.from_config(parallel, world, zero_stage=ds_config["zero_optimization"]["stage"])
 
 
 def build_engine(model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist) -> Engine:
-    engine = PipelineEngine if parallel.mode == "pipeline" else ZeroEngine
-    return engine(model_cfg, ds_config, parallel, seed=seed, dist=dist)
+    dims = parallel_dims(parallel, dist.world, ds_config)
+    engine = PipelineEngine if dims.pipelined else ZeroEngine
+    return engine(model_cfg, ds_config, parallel, dims, seed=seed, dist=dist)
 
 
 def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) -> dict:
@@ -62,6 +62,7 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
         "train": asdict(train),
         "data": asdict(spec.data),
         "parallel": asdict(spec.parallel),
+        "layout": parallel_dims(spec.parallel, spec.world_size, ds_config).as_dict(),
         "deepspeed": ds_config,
         "tokenizer": spec.tokenizer,
         "run": {
@@ -130,8 +131,7 @@ def run_worker(spec: RunSpec) -> str:
     guard = BadStepGuard(train.max_bad_steps)
 
     step = tokens = 0
-    stages = spec.parallel.stages(dist.world)
-    here = layout(spec.parallel.mode, dist.world, stages, spec.parallel.partition)
+    here = layout(engine.dims, spec.parallel.partition)
     changed = None
     tag = ckpt.latest(spec.resume_step)
     if tag is not None:
@@ -163,7 +163,7 @@ def run_worker(spec: RunSpec) -> str:
         client = {"clova": {"step": at, "tokens": tokens, "config_hash": spec.config_hash, "world_size": dist.world, **resume}}
         marker = {"step": at, "tokens": tokens, "loss": last["loss"], "valid_loss": last["valid_loss"],
                   "config_hash": spec.config_hash, "world_size": dist.world, "launcher": launcher,
-                  "time": time.time(), "clova_train": __version__, "layout": here,
+                  "time": time.time(), "clova_train": __version__, "layout": here, "parallel_dims": engine.dims.as_dict(),
                   "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"], **resume}
         saved = ckpt.save(at, client, marker)
         metrics.amend({"save_seconds": saved["seconds"], "save_bytes": saved["bytes"]})
@@ -285,29 +285,3 @@ def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tup
     accum = spec.train.global_batch // (spec.train.micro_batch * here["replicas"])
     line = describe_change(old, here, marker.get("gradient_accumulation_steps"), accum, spec.train.micro_batch)
     return {**marker, "rng": None}, line
-
-
-# ------------------------------------------------------------------ entry point
-
-
-def train(req: TrainRequest, launch_cfg) -> int:
-    """`clova train`: resolve, check, and start the ranks; the exit code."""
-    if launch_cfg.nproc_per_node is None and not launch_cfg.hostfile:
-        # A rerun continues on as many local workers as wrote the newest checkpoint.
-        marker = newest_checkpoint(Path(req.out).resolve())
-        if marker and marker.get("launcher") == "local":
-            launch_cfg = replace(launch_cfg, nproc_per_node=marker["world_size"])
-    world, external = launch.world_size(launch_cfg)
-    spec = prepare(req, world, check=not external)
-    spec.checked = not external
-    marker = newest_checkpoint(spec.run_dir)
-    if req.resume and marker is None:
-        console.print(f"{spec.run_dir}: no complete checkpoint yet; --resume starts the run from step 0")
-    if marker and marker["step"] >= spec.train.steps:
-        console.print(f"{spec.run_dir}: already trained to step {marker['step']} of {spec.train.steps}; nothing to do")
-        return 0
-    # One writer per run dir: the launching process holds the lock; where every process already is a rank
-    # (srun, torchrun), rank 0 does.
-    rank0 = not external or (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0"
-    with dir_lock(spec.run_dir, "clova train", note=console.print) if rank0 else contextlib.nullcontext():
-        return launch.launch(spec, launch_cfg, worker=run_worker, module=WORKER_MODULE)

@@ -8,13 +8,13 @@ from pathlib import Path
 from clova_train.core.config import from_dict, read_json_object
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig, pad_vocab
-from clova_train.training.config import RunSpec, TrainConfig, TrainRequest
-from clova_train.training.ds_config import ParallelConfig, template_defaults, zero_stage
-from clova_train.training.ds_validate import validate_deepspeed
-from clova_train.training.pipeline import check_partition
-from clova_train.training.preflight import check_inputs, check_run_dir
+from clova_train.training.run.config import RunSpec, TrainConfig, TrainRequest
+from clova_train.training.parallel.ds_config import ParallelConfig, template_defaults, zero_stage
+from clova_train.training.parallel.ds_validate import validate_deepspeed
+from clova_train.training.parallel.pipeline import check_partition
+from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
-from clova_train.training.sampler import DataConfig, data_config_from_specs, token_weights
+from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
 
 CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
 
@@ -80,7 +80,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             )
 
     # DeepSpeed template: its settings sit between our defaults and the file/flags.
-    from clova_train.training.ds_config import load_template
+    from clova_train.training.parallel.ds_config import load_template
 
     template = load_template(req.deepspeed) if req.deepspeed else dict(file_cfg.get("deepspeed") or {})
     validate_deepspeed(template, req.deepspeed or f"{where}: deepspeed")  # here, not in every rank after they start

@@ -18,9 +18,9 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
-from clova_train.training.distributed import CollectiveError, lost_peer_reason
+from clova_train.training.parallel.distributed import CollectiveError, lost_peer_reason
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
-from clova_train.training.trust import check_checkpoint_files
+from clova_train.training.checkpoints.trust import check_checkpoint_files
 
 
 class Faults:

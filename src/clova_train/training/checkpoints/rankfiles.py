@@ -26,7 +26,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT
 from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE
-from clova_train.training.torchzip import OnDisk, TorchZip, _zero_stage
+from clova_train.training.checkpoints.torchzip import OnDisk, TorchZip, _zero_stage
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ class PipelineCheckpoint(_RankFiles):
     """
 
     def __init__(self, ref: CheckpointRef):
-        from clova_train.training.pipeline import pipeline_layer_names, pipeline_names
+        from clova_train.training.parallel.pipeline import pipeline_layer_names, pipeline_names
 
         self.ref = ref
         self._files: list[TorchZip] = []
