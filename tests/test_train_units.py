@@ -445,6 +445,35 @@ def test_metrics_resume_drops_the_interrupted_attempt(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_metrics_backend_is_one_class_and_sees_what_metrics_jsonl_holds(tmp_path):
+    from clova_train.training.trainer.loggers import MetricsBackend
+
+    class Collect(MetricsBackend):
+        def __init__(self):
+            self.seen, self.closed = [], False
+
+        def log(self, record):
+            self.seen.append(dict(record))
+
+        def amend(self, record):
+            self.seen[-1] = dict(record)
+
+        def close(self):
+            self.closed = True
+
+    extra = Collect()
+    m = MetricsLogger(tmp_path, enabled=True, backends=[extra])
+    for s in range(1, 4):
+        m.log({"step": s, "loss": float("inf") if s == 2 else 1.0 / s, "tokens": 10 * s})
+    m.amend({"save_seconds": 0.5})
+    m.close()
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert extra.seen == written and written[1]["loss"] is None and written[-1]["save_seconds"] == 0.5 and extra.closed
+    silent = Collect()
+    MetricsLogger(tmp_path, enabled=False, backends=[silent]).log({"step": 4, "loss": 0.1, "tokens": 40})
+    assert silent.seen == []  # only rank 0 logs
+
+
 # ------------------------------------------------------------------ refused before step 1
 
 
