@@ -523,6 +523,21 @@ def test_config_files_load_strictly(tmp_path, korean_shards):
     assert r.exit_code == 2 and "unknown section(s) trian" in r.output
 
 
+@pytest.mark.parametrize("section,bad,said", [
+    ("model", {"n_layer": 2.7, "n_embd": 64, "n_head": 4}, "model.n_layer: expected an integer, got 2.7"),
+    ("train", {"lr": "3e-4"}, 'train.lr: expected a number, got "3e-4"'),
+    ("parallel", {"activation_checkpointing": "yes"}, 'parallel.activation_checkpointing: expected true or false, got "yes"'),
+])
+def test_a_wrong_config_type_is_refused_in_one_line_naming_the_key(section, bad, said, tmp_path, korean_shards):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({section: bad}))
+    model = [] if section == "model" else ["--model", "tiny"]
+    r = CliRunner().invoke(app, ["train", *model, "--config", str(cfg), "--data", str(korean_shards), "--out", str(tmp_path / "r"), "--steps", "1"],
+                           env={"COLUMNS": "400"})
+    _one_line_error(r, f"{cfg}: {said}")
+    assert not (tmp_path / "r").exists()
+
+
 def test_prepare_layers_template_file_and_flags(tmp_path, korean_shards, tokenizer_dir):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"train": {"seq_len": 64, "grad_clip": 0.3, "steps": 99}, "parallel": {"activation_checkpointing": True}}))

@@ -58,11 +58,11 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
         "train": asdict(train),
         "data": asdict(spec.data),
         "parallel": asdict(spec.parallel),
-        "layout": parallel_dims(spec.parallel, spec.world_size, ds_config).as_dict(),
         "deepspeed": ds_config,
         "tokenizer": spec.tokenizer,
         "run": {
             "world_size": spec.world_size,
+            "layout": parallel_dims(spec.parallel, spec.world_size, ds_config).as_dict(),
             "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
             "steps": train.steps,
             "tokens_per_step": train.tokens_per_step,
