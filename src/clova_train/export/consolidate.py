@@ -11,7 +11,6 @@ writer, verification) is shared.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from clova_train.training.checkpoints.rankfiles import (  # noqa: F401  (export'
     expected_shapes,
     open_checkpoint,
 )
+from clova_train.training.checkpoints.markers import read_markers
 from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, MARKER_FILE
 
 
@@ -54,17 +54,6 @@ def model_config(run_cfg: dict, where: str) -> ModelConfig:
     return from_dict(ModelConfig, run_cfg["model"], where=f"{where} 'model'")
 
 
-def _complete_tags(ckpt_dir: Path) -> dict[str, dict]:
-    """tag -> completion marker, for every checkpoint that finished writing."""
-    out = {}
-    for marker in ckpt_dir.glob(f"*/{MARKER_FILE}"):
-        try:
-            out[marker.parent.name] = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return out
-
-
 def _steps(tags: dict[str, dict]) -> str:
     return ", ".join(str(m.get("step")) for m in sorted(tags.values(), key=lambda m: m.get("step", -1))) or "none"
 
@@ -74,7 +63,7 @@ def resolve_checkpoint(run_dir: str | Path, step: int | str | None = "latest", *
     run_dir = Path(run_dir)
     run_cfg = read_run_config(run_dir)
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    tags = _complete_tags(ckpt_dir) if ckpt_dir.is_dir() else {}
+    tags = read_markers(ckpt_dir)[0]
     started = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
     if not tags:
         if started:

@@ -14,7 +14,7 @@ from pathlib import Path
 from clova_train.core.lock import dir_lock
 from clova_train.core.progress import console
 from clova_train.training import launch
-from clova_train.training.checkpoints.checkpoint import newest_checkpoint
+from clova_train.training.checkpoints.markers import newest_checkpoint
 from clova_train.training.run.config import TrainRequest
 from clova_train.training.run.resolve import prepare
 from clova_train.training.worker import WORKER_MODULE, run_rank

@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.progress import console
-from clova_train.training.checkpoints.checkpoint import newest_checkpoint
+from clova_train.training.checkpoints.markers import newest_checkpoint
 from clova_train.training.launch import pin_cpu_threads
 from clova_train.training.parallel.distributed import CollectiveError, lost_peer_reason
 from clova_train.training.run.config import RunSpec
