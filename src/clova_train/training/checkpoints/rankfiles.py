@@ -306,12 +306,12 @@ class PipelineCheckpoint(_RankFiles):
     holds, per parameter group, that replica's slice of the stage's flat fp32
     master weights, and ``param_slice_mappings`` says where each parameter's
     part of the slice lies, by PipelineModule name; a parameter's parts in
-    replica order make it whole. :func:`parallel.pipeline_names` turns those
+    replica order make it whole. :func:`~clova_train.training.parallel.pipeline.pipeline_names` turns those
     names into ours; the tied embedding appears on the first and the last
     stage alike, and the first stage's copy is read. Without such optimizer
     files (ZeRO-0 in fp32, or an older DeepSpeed) the weights come from the
     layer files (``layer_<i>-model_states.pt``, in the training precision),
-    named by :func:`parallel.pipeline_layer_names`.
+    named by :func:`~clova_train.training.parallel.pipeline.pipeline_layer_names`.
     """
 
     def __init__(self, ref: CheckpointRef):
