@@ -630,5 +630,33 @@ def test_parallel_dims_map_every_mode_and_refuse_bad_layouts_in_one_line():
         piped.check(6)
     with pytest.raises(ClovaError, match="ZeRO stage 0 or 1 only"):
         ParallelDims(dp=2, pp=2, zero_stage=3, pipelined=True)
-    with pytest.raises(ClovaError, match="tensor parallelism .* not available yet"):
-        ParallelDims(dp=1, tp=2)
+    tp = ParallelDims.from_config(ParallelConfig(mode="pipeline", pipeline_stages=2, tensor_parallel=2), 8, zero_stage=1)
+    assert (tp.dp, tp.pp, tp.tp) == (2, 2, 2) and tp.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [tp.data_rank(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]  # both ranks of a tensor-parallel group read one share
+    with pytest.raises(ClovaError, match="cannot form tensor-parallel groups of 3"):
+        ParallelDims.from_config(ParallelConfig(tensor_parallel=3), 8)
+
+
+def test_wrong_tensor_parallel_layouts_are_one_line_each():
+    import torch
+
+    from clova_train.model.config import ModelConfig
+    from clova_train.training.parallel.dims import ParallelDims
+    from clova_train.training.parallel.tensor import check_tensor_parallel, shard, unshard
+
+    tiny = ModelConfig.from_name("tiny", vocab_size=256)  # 4 heads
+    dims = ParallelDims.from_config(ParallelConfig(tensor_parallel=8), 8)
+    with pytest.raises(ClovaError, match="4 attention heads do not divide into 8 ranks"):
+        check_tensor_parallel(tiny, dims, ranks_per_node=8)
+    with pytest.raises(ClovaError, match="--tensor-parallel 4 with 2 rank.s. per node would put a tensor-parallel group across nodes"):
+        check_tensor_parallel(tiny, ParallelDims.from_config(ParallelConfig(tensor_parallel=4), 8), ranks_per_node=2)
+    with pytest.raises(ClovaError, match="pipeline stages evenly"):
+        ParallelConfig(mode="pipeline", pipeline_stages=3, tensor_parallel=2).stages(8)
+    # The fused QKV is cut by heads: each rank's slice is [q_r; k_r; v_r], and unshard undoes it.
+    qkv = torch.arange(3 * 8 * 2, dtype=torch.float32).reshape(24, 2)
+    slices = [shard("blocks.0.attn.qkv.weight", qkv, r, 2) for r in range(2)]
+    assert torch.equal(slices[1][:4], qkv[4:8]) and torch.equal(slices[1][4:8], qkv[12:16])
+    assert torch.equal(unshard("blocks.0.attn.qkv.weight", slices), qkv)
+    row = torch.arange(12.0).reshape(2, 6)
+    assert torch.equal(unshard("blocks.3.mlp.proj.weight", [shard("blocks.3.mlp.proj.weight", row, r, 3) for r in range(3)]), row)
+    assert shard("blocks.3.mlp.proj.bias", row, 1, 3) is row and shard("ln_f.weight", row, 1, 3) is row

@@ -85,6 +85,7 @@ def train_cmd(
     reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="Under bf16/fp16, accumulate and all-reduce gradients in fp32 (default, exact) or in the training dtype (bf16/fp16: less traffic, 8-bit-mantissa sums).", rich_help_panel="Parallelism"),
     compile_blocks: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each transformer block (default off).", rich_help_panel="Parallelism"),
     pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Pipeline stages with --parallel pipeline (default: one per rank).", rich_help_panel="Parallelism"),
+    tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="Ranks that split each block's matrices (Megatron's tensor parallelism; consecutive ranks of one node), with any --parallel mode.", rich_help_panel="Parallelism"),
     partition: Optional[str] = typer.Option(None, "--partition", help="How --parallel pipeline cuts layers into stages: parameters (default), uniform or type:REGEX (e.g. type:Block).", rich_help_panel="Parallelism"),
     offload: Optional[str] = typer.Option(None, "--offload", help="ZeRO-3 offload: none, cpu or nvme.", rich_help_panel="Parallelism"),
     nvme_path: Optional[str] = typer.Option(None, "--nvme-path", help="Local NVMe directory for --offload nvme.", rich_help_panel="Parallelism"),
@@ -135,7 +136,7 @@ def train_cmd(
             max_bad_steps=max_bad_steps, peak_tflops=peak_tflops, log_every=log_every, tensorboard=tensorboard, seed=seed,
         ),
         parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages,
-                      partition=partition, reduce_dtype=reduce_dtype, compile=compile_blocks),
+                      tensor_parallel=tensor_parallel, partition=partition, reduce_dtype=reduce_dtype, compile=compile_blocks),
     )
     launch = LaunchConfig(nproc_per_node=nproc_per_node, hostfile=str(hostfile) if hostfile else None, master_addr=master_addr, master_port=master_port)
     code = train(request, launch)

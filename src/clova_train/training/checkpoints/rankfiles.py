@@ -25,6 +25,7 @@ from clova_train.core.safe_pickle import check_torch_file
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT
+from clova_train.training.parallel.tensor import shard, split_of, unshard
 from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE
 from clova_train.training.checkpoints.torchzip import OnDisk, TorchZip, _zero_stage
 
@@ -49,6 +50,13 @@ class CheckpointRef:
     @property
     def step(self) -> int:
         return int(self.marker.get("step", -1))
+
+    @property
+    def tensor_parallel(self) -> int:
+        """The tensor-parallel degree that wrote it: the marker's layout, else the run config's, else 1."""
+        layout = self.marker.get("layout") if isinstance(self.marker.get("layout"), dict) else {}
+        parallel = self.run_config.get("parallel") if isinstance(self.run_config.get("parallel"), dict) else {}
+        return int(layout.get("tensor_parallel") or parallel.get("tensor_parallel") or 1)
 
     @property
     def losses(self) -> dict:
@@ -92,18 +100,19 @@ def empty_model(cfg: ModelConfig) -> GPT:
         return GPT(cfg)
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Our parameter names and shapes for ``cfg``, without allocating the model."""
-    return {n: p.shape for n, p in empty_model(cfg).named_parameters()}
+def expected_shapes(cfg: ModelConfig, tp: tuple[int, int] = (0, 1)) -> dict[str, torch.Size]:
+    """Our parameter names and shapes for ``cfg`` (``tp`` = (rank, size): that tensor-parallel rank's slices), without allocating the model."""
+    rank, size = tp
+    return {n: shard(n, p, rank, size).shape for n, p in empty_model(cfg).named_parameters()}
 
 
-def _match_names(shapes: dict[str, torch.Size], ref: CheckpointRef) -> dict[str, str]:
+def _match_names(shapes: dict[str, torch.Size], ref: CheckpointRef, tp: tuple[int, int] = (0, 1)) -> dict[str, str]:
     """Checkpoint name -> our name, after checking every name and shape against the run's ModelConfig.
 
     A module that wraps GPT (as an engine may) prefixes every name alike
     ("module.wte.weight"); that prefix, read off the token embedding, is dropped.
     """
-    expected = expected_shapes(ref.model)
+    expected = expected_shapes(ref.model, tp)
     prefixes = {n[: -len("wte.weight")] for n in shapes if n.endswith("wte.weight")}
     prefix = prefixes.pop() if len(prefixes) == 1 else ""
     ours = {n: n[len(prefix) :] if n.startswith(prefix) else n for n in shapes}
@@ -174,14 +183,12 @@ class Zero3Checkpoint(_RankFiles):
 
     source = "fp32 master weights from the ZeRO-3 optimizer state"
 
-    def __init__(self, ref: CheckpointRef):
-        self.ref = ref
+    def __init__(self, ref: CheckpointRef, tp: tuple[int, int] = (0, 1)):
+        self.ref, self.tp = ref, tp
         files: dict[str, dict[int, Path]] = {"model": {}, "optim": {}}
         for p in ref.path.iterdir():
             m = _RANK_FILE.match(p.name)
-            if m:
-                if int(m.group(2)) != 0:
-                    raise ClovaError(f"{p}: tensor-parallel checkpoints (mp_rank > 0) are not supported by export")
+            if m and int(m.group(2)) == tp[0]:  # mp_rank: the tensor-parallel rank whose slices the file holds
                 files[m.group(3)][int(m.group(1))] = p
         if not files["model"] and not files["optim"]:
             raise ClovaError(f"{ref.path}: no ZeRO-3 rank files (zero_pp_rank_*_states.pt); is config.json's 'parallel' right?")
@@ -228,7 +235,7 @@ class Zero3Checkpoint(_RankFiles):
         if len(group_shapes) != len(self._flat[0]):
             raise ClovaError(f"{ref.path}: {len(group_shapes)} parameter groups but {len(self._flat[0])} fp32 partitions")
         all_shapes = {n: s for g in group_shapes for n, s in g.items()}
-        self._ours = _match_names(all_shapes, ref)
+        self._ours = _match_names(all_shapes, ref, self.tp)
         self._groups = group_shapes
         self.shapes = {self._ours[n]: torch.Size(s) for n, s in all_shapes.items()}
         self._where: dict[str, tuple[int, int, int]] = {}  # our name -> (group, offset in each rank's flat group, numel)
@@ -277,7 +284,7 @@ class Zero3Checkpoint(_RankFiles):
             at += take
         return out
 
-_LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+_LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 
 
 @dataclass(frozen=True)
@@ -314,7 +321,7 @@ class PipelineCheckpoint(_RankFiles):
     named by :func:`~clova_train.training.parallel.pipeline.pipeline_layer_names`.
     """
 
-    def __init__(self, ref: CheckpointRef):
+    def __init__(self, ref: CheckpointRef, tp: tuple[int, int] = (0, 1)):
         from clova_train.training.parallel.pipeline import pipeline_layer_names, pipeline_names
 
         self.ref = ref
@@ -322,13 +329,16 @@ class PipelineCheckpoint(_RankFiles):
         layers: dict[int, Path] = {}
         optim: dict[tuple[int, int], Path] = {}  # (stage, replica) -> file
         for p in ref.path.iterdir():
-            if m := _LAYER_FILE.match(p.name):
+            if (m := _LAYER_FILE.match(p.name)) and int(m.group(2) or 0) == tp[0]:
                 layers[int(m.group(1))] = p
             elif (m := _RANK_FILE.match(p.name)) and m.group(3) == "optim":
-                optim[int(m.group(2)), int(m.group(1))] = p
+                # A pipeline's mp_rank counts the ranks of one replica: stage x tensor-parallel size + tensor-parallel rank.
+                stage, tp_rank = divmod(int(m.group(2)), tp[1])
+                if tp_rank == tp[0]:
+                    optim[stage, int(m.group(1))] = p
         if not layers:
             raise ClovaError(f"{ref.path}: no pipeline layer files (layer_*-model_states.pt); is config.json's 'parallel' right?")
-        self.shapes = expected_shapes(ref.model)
+        self.shapes = expected_shapes(ref.model, tp)
         try:
             pieces = self._from_optimizer(optim, pipeline_names(ref.model)) if optim else None
             if pieces is None:
@@ -446,18 +456,16 @@ class Zero12Checkpoint(PipelineCheckpoint):
 
     source = "fp32 master weights from the ZeRO-1/2 optimizer state"
 
-    def __init__(self, ref: CheckpointRef):
+    def __init__(self, ref: CheckpointRef, tp: tuple[int, int] = (0, 1)):
         self.ref = ref
         self._files = []
         optim = {}
         for p in ref.path.iterdir():
-            if (m := _RANK_FILE.match(p.name)) and m.group(3) == "optim":
-                if int(m.group(2)) != 0:
-                    raise ClovaError(f"{p}: tensor-parallel checkpoints (mp_rank > 0) are not supported by export")
+            if (m := _RANK_FILE.match(p.name)) and m.group(3) == "optim" and int(m.group(2)) == tp[0]:
                 optim[0, int(m.group(1))] = p
         if not optim:
             raise ClovaError(f"{ref.path}: no ZeRO optimizer files (*zero_pp_rank_*_optim_states.pt); is config.json's 'parallel' right?")
-        self.shapes = expected_shapes(ref.model)
+        self.shapes = expected_shapes(ref.model, tp)
         try:
             pieces = self._from_optimizer(optim, {})
             if pieces is None:
@@ -471,6 +479,40 @@ class Zero12Checkpoint(PipelineCheckpoint):
             raise
 
 
+class TensorParallelCheckpoint(_RankFiles):
+    """A checkpoint written with tensor parallelism: one reader per tensor-parallel rank, their slices joined under our names.
+
+    A split parameter is read whole from every rank's slice (:func:`~clova_train.training.parallel.tensor.unshard`,
+    the inverse of the split the engines apply); a parameter every rank holds whole is read from rank 0.
+    """
+
+    def __init__(self, reader: type, ref: CheckpointRef, size: int):
+        self.ref = ref
+        self.parts: list = []
+        try:
+            for rank in range(size):
+                self.parts.append(reader(ref, tp=(rank, size)))
+        except BaseException:
+            self.close()
+            raise
+        self.shapes = expected_shapes(ref.model)
+        self.source = f"{self.parts[0].source}, joined from {size} tensor-parallel slices"
+
+    def read_range(self, name: str, key: str, start: int, count: int) -> torch.Tensor:
+        if split_of(name)[0] is None:
+            return self.parts[0].read_range(name, key, start, count)
+        slices = [p.read_range(name, key, 0, math.prod(p.shapes[name])).view(p.shapes[name]) for p in self.parts]
+        return unshard(name, slices).reshape(-1)[start : start + count].clone()
+
+    def adam_step(self) -> int:
+        return self.parts[0].adam_step()
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+        self.parts = []
+
+
 READERS: dict[str, type] = {"zero1": Zero12Checkpoint, "zero2": Zero12Checkpoint, "zero3": Zero3Checkpoint, "pipeline": PipelineCheckpoint}
 
 
@@ -480,4 +522,4 @@ def open_checkpoint(ref: CheckpointRef) -> Consolidated:
         raise ClovaError(f"{ref.run_dir / CONFIG_FILE}: unknown 'parallel' {ref.parallel!r}; expected one of {', '.join(READERS)}")
     for path in sorted(ref.path.glob("*.pt")):  # also the files this reader skips: a checkpoint asking for code is refused whole
         check_torch_file(path, only_code=True)
-    return reader(ref)
+    return reader(ref) if ref.tensor_parallel == 1 else TensorParallelCheckpoint(reader, ref, ref.tensor_parallel)

@@ -23,6 +23,7 @@ import torch
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.tensor import shard, split_of
 from clova_train.training.checkpoints.rankfiles import CheckpointRef, open_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -36,6 +37,7 @@ def layout(dims: ParallelDims, partition: str) -> dict:
 
 def describe_change(old: dict, new: dict, old_accum: int | None, new_accum: int, micro_batch: int) -> str:
     """The line printed before step 1 when a run resumes on another layout."""
+    old, new = {"tensor_parallel": 1, **old}, {**new, "tensor_parallel": new.get("tensor_parallel", 1)}
     parts = [f"{k.replace('_', ' ')} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k]]
     per_rank = f"micro-batch {micro_batch} per rank, accumulation {old_accum if old_accum is not None else '?'} -> {new_accum} steps"
     return f"resuming on another layout ({', '.join(parts)}; {per_rank}); the global batch and sample order are unchanged"
@@ -96,6 +98,7 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
     """
     ref = CheckpointRef(run_dir, tag, marker, {"parallel": {"mode": mode, "pipeline_stages": marker["layout"]["stages"]}}, model, mode)
     params = _local_params(engine, model, mode)
+    tp_rank, tp = engine.dims.coords(torch.distributed.get_rank())[2], engine.dims.tp
     opt = engine.ds.optimizer
     zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
     if zero3:
@@ -107,7 +110,8 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
         if missing:
             raise ClovaError(f"{ref.path}: has no {', '.join(missing[:3])}; it was written for another model")
         for name, held in params.items():
-            n = ckpt.shapes[name].numel()
+            whole = split_of(name)[0] is None or tp == 1
+            n = ckpt.shapes[name].numel() if whole else held[0].ds_shape.numel() if hasattr(held[0], "ds_shape") else held[0].numel()
             for p in held:
                 for key in ("fp32", *MOMENTS):
                     dest, start = _destination(opt, p, key)
@@ -115,7 +119,11 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
                         continue
                     count = max(0, min(n, start + dest.numel()) - start)
                     dest.data.zero_()  # the padding past the parameter's end
-                    dest.data[:count].copy_(ckpt.read_range(name, key, start, count))
+                    if whole:
+                        dest.data[:count].copy_(ckpt.read_range(name, key, start, count))
+                    else:  # this rank's tensor-parallel slice: cut from the whole parameter (read whole, once per range)
+                        full = ckpt.read_range(name, key, 0, ckpt.shapes[name].numel()).view(ckpt.shapes[name])
+                        dest.data[:count].copy_(shard(name, full, tp_rank, tp).reshape(-1)[start : start + count])
         _set_adam_step(opt.optimizer, ckpt.adam_step())
     finally:
         ckpt.close()

@@ -37,15 +37,13 @@ class ParallelDims:
             raise ClovaError(f"ZeRO stage must be 0, 1, 2 or 3, not {self.zero_stage}")
         if self.pipelined and self.zero_stage > 1:
             raise zero_with_pipeline(f"ZeRO-{self.zero_stage} with {self.pp} pipeline stages")
-        if self.tp > 1:
-            raise ClovaError(f"tensor parallelism ({self.tp} ranks per layer) is not available yet; use a tensor-parallel degree of 1")
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world: int, zero_stage: int | None = None) -> "ParallelDims":
         """The layout ``--parallel`` and ``--pipeline-stages`` ask for on ``world`` ranks (refused in one line if they do not divide it)."""
-        pp = parallel.stages(world)
+        pp, tp = parallel.stages(world), parallel.tensor_parallel
         stage = ZERO_STAGES.get(parallel.mode, 1) if zero_stage is None else zero_stage
-        dims = cls(dp=world // pp, pp=pp, zero_stage=stage, pipelined=parallel.mode == "pipeline")
+        dims = cls(dp=world // (pp * tp), pp=pp, tp=tp, zero_stage=stage, pipelined=parallel.mode == "pipeline")
         dims.check(world)
         return dims
 

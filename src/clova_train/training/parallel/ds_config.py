@@ -35,7 +35,9 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass instead of keeping its activations."""
     pipeline_stages: int = 0
-    """Pipeline stages in pipeline mode (0: one per rank); the ranks divide into stages x replicas."""
+    """Pipeline stages in pipeline mode (0: one per tensor-parallel group); the ranks divide into stages x replicas x tensor_parallel."""
+    tensor_parallel: int = 1
+    """Ranks that split each block's matrices (Megatron's tensor parallelism); consecutive ranks, so a group stays inside a node."""
     partition: str = "parameters"
     """How pipeline mode cuts the layers into stages: parameters (equal parameter counts), uniform (equal layer counts) or type:REGEX (equal counts of the layers whose class matches, e.g. type:Block)."""
     reduce_dtype: str = "fp32"
@@ -60,18 +62,29 @@ class ParallelConfig:
             raise zero_with_pipeline(f"ZeRO-{ZERO_STAGES[self.mode]} with {self.pipeline_stages} pipeline stages")
         if self.pipeline_stages < 0:
             raise ClovaError(f"pipeline_stages must be >= 0, not {self.pipeline_stages}")
+        if self.tensor_parallel < 1:
+            raise ClovaError(f"--tensor-parallel must be >= 1, not {self.tensor_parallel}")
         _check_partition_syntax(self.partition)
         if self.mode != "pipeline" and self.partition != "parameters":
             raise ClovaError(f"--partition {self.partition} cuts pipeline stages and ZeRO-{ZERO_STAGES[self.mode]} has none; add --parallel pipeline or drop --partition")
 
     def stages(self, world: int) -> int:
-        """Pipeline stages on ``world`` ranks (1 in zero3 mode)."""
+        """Pipeline stages on ``world`` ranks (1 in the ZeRO modes)."""
+        tp = self.tensor_parallel
+        if world % tp:
+            raise ClovaError(f"{world} ranks cannot form tensor-parallel groups of {tp}; use a --tensor-parallel that divides {world}")
         if self.mode != "pipeline":
             return 1
-        stages = self.pipeline_stages or world
-        if world % stages:
-            raise ClovaError(f"{world} ranks cannot form {stages} pipeline stages evenly; use a --pipeline-stages that divides {world}")
+        groups = world // tp
+        stages = self.pipeline_stages or groups
+        if groups % stages:
+            raise ClovaError(f"{world} ranks cannot form {stages} pipeline stages evenly; use a --pipeline-stages that divides {groups}"
+                             + (f" ({world} ranks / --tensor-parallel {tp})" if tp > 1 else ""))
         return stages
+
+    def replicas(self, world: int) -> int:
+        """Data-parallel replicas on ``world`` ranks: what is left after stages and tensor-parallel groups."""
+        return world // (self.stages(world) * self.tensor_parallel)
 
 
 def zero_with_pipeline(asked: str) -> ClovaError:
@@ -160,7 +173,7 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     ``model`` sizes the ZeRO buckets the template leaves unset or "auto".
     """
     ds = copy.deepcopy(template)
-    replicas = world // parallel.stages(world)
+    replicas = parallel.replicas(world)
     ds["train_batch_size"] = train.global_batch
     ds["train_micro_batch_size_per_gpu"] = train.micro_batch
     ds["gradient_accumulation_steps"] = train.global_batch // (train.micro_batch * replicas)

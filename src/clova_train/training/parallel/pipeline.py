@@ -7,12 +7,13 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import Part, init_part, part_names, parts
+from clova_train.model.gpt import Block, Part, init_part, part_names, parts
 from clova_train.model.loss import lm_loss
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.distributed import Dist
 from clova_train.training.parallel.ds_config import ParallelConfig
 from clova_train.training.parallel.engine import Engine, compile_blocks, param_groups
+from clova_train.training.parallel.tensor import parallelize_blocks
 
 
 def _own_names(part: Part, cfg: ModelConfig) -> dict[str, int]:
@@ -97,10 +98,14 @@ class PipelineEngine(Engine):
     def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
         import deepspeed
 
-        stages = dims.pp
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        # Axes pipe, data, model (the model axis fastest), as ParallelDims numbers the ranks.
+        topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
         module = _pipeline_module(model_cfg)(
             layers=pipeline_layers(model_cfg),
-            num_stages=stages,
+            num_stages=dims.pp,
+            topology=topology,
             loss_fn=self._loss,
             partition_method=parallel.partition,
             activation_checkpoint_interval=1 if parallel.activation_checkpointing else 0,
@@ -117,6 +122,9 @@ class PipelineEngine(Engine):
                 init_part(child, model_cfg, seed)
             elif name.isdigit():
                 init_part(child, model_cfg, seed + int(name))
+        if dims.tp > 1:
+            # After initialisation: each rank keeps its slice of the weights drawn whole.
+            parallelize_blocks([m for m in module.forward_funcs if isinstance(m, Block)], module._grid.get_slice_parallel_group())
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay), config=ds_config)
         self.device = dist.device

@@ -12,6 +12,7 @@ from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.distributed import Dist
 from clova_train.training.parallel.ds_config import ParallelConfig
 from clova_train.training.parallel.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
+from clova_train.training.parallel.tensor import TensorParallelGroups, parallelize_blocks
 
 
 def _gathered_on_rank0(rank: int):
@@ -34,21 +35,27 @@ class ZeroEngine(Engine):
 
         stage = dims.zero_stage
         torch.manual_seed(seed)
-        if stage == 3:
+        if stage == 3 and dims.tp == 1:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = GPT(model_cfg)
         else:
+            # Tensor parallelism slices weights drawn whole, so every rank builds the whole model once first.
             with torch.device(dist.device):
                 model = GPT(model_cfg)
         # Part i draws from seed + i, as PipelineEngine draws it, so all modes start from the same weights.
-        model.init_weights(seed, gathered=_gathered_on_rank0(dist.rank) if stage == 3 else None)
+        model.init_weights(seed, gathered=_gathered_on_rank0(dist.rank) if stage == 3 and dims.tp == 1 else None)
+        mpu = None
+        if dims.tp > 1:
+            groups = dims.new_groups()
+            mpu = TensorParallelGroups(dims, dist.rank, groups)
+            parallelize_blocks(model.blocks, groups["tp"])
         if parallel.activation_checkpointing:
             checkpoint_blocks(model)
         if parallel.compile:
             compile_blocks(model)
         self.model = model
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
-        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config, mpu=mpu)
         self.device = dist.device
         self.dims = dims
         self.data_rank, self.data_world = dims.data_rank(dist.rank), dims.dp

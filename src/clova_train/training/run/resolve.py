@@ -10,8 +10,10 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig, pad_vocab
 from clova_train.training.run.config import RunSpec, TrainConfig, TrainRequest
 from clova_train.training.parallel.ds_config import ParallelConfig, template_defaults, zero_stage
+from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.ds_validate import validate_deepspeed
 from clova_train.training.parallel.pipeline import check_partition
+from clova_train.training.parallel.tensor import check_tensor_parallel
 from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
 from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
@@ -117,7 +119,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     if parallel.mode == "pipeline":
         parallel = replace(parallel, pipeline_stages=stages)
         check_partition(model, parallel, stages)
-    replicas = world_size // stages
+    check_tensor_parallel(model, ParallelDims.from_config(parallel, world_size), ranks_per_node=None)  # nodes: checked by each rank
+    replicas = parallel.replicas(world_size)
     micro_world = train.micro_batch * replicas
     if train.global_batch % micro_world:
         raise ClovaError(

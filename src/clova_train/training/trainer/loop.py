@@ -25,6 +25,7 @@ from clova_train.training.parallel.ds_config import resolve_precision
 from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.engine import Engine
+from clova_train.training.parallel.tensor import check_tensor_parallel
 from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
 from clova_train.training.parallel.pipeline import PipelineEngine
 from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
@@ -81,8 +82,9 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     """The opening line: what is trained, where, and how the global batch is made."""
     m = spec.model
     accum = ds_config["gradient_accumulation_steps"]
-    stages = spec.parallel.stages(spec.world_size)
-    layout = f"{stages} stages x {spec.world_size // stages} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
+    stages, replicas, tp = spec.parallel.stages(spec.world_size), spec.parallel.replicas(spec.world_size), spec.parallel.tensor_parallel
+    layout = f"{stages} stages x {replicas} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
+    layout += f"tensor parallel {tp} (each block split over {tp} ranks), " if tp > 1 else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
     valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
     return (
@@ -90,7 +92,7 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
         f"{', activation checkpointing' if spec.parallel.activation_checkpointing else ''}); "
         f"{train.global_batch} x {train.seq_len} tokens per step = micro-batch {train.micro_batch} x {accum} accumulation x "
-        f"{spec.world_size // stages} replicas; {train.steps:,} steps, {train.steps * train.tokens_per_step:,} tokens; {mem}; {valid}"
+        f"{replicas} replicas; {train.steps:,} steps, {train.steps * train.tokens_per_step:,} tokens; {mem}; {valid}"
     )
 
 
@@ -110,6 +112,10 @@ class Trainer:
             raise ClovaError(f"the run was prepared for {spec.world_size} ranks but {dist.world} joined")
         self.rank0 = dist.rank == 0
         self.run_dir = spec.run_dir
+        try:  # every rank sees the same node size, so every rank refuses alike and rank 0 says it
+            check_tensor_parallel(spec.model, ParallelDims.from_config(spec.parallel, dist.world), dist.local_world)
+        except ClovaError as e:
+            raise CollectiveError(str(e)) from None
         if not spec.checked:
             _rank0_check(spec, dist.rank)
         self.precision = resolve_precision(spec.train.precision, dist.is_cuda)
@@ -307,7 +313,8 @@ def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tup
     if marker.get("config_hash") != spec.config_hash:
         raise CollectiveError(f"{ckpt.dir / tag} belongs to a different configuration; use a new --out")
     old = marker.get("layout") or {"world_size": marker["world_size"]}
-    if all(old.get(k) == v for k, v in here.items() if k in old):
+    same_tp = old.get("tensor_parallel", 1) == here.get("tensor_parallel", 1)
+    if same_tp and all(old.get(k) == v for k, v in here.items() if k in old):
         return ckpt.load(tag), None
     if "sampler" not in marker:
         raise CollectiveError(f"{ckpt.dir / tag} was written on {old['world_size']} ranks by an older clova train; resume it on {old['world_size']} ranks")
