@@ -26,7 +26,7 @@ def _reference_logits(model, idx):
     for block in model.blocks:
         attn, h = block.attn, block.ln_1(x)
         B, T, C = h.shape
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in attn.qkv(h).split(C, dim=2))
+        q, k, v = (t.view(B, T, C // attn.head_dim, attn.head_dim).transpose(1, 2) for t in attn.qkv(h).split(C, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
         x = x + attn.resid_drop(attn.proj(y))
         x = x + block.mlp(block.ln_2(x))
