@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,26 +103,28 @@ class Check:
             return None
         self.note(f"$ {' '.join(cmd)}")
         t0 = time.monotonic()
+        # Its own process group, so a stage past its time goes with every process it started (training ranks
+        # hold GPU memory the next stage needs).
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             start_new_session=True)
         try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit, cwd=REPO)
-        except subprocess.TimeoutExpired as e:
+            out, err = p.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
             self.report["seconds"][stage] = round(time.monotonic() - t0, 1)
-            self.note(_text(e.stdout) + _text(e.stderr))
+            self.note(out + err)
             self.check(stage, False, f"stopped after {limit:.0f} s (its limit); the log has its output")
             return None
         self.report["seconds"][stage] = round(time.monotonic() - t0, 1)
-        self.note(r.stdout + r.stderr)
-        return r
+        self.note(out + err)
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
     def save(self) -> None:
         self.report["ok"] = bool(self.report["checks"]) and all(c["ok"] for c in self.report["checks"].values())
         tmp = self.out / "gpu-check.json.tmp"
         tmp.write_text(json.dumps(self.report, indent=2, ensure_ascii=False) + "\n")
         tmp.replace(self.out / "gpu-check.json")
-
-
-def _text(b) -> str:
-    return b.decode("utf-8", "replace") if isinstance(b, bytes) else (b or "")
 
 
 def _last_line(r: subprocess.CompletedProcess) -> str:
