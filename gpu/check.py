@@ -132,6 +132,11 @@ def _last_line(r: subprocess.CompletedProcess) -> str:
     return (lines[-1] if lines else f"exit code {r.returncode}")[:300]
 
 
+def _result(r: subprocess.CompletedProcess) -> dict:
+    """The JSON line a stage prints last (libraries may print above it)."""
+    return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+
+
 def install(c: Check, bundle: Path, site: Path) -> bool:
     wheels = sorted(str(p) for p in (bundle / "wheels").glob("*.whl"))
     r = c.run("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
@@ -150,7 +155,8 @@ def stage_cmd(name: str, *args) -> list[str]:
 
 def train(c: Check, mode: str, data: Path, work: Path, env: dict, rehearse: bool) -> Path | None:
     run = work / f"run-{mode}"
-    cmd = clova("train", *(CPU_RUN if rehearse else CUDA_RUN), "--data", data / "shards", "--tokenizer", data / "tokenizer",
+    run_args = CPU_RUN if rehearse else CUDA_RUN
+    cmd = clova("train", *run_args, "--data", data / "shards", "--tokenizer", data / "tokenizer",
                 "--out", run, "--parallel", mode)
     r = c.run(f"train-{mode}", cmd, env, "train")
     if r is None:
@@ -165,7 +171,6 @@ def train(c: Check, mode: str, data: Path, work: Path, env: dict, rehearse: bool
         "tflops_per_device": recs[-1].get("tflops_per_device") if recs else None,
         "precision": cfg["train"]["precision"], "device": cfg["run"]["device"], "optimizer": optimizer,
     }
-    run_args = CPU_RUN if rehearse else CUDA_RUN
     steps = int(run_args[run_args.index("--steps") + 1])
     c.check(f"train-{mode}-steps", len(recs) == steps and not any(x["skipped"] for x in recs) and all(x["grad_norm"] > 0 for x in recs),
             f"{len(recs)} steps, losses {[round(x['loss'], 3) for x in recs]}")
@@ -187,7 +192,7 @@ def export_parity(c: Check, mode: str, run: Path, data: Path, work: Path, env: d
     r = c.run(f"parity-{mode}", stage_cmd("parity", run, out, data / "shards"), env, "export")
     if r is None or not c.check(f"parity-{mode}-ran", r.returncode == 0, "ran" if r.returncode == 0 else _last_line(r)):
         return
-    fig = json.loads(r.stdout.strip().splitlines()[-1])
+    fig = _result(r)
     c.report["figures"][f"export_{mode}"] = fig
     c.check(f"parity-{mode}", fig["max_abs_diff"] <= PARITY_TOL, f"max |logits diff| {fig['max_abs_diff']:.2e} on {fig['device']} (tolerance {PARITY_TOL})")
 
@@ -201,40 +206,60 @@ def mfu(c: Check, work: Path, env: dict) -> None:
         c.check("mfu", r.returncode == 0, _last_line(r) if r.returncode else "ZeRO-1, ZeRO-3 and transformers measured with FusedAdam")
 
 
+def versions(c: Check, env: dict) -> None:
+    r = c.run("versions", stage_cmd("versions"), env, "versions")
+    if r is not None and c.check("versions", r.returncode == 0, "read" if r.returncode == 0 else _last_line(r)):
+        c.report["versions"] = _result(r)
+
+
+def fused_adam(c: Check, env: dict) -> None:
+    r = c.run("fused-adam", stage_cmd("fused-adam"), env, "fused-adam")
+    if r is not None and c.check("fused-adam", r.returncode == 0, "built and loaded" if r.returncode == 0 else _last_line(r)):
+        c.report["figures"]["fused_adam_jit_build_s"] = _result(r)["seconds"]
+
+
+def bench_imports(c: Check, env: dict) -> None:
+    """On the CPU the benchmark cannot run; its imports still must resolve."""
+    r = c.run("mfu-imports", [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--help"], env, "versions")
+    if r is not None:
+        c.check("mfu-imports", r.returncode == 0, "benchmarks/bench_gpu.py imports" if r.returncode == 0 else _last_line(r))
+
+
+def guarded(c: Check, name: str, fn, *args):
+    """``fn(c, *args)``; an error of the check's own (an output it did not expect) is a failed check, not a traceback."""
+    try:
+        return fn(c, *args)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the other stages still run and the JSON is still written
+        c.check(name, False, f"the check could not read this stage's result: {type(e).__name__}: {e}")
+        return None
+    finally:
+        c.save()
+
+
 def run_check(bundle: Path, out: Path, budget: float, rehearse: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     c = Check(out, budget, rehearse)
     work = Path(tempfile.mkdtemp(prefix="clova-gpu-check-"))
-    site = work / "site"
     data = bundle.resolve() / "data"
     t0 = time.monotonic()
     try:
-        if install(c, bundle, site):
-            env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                   "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            r = c.run("versions", stage_cmd("versions"), env, "versions")
-            if r is not None and c.check("versions", r.returncode == 0, "read" if r.returncode == 0 else _last_line(r)):
-                c.report["versions"] = json.loads(r.stdout.strip().splitlines()[-1])
-            c.save()
+        if install(c, bundle, work / "site"):
+            paths = [str(work / "site"), str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(paths)}
+            guarded(c, "versions", versions, env)
             if rehearse:
-                r = c.run("mfu-imports", [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--help"], env, "versions")
-                c.check("mfu-imports", r is not None and r.returncode == 0, "benchmarks/bench_gpu.py imports" if r and r.returncode == 0 else (_last_line(r) if r else ""))
+                guarded(c, "mfu-imports", bench_imports, env)
             else:
-                r = c.run("fused-adam", stage_cmd("fused-adam"), env, "fused-adam")
-                if r is not None and c.check("fused-adam", r.returncode == 0, "built and loaded" if r.returncode == 0 else _last_line(r)):
-                    c.report["figures"]["fused_adam_jit_build_s"] = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
-            c.save()
-            runs = {m: train(c, m, data, work, env, rehearse) for m in MODES}
-            c.save()
+                guarded(c, "fused-adam", fused_adam, env)
+            runs = {m: guarded(c, f"train-{m}", train, m, data, work, env, rehearse) for m in MODES}
             if all(runs.values()) and not rehearse:
                 first = [c.report["figures"][f"train_{m}"]["loss"][0] for m in MODES]
                 c.check("zero1-zero3-first-loss", abs(first[0] - first[1]) <= 1e-3 * abs(first[1]), f"{first[0]:.5f} vs {first[1]:.5f}")
             for m, run in runs.items():
                 if run:
-                    export_parity(c, m, run, data, work, env)
-                    c.save()
+                    guarded(c, f"parity-{m}", export_parity, m, run, data, work, env)
             if not rehearse:
-                mfu(c, work, env)
+                guarded(c, "mfu", mfu, work, env)
     finally:
         c.report["seconds"]["total"] = round(time.monotonic() - t0, 1)
         c.save()
@@ -255,7 +280,7 @@ def summary(rep: dict, out: Path) -> str:
         t, e = f.get(f"train_{m}"), f.get(f"export_{m}")
         if t:
             lines.append(f"  {m}: loss {' '.join(f'{x:.3f}' for x in t['loss'])}, {t['tflops_per_device'] or 0:.1f} TFLOP/s, "
-                         f"{t['precision']}, {t['optimizer'].removeprefix('optimizer: ')[:60]}")
+                         f"{t['precision']}, {t['optimizer'].removeprefix('optimizer: ').split(',')[0]}")
         if e:
             lines.append(f"  {m} export: max |logits diff| {e['max_abs_diff']:.1e} on {e['device']}")
     for row in (f.get("mfu") or {}).get("rows", []):
