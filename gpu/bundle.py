@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -108,6 +107,10 @@ def node_packages(path: Path = NODE_PACKAGES) -> dict[str, str | None]:
 
 
 def project_requirements(full: bool) -> list[Requirement]:
+    try:
+        import tomllib
+    except ImportError:
+        raise BundleError("reading pyproject.toml needs Python 3.11 or newer (tomllib); run this with one") from None
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     reqs = [Requirement(d) for d in deps]
     return [r for r in reqs if full or canonicalize_name(r.name) not in NOT_IN_CHECK]
