@@ -155,6 +155,8 @@ def test_check_bundle_for_the_node_is_small_has_no_prebuilt_ops_and_installs_off
                         "--target", str(tmp_path / "site"), *map(str, wheels)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "site" / "deepspeed").is_dir() and any((tmp_path / "site").glob("pydantic_core/*cpython-312*.so"))
+    with pytest.raises(gb.BundleError, match=r"over the 1 MiB that may travel"):
+        gb.build_bundle(tmp_path / "small", limit_mib=1, log=lambda line: None)
 
 
 def test_gpu_check_runs_from_the_bundle_with_only_the_node_packages(node_python, local_bundle, tmp_path):
