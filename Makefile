@@ -48,12 +48,12 @@ gpu-bundle-full: install
 
 # On the CUDA node, offline, with its own python3 (no venv): installs .gpu/ into a temporary dir, then bf16
 # ZeRO-1/ZeRO-3 with FusedAdam, export parity and MFU beside transformers (under 9 minutes); figures in
-# $$OUT/gpu-check.json (default gpu-check-out/).
+# $OUT/gpu-check.json (default gpu-check-out/).
 gpu-check:
 	$(PY) gpu/check.py $(if $(OUT),--out "$(OUT)")
 
 lint: install
-	$(BIN)/python -m compileall -q src tests benchmarks
+	$(BIN)/python -m compileall -q src tests benchmarks gpu
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache .gpu .gpu-full gpu-check-out
