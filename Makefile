@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench gpu-check lint clean
+.PHONY: install demo test bench gpu-bundle gpu-bundle-full gpu-check lint clean
 
 install: $(STAMP)
 
@@ -37,13 +37,23 @@ test: install
 bench: install
 	for b in dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
-# On a CUDA machine: bf16 ZeRO-1/ZeRO-3 with FusedAdam, export parity, and MFU beside transformers (under 8 minutes).
-gpu-check: install
-	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device')"
-	timeout 470 sh -c '$(BIN)/python -m pytest -q -m gpu tests/test_gpu.py && $(BIN)/python benchmarks/bench_gpu.py'
+# On a machine with the package registry: .gpu/, the wheels and pre-tokenized data a GPU node without
+# registry access lacks for gpu-check (under 60 MiB with the tree); gpu-bundle-full: .gpu-full/, every
+# dependency (MeCab-ko too) for installing clova-train on such a node. The node is gpu/node-packages.txt.
+gpu-bundle: install
+	$(BIN)/python gpu/bundle.py
+
+gpu-bundle-full: install
+	$(BIN)/python gpu/bundle.py --full
+
+# On the CUDA node, offline, with its own python3 (no venv): installs .gpu/ into a temporary dir, then bf16
+# ZeRO-1/ZeRO-3 with FusedAdam, export parity and MFU beside transformers (under 9 minutes); figures in
+# $OUT/gpu-check.json (default gpu-check-out/).
+gpu-check:
+	$(PY) gpu/check.py $(if $(OUT),--out "$(OUT)")
 
 lint: install
-	$(BIN)/python -m compileall -q src tests benchmarks
+	$(BIN)/python -m compileall -q src tests benchmarks gpu
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) demo-run .pytest_cache .gpu .gpu-full gpu-check-out

@@ -6,12 +6,16 @@ same micro-batch and sequence length for all three; FusedAdam must load (the
 optimizer line says which kernel ran). Each side runs ``--warmup`` steps, then
 ``--steps`` timed ones; MFU = FLOPs per token x tokens/s / peak.
 
-    python benchmarks/bench_gpu.py [--model 1.3b] [--seq-len 2048] [--micro-batch 4] [--accum 2] [--steps 4]
+    python benchmarks/bench_gpu.py [--model 1.3b] [--seq-len 2048] [--micro-batch 4] [--accum 2] [--steps 4] [--json FILE]
+
+``--json FILE`` also writes the figures there, after each side is measured
+(gpu/check.py reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: needs a CUDA device", file=sys.stderr)
@@ -122,11 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     flops = flops_per_token(model, args.seq_len) * tokens
     peak = _peak_tflops() * 1e12
     print(f"{torch.cuda.get_device_name()} ({gpu_gb:.0f} GiB), {name} ({num_params(model) / 1e9:.2f}B), bf16, micro-batch {args.micro_batch} x {args.seq_len} x {args.accum} accumulation, activation checkpointing")
+    figures = {"gpu": torch.cuda.get_device_name(), "model": name, "params": num_params(model), "tokens_per_step": tokens,
+               "peak_tflops": peak / 1e12, "rows": []}
+
+    def record(row: dict) -> None:
+        figures["rows"].append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=2)
+
     hf_s, hf_peak = bench_hf(model, args)
     print(f"  transformers GPT2LMHeadModel + torch fused AdamW: {hf_s:.3f} s/step, MFU {flops / hf_s / peak:.1%}, peak {hf_peak:.1f} GiB")
+    record({"name": "transformers", "seconds_per_step": hf_s, "mfu": flops / hf_s / peak, "peak_gib": hf_peak})
     for mode in ("zero1", "zero3"):
         s, kernel, mem = bench_ours(mode, model, args, dist)
         print(f"  clova {mode}: {s:.3f} s/step, MFU {flops / s / peak:.1%} ({hf_s / s:.2f}x transformers), peak {mem:.1f} GiB; {kernel}")
+        record({"name": f"clova {mode}", "seconds_per_step": s, "mfu": flops / s / peak, "peak_gib": mem, "vs_transformers": hf_s / s, "optimizer": kernel})
         if "FusedAdam" not in kernel:
             print("  FusedAdam did not load: see the line above", file=sys.stderr)
             return 1

@@ -61,7 +61,10 @@ class ClovaTokenizer:
         plain = json.loads(tokenizer_json)
         plain["added_tokens"] = []
         self._plain = Tokenizer.from_str(json.dumps(plain))
-        self._segmenter = MorphSegmenter()
+        # MeCab loads on the first encode, not here: training and export read a tokenizer
+        # only for its hash, vocabulary and end-of-document id, and also run where MeCab
+        # is not installed (the offline GPU check trains on shards made elsewhere).
+        self._segmenter_obj: MorphSegmenter | None = None
         self._cache: dict[str, list[int]] = {}
         self._morph_cache: dict[str, list[int]] = {}
         self._cache_entries = cache_entries
@@ -88,8 +91,11 @@ class ClovaTokenizer:
         meta = json.loads(mj.read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
             raise ClovaError(f"{mj}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
-        info = analyzer_info()
-        if meta.get("dictionary_package") != info["dictionary_package"]:
+        try:
+            info = analyzer_info()
+        except ImportError:
+            info = None  # no MeCab: enough to train on shards or export (hash, vocabulary); encoding fails on first use
+        if info and meta.get("dictionary_package") != info["dictionary_package"]:
             raise ClovaError(
                 f"{path}: trained with {meta.get('dictionary_package')} but {info['dictionary_package']} is "
                 "installed; segmentation (and so ids) would differ: install the recorded version"
@@ -99,6 +105,12 @@ class ClovaTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._full.get_vocab_size()
+
+    @property
+    def _segmenter(self) -> MorphSegmenter:
+        if self._segmenter_obj is None:
+            self._segmenter_obj = MorphSegmenter()
+        return self._segmenter_obj
 
     def normalize(self, text: str) -> str:
         """The text as the tokenizer sees it: the shards' cleaning (control characters out, then normalisation)."""
