@@ -49,6 +49,7 @@ class Document:
     text: str
     source: str
     where: str  # "line 12", "row 5", "split train row 7"
+    fields: dict | None = None  # a jsonl row's other fields (its id, url, source...), which `clova dedup` keeps
 
 
 @dataclass
@@ -375,7 +376,8 @@ def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Docu
         if "\x00" in text:
             reader.bad("nul_byte", f"line {lineno}", "NUL byte in text (binary data?)")
             continue
-        yield Document(text, src, f"line {lineno}")
+        del obj[text_key]
+        yield Document(text, src, f"line {lineno}", obj or None)
 
 
 def _iter_rows(rows, columns, path, reader, text_key, prefix="") -> Iterator[Document]:
