@@ -36,7 +36,7 @@ _WORD = re.compile(r"\S+")
 
 
 # Gopher's n-gram limits are for English words; Korean eojeols carry particles and endings, and formulaic Korean
-# (manuals, notices, legal text) repeats whole phrases: at Gopher's values 13% of LibreOffice's translated Korean
+# (manuals, notices, legal text) repeats whole phrases: at Gopher's values 11% of LibreOffice's translated Korean
 # help pages went. These sit near the 98th-99th percentile of those pages (README, "Cleaning").
 def _top_ngram_limits() -> dict[str, float]:
     return {"2": 0.25, "3": 0.22, "4": 0.20}
