@@ -328,3 +328,20 @@ def test_input_ids_and_fields_are_kept_and_output_does_not_depend_on_the_folder(
     assert [r["id"] for r in out] == ["doc-0", "doc-1", "doc-2", "in.jsonl:line 4", "doc-4", "doc-5"]
     assert out[0]["url"] == "https://example.org/0" and out[3]["source"] == "blog" and list(out[0]) == ["id", "url", "text"]
     assert duplicates(tmp_path / "a" / "out")["copy"]["kept_id"] == "doc-0"
+
+
+def test_parquet_columns_are_kept_as_fields(planted, tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, rows, _ = planted
+    texts = [t for t, k, _ in rows if k is None][:3]
+    when = [datetime.datetime(2024, 1, d) for d in (1, 2, 3)]
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(3)], "text": texts, "crawled": when}), tmp_path / "in.parquet")
+    dedup_corpus([tmp_path / "in.parquet"], tmp_path / "out", DedupConfig(), show_progress=False)
+    with open(tmp_path / "out" / "part-00000.jsonl.zst", "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as z:
+        out = [json.loads(line) for line in z.read().decode().splitlines()]
+    assert [(r["url"], r["id"]) for r in out] == [("u0", "in.parquet:row 0"), ("u1", "in.parquet:row 1"), ("u2", "in.parquet:row 2")]
+    assert out[1]["crawled"] == "2024-01-02 00:00:00" and list(out[1]) == ["url", "crawled", "text", "id"]

@@ -183,7 +183,7 @@ class ReadStep(PipelineStep):
 
         def survivors() -> Iterator[dict]:
             nonlocal yielded
-            docs = iter_documents(path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips)
+            docs = iter_documents(path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips, fields=True)
             for doc in docs:
                 yielded += 1
                 doc_id = document_id(doc.fields, f"{self.names[rank]}:{doc.where}")
@@ -197,7 +197,7 @@ class ReadStep(PipelineStep):
                     mine = keys[keys % cfg.line_partitions == p]
                     if mine.size:
                         parts[p].append(mine)
-                yield {"id": doc_id, "text": text, "fields": doc.fields}
+                yield {"id": doc_id, "text": text, "fields": jsonable(doc.fields)}
 
         kept = write_jsonl_zst(self.work / "docs" / f"{rank:05d}.jsonl.zst", survivors())
         for p, arrays in enumerate(parts):
@@ -435,6 +435,17 @@ class WriteStep(PipelineStep):
         n = write_jsonl_zst(self.out_dir / part_name(rank), kept())
         write_jsonl_zst(self.work / "duplicates" / f"{rank:05d}.jsonl.zst", iter(dups))
         save_json(self.work / "written" / f"{rank:05d}.json", {"kept": n, "removed": removed.to_dict()})
+
+
+def jsonable(value):
+    """A parquet or `datasets` value as JSON can hold it (dates and other objects as their string)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
 
 
 def document_id(fields: dict | None, generated: str):
