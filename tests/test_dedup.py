@@ -345,3 +345,9 @@ def test_parquet_columns_are_kept_as_fields(planted, tmp_path):
         out = [json.loads(line) for line in z.read().decode().splitlines()]
     assert [(r["url"], r["id"]) for r in out] == [("u0", "in.parquet:row 0"), ("u1", "in.parquet:row 1"), ("u2", "in.parquet:row 2")]
     assert out[1]["crawled"] == "2024-01-02 00:00:00" and list(out[1]) == ["url", "crawled", "text", "id"]
+
+
+def test_language_id_takes_a_lone_surrogate():
+    """A bad \\ud800 escape in a JSON row reaches the filters as a lone surrogate; the model must not crash on it."""
+    text = "\ud800 " + _korean(60)
+    assert check_document(text, QualityRecipe()) is None

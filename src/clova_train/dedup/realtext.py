@@ -54,6 +54,10 @@ class _HelpText(html.parser.HTMLParser):
         if self.depth:
             self.buf.append(data)
 
+    def close(self):
+        super().close()
+        self._flush()
+
     def _flush(self):
         line = " ".join("".join(self.buf).split())
         if line:
@@ -65,7 +69,6 @@ def help_page_text(path: Path) -> str:
     parser = _HelpText()
     parser.feed(path.read_text(encoding="utf-8"))
     parser.close()
-    parser._flush()
     return "\n".join(parser.lines)
 
 

@@ -42,20 +42,19 @@ class LanguageId:
 
     def predict(self, text: str) -> tuple[str, float]:
         """(ISO 639 code, probability) of the most likely language of one line (newlines become spaces)."""
-        labels, probs = self._model.predict(text.replace("\n", " "))
+        text = text.replace("\n", " ")
+        try:
+            labels, probs = self._model.predict(text)
+        except TypeError:  # a lone surrogate (a bad \ud800 escape in JSON) is not UTF-8: the model cannot take it
+            labels, probs = self._model.predict(text.encode("utf-8", "replace").decode("utf-8"))
         return labels[0].removeprefix("__label__"), float(probs[0])
 
     def top(self, text: str) -> str:
         return self.predict(text)[0]
 
-    def share(self, text: str, lang: str, min_prob: float) -> float:
-        """Share of the characters of ``text`` (in non-blank lines) in lines identified as ``lang`` with >= ``min_prob``."""
+    def share(self, text: str, lang: str) -> float:
+        """Share of the characters of ``text`` (in non-blank lines) in lines whose top language is ``lang``."""
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             return 0.0
-        hit = 0
-        for line in lines:
-            label, prob = self.predict(line)
-            if label == lang and prob >= min_prob:
-                hit += len(line)
-        return hit / sum(map(len, lines))
+        return sum(len(line) for line in lines if self.top(line) == lang) / sum(map(len, lines))

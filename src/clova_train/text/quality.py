@@ -182,7 +182,7 @@ def is_korean(text: str, recipe: QualityRecipe) -> bool:
     lang, prob = _LID.predict(text)
     if lang == "ko" and prob >= recipe.min_korean_prob:
         return True
-    return _LID.share(text, "ko", 0.0) >= recipe.min_korean_line_share
+    return _LID.share(text, "ko") >= recipe.min_korean_line_share
 
 
 def check_document(text: str, recipe: QualityRecipe) -> str | None:
