@@ -49,7 +49,7 @@ class Document:
     text: str
     source: str
     where: str  # "line 12", "row 5", "split train row 7"
-    fields: dict | None = None  # a jsonl row's other fields (its id, url, source...), which `clova dedup` keeps
+    fields: dict | None = None  # the row's other fields (its id, url, source...) that `clova dedup` keeps; see iter_documents
 
 
 @dataclass
