@@ -67,11 +67,11 @@ def test_planted_near_duplicates_are_removed_and_name_the_kept_original(planted,
     dups = duplicates(out)
     found = 0
     for line, (_, orig, kind) in enumerate(rows, start=1):
-        rec = dups.get(f"{path}:line {line}")
+        rec = dups.get(f"{path.name}:line {line}")
         if kind is None:
             assert rec is None, f"distinct document line {line} was removed as a duplicate of {rec and rec['kept_id']}"
         elif rec is not None:
-            assert rec["kept_id"] == f"{path}:line {orig + 1}", (kind, rec)
+            assert rec["kept_id"] == f"{path.name}:line {orig + 1}", (kind, rec)
             assert rec["reason"] in ("near_duplicate", "exact_duplicate")
             found += 1
     assert found >= 0.9 * (len(rows) - n_base)
@@ -111,7 +111,7 @@ def test_counts_per_input_with_skipped_bad_documents(tmp_path, planted):
     assert ra["documents_read"] == 30 and rb["documents_read"] == 3
     assert rb["removed"] == {"exact_duplicate": 1, "invalid_json": 1, "missing_text_key": 1}
     assert rb["documents_kept"] == 0
-    assert duplicates(tmp_path / "out")[f"{b}:line 1"]["kept_id"] == f"{a}:line 1"  # across inputs, the earlier input wins
+    assert duplicates(tmp_path / "out")["b.jsonl:line 1"]["kept_id"] == "a.jsonl:line 1"  # across inputs, the earlier input wins
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +199,8 @@ def _korean(n: int) -> str:
         ("too_short", "짧은 글.", QualityRecipe()),
         ("too_long", _korean(400), QualityRecipe(max_chars=1000)),
         ("low_hangul", "This page is mostly English text, with only 한국어 two words in it here and there.", QualityRecipe()),
+        ("low_hangul", "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗いじめじめした所でニャーニャー泣いていた事だけは記憶している。", QualityRecipe()),
+        ("not_korean", "The quick summary: 요약 is the Korean word for summary, and 안녕하세요 means hello; the rest of this page explains the English grammar of greetings in detail.", QualityRecipe()),
         ("repeated_lines", "\n".join(["같은 줄이 반복되는 문서입니다 여러 번"] * 5 + [_korean(30)]), QualityRecipe()),
         ("repeated_ngrams", " ".join(["좋은 상품 최저가 할인"] * 20) + " " + _korean(20), QualityRecipe()),
     ],
@@ -269,3 +271,83 @@ def test_slurm_template_is_valid_bash_and_its_flags_exist():
     help_text = CliRunner().invoke(app, ["dedup", "--help"], env={"COLUMNS": "200"}).output
     for flag in ("--slurm-partition", "--slurm-time", "--on-error", "--quiet", "--out"):
         assert flag in template.read_text() and flag in help_text
+
+
+def _needs_help(lang: str, every: int) -> list[str]:
+    """LibreOffice's help pages in ``lang`` (Debian; .ci/run installs them): skipped outside CI when missing, failed in CI."""
+    import os
+
+    from clova_train.dedup.realtext import HELP_PACKAGES, HELP_ROOT, help_pages
+
+    if not (HELP_ROOT / lang / "text").is_dir():
+        msg = f"apt-get install --no-install-recommends {HELP_PACKAGES[lang]} (see .ci/run)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return help_pages(lang, every=every)
+
+
+def test_language_filter_keeps_korean_with_english_terms_and_removes_english_and_japanese(konlpy_files):
+    """The default recipe on real text: Korean prose with English terms and code kept, English and Japanese removed."""
+    from clova_train.dedup.realtext import code_mixed, korean_pages, python_help_topics
+
+    english = python_help_topics()
+    translated, untranslated = korean_pages(_needs_help("ko", every=3))
+    korean = {
+        "konlpy with English words and code": code_mixed(distinct_documents(konlpy_files, min_chars=300), english, 80),
+        "Korean help pages": translated[::4],
+    }
+    foreign = {"Python docs (en)": english, "Korean help's untranslated pages (en)": untranslated, "Japanese help pages": _needs_help("ja", every=20)}
+    recipe = QualityRecipe()
+    for name, docs in korean.items():
+        kept = [check_document(d, recipe) for d in docs]
+        assert len(docs) >= 50 and kept.count(None) >= 0.9 * len(docs), (name, {r: kept.count(r) for r in set(kept)})
+    for name, docs in foreign.items():
+        reasons = [check_document(d, recipe) for d in docs]
+        assert len(docs) >= 20 and sum(r in ("low_hangul", "not_korean") for r in reasons) >= 0.95 * len(docs), (name, reasons)
+    # the previous Hangul-share rule (half of the letters) is what dropped the Korean help
+    old = QualityRecipe(min_hangul_share=0.5, language_model="")
+    assert sum(check_document(d, old) == "low_hangul" for d in korean["Korean help pages"]) > 0.2 * len(korean["Korean help pages"])
+
+
+def test_input_ids_and_fields_are_kept_and_output_does_not_depend_on_the_folder(planted, tmp_path):
+    _, rows, _ = planted
+    texts = [t for t, k, _ in rows if k is None][:6]
+    lines = [{"id": f"doc-{i}", "url": f"https://example.org/{i}", "text": t} for i, t in enumerate(texts)]
+    lines[3] = {"text": lines[3]["text"], "source": "blog"}  # no id of its own: one is made from the input's name and line
+    lines.append({"id": "copy", "text": texts[0]})
+    for where in ("a", "b/deeper"):
+        d = tmp_path / where / "corpus"
+        d.mkdir(parents=True)
+        (d / "in.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines), encoding="utf-8")
+        dedup_corpus([d / "in.jsonl"], tmp_path / where / "out", DedupConfig(), show_progress=False)
+    a, b = files(tmp_path / "a" / "out"), files(tmp_path / "b/deeper" / "out")
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+    with open(tmp_path / "a" / "out" / "part-00000.jsonl.zst", "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as z:
+        out = [json.loads(line) for line in z.read().decode().splitlines()]
+    assert [r["id"] for r in out] == ["doc-0", "doc-1", "doc-2", "in.jsonl:line 4", "doc-4", "doc-5"]
+    assert out[0]["url"] == "https://example.org/0" and out[3]["source"] == "blog" and list(out[0]) == ["id", "url", "text"]
+    assert duplicates(tmp_path / "a" / "out")["copy"]["kept_id"] == "doc-0"
+
+
+def test_parquet_columns_are_kept_as_fields(planted, tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, rows, _ = planted
+    texts = [t for t, k, _ in rows if k is None][:3]
+    when = [datetime.datetime(2024, 1, d) for d in (1, 2, 3)]
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(3)], "text": texts, "crawled": when}), tmp_path / "in.parquet")
+    dedup_corpus([tmp_path / "in.parquet"], tmp_path / "out", DedupConfig(), show_progress=False)
+    with open(tmp_path / "out" / "part-00000.jsonl.zst", "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as z:
+        out = [json.loads(line) for line in z.read().decode().splitlines()]
+    assert [(r["url"], r["id"]) for r in out] == [("u0", "in.parquet:row 0"), ("u1", "in.parquet:row 1"), ("u2", "in.parquet:row 2")]
+    assert out[1]["crawled"] == "2024-01-02 00:00:00" and list(out[1]) == ["url", "crawled", "text", "id"]
+
+
+def test_language_id_takes_a_lone_surrogate():
+    """A bad \\ud800 escape in a JSON row reaches the filters as a lone surrogate; the model must not crash on it."""
+    text = "\ud800 " + _korean(60)
+    assert check_document(text, QualityRecipe()) is None

@@ -15,10 +15,10 @@ from clova_train.cli.common import friendly, out
 def dedup_cmd(
     inputs: List[Path] = typer.Argument(..., help="Corpus: .txt, .jsonl[.gz|.zst], .parquet, or saved `datasets` dirs."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output dir (jsonl.zst parts + manifest.json); rerunning into it resumes."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Estimated Jaccard at which a candidate pair is a near-duplicate (default 0.8).", rich_help_panel="MinHash-LSH"),
-    ngram: Optional[int] = typer.Option(None, "--ngram", help="Shingle size in morphemes (default 5, as FineWeb).", rich_help_panel="MinHash-LSH"),
-    bands: Optional[int] = typer.Option(None, "--bands", help="LSH bands (default 14).", rich_help_panel="MinHash-LSH"),
-    rows: Optional[int] = typer.Option(None, "--rows", help="Minhashes per band (default 8: 112 hashes, P(candidate | J=0.8) = 0.92).", rich_help_panel="MinHash-LSH"),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Estimated Jaccard at which a candidate pair is a near-duplicate (default 0.6).", rich_help_panel="MinHash-LSH"),
+    ngram: Optional[int] = typer.Option(None, "--ngram", help="Shingle size in morphemes (default 3; see the README's recall curve).", rich_help_panel="MinHash-LSH"),
+    bands: Optional[int] = typer.Option(None, "--bands", help="LSH bands (default 20).", rich_help_panel="MinHash-LSH"),
+    rows: Optional[int] = typer.Option(None, "--rows", help="Minhashes per band (default 5: 100 hashes, P(candidate | J=0.7) = 0.975).", rich_help_panel="MinHash-LSH"),
     shingle: Optional[str] = typer.Option(None, "--shingle", help="'morpheme' (MeCab-ko, default) or 'eojeol' (whitespace words).", rich_help_panel="MinHash-LSH"),
     line_partitions: Optional[int] = typer.Option(None, "--line-partitions", help="Tasks the boilerplate line count is split over (default 16); each holds 1/N of all (document, line) keys, about 24 bytes a key while counting: 1024 for 1e11 lines takes 2.3 GB a task.", rich_help_panel="Quality"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Quality thresholds, e.g. recipes/korean_quality.json (default: its values).", rich_help_panel="Quality"),
@@ -33,7 +33,7 @@ def dedup_cmd(
     slurm_mem: Optional[int] = typer.Option(None, "--slurm-mem-per-cpu", help="Memory per CPU of each Slurm task, in GB (default 4).", rich_help_panel="Many machines"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Remove near-duplicates (MinHash-LSH on MeCab-ko morpheme 5-grams) and low-quality Korean text, before `clova tokenize`.
+    """Remove near-duplicates (MinHash-LSH on MeCab-ko morpheme 3-grams), non-Korean and low-quality text, before `clova tokenize`.
 
     Example: [bold]clova dedup corpus/*.jsonl.zst --out clean/[/], then [bold]clova tokenize clean/ --tokenizer tok/ --out shards/[/]
     """

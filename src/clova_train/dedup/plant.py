@@ -7,10 +7,11 @@ repeat whole passages), so a removed base document is a real mistake.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from clova_train.text.readers import iter_documents
 
@@ -25,21 +26,30 @@ def _grams(text: str) -> set[tuple[str, ...]]:
 
 def distinct_documents(paths: list[Path], *, min_chars: int = 500, max_overlap: float = 0.3, limit: int | None = None) -> list[str]:
     """Runs of blank-line paragraphs of at least ``min_chars``, none sharing over ``max_overlap`` of 3-grams with another."""
+
+    def runs():
+        for path in paths:
+            run: list[str] = []
+            for doc in iter_documents(path, doc_sep="blank"):
+                run.append(doc.text.strip())
+                if sum(map(len, run)) >= min_chars:
+                    yield "\n\n".join(run)
+                    run = []
+
+    return distinct(runs(), max_overlap=max_overlap, limit=limit)
+
+
+def distinct(texts: Iterable[str], *, max_overlap: float = 0.3, limit: int | None = None) -> list[str]:
+    """The texts (in order) that share at most ``max_overlap`` of their word 3-grams with every earlier kept one."""
     docs: list[str] = []
     seen: list[set] = []
-    for path in paths:
-        run: list[str] = []
-        for doc in iter_documents(path, doc_sep="blank"):
-            run.append(doc.text.strip())
-            if sum(map(len, run)) < min_chars:
-                continue
-            text, run = "\n\n".join(run), []
-            g = _grams(text)
-            if g and all(len(g & s) / min(len(g), len(s)) <= max_overlap for s in seen if s):
-                docs.append(text)
-                seen.append(g)
-                if limit is not None and len(docs) >= limit:
-                    return docs
+    for text in texts:
+        g = _grams(text)
+        if g and all(len(g & s) / min(len(g), len(s)) <= max_overlap for s in seen):
+            docs.append(text)
+            seen.append(g)
+            if limit is not None and len(docs) >= limit:
+                break
     return docs
 
 
@@ -70,7 +80,7 @@ def insert_sentence(text: str, rng: random.Random, pool: list[str]) -> str:
 def change_characters(text: str, rng: random.Random, pool: list[str], share: float = 0.01) -> str:
     chars = list(text)
     letters = [i for i, c in enumerate(chars) if "\uac00" <= c <= "\ud7a3"]
-    for i in rng.sample(letters, max(1, int(len(letters) * share))):
+    for i in rng.sample(letters, min(len(letters), max(1, int(len(letters) * share)))):
         chars[i] = chr(rng.randrange(0xAC00, 0xD7A4))
     return "".join(chars)
 
@@ -91,6 +101,8 @@ EDITS: dict[str, Callable[[str, random.Random, list[str]], str]] = {
     "sentence_deleted": delete_sentence,
     "sentence_inserted": insert_sentence,
     "chars_changed_1pct": change_characters,
+    "chars_changed_2pct": functools.partial(change_characters, share=0.02),
+    "chars_changed_3pct": functools.partial(change_characters, share=0.03),
     "paragraphs_swapped": reorder_paragraphs,
     "signature_appended": append_signature,
 }

@@ -79,13 +79,21 @@ def _stages(paths: list[str], work: Path, out_dir: Path, cfg: DedupConfig, recip
 
     w, n = str(work), len(paths)
     return [
-        ("read", [ReadStep(w, paths, cfg, recipe)], n),
+        ("read", [ReadStep(w, paths, input_names(paths), cfg, recipe)], n),
         ("count", [CountLinesStep(w, n, recipe)], cfg.line_partitions),
         ("signature", [BoilerplateStep(w, cfg, recipe), KoreanSignature(w, cfg)], n),
         ("buckets", [MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=minhash_config(cfg))], cfg.bands),
         ("cluster", [ClusterStep(w, n, cfg)], 1),
         ("write", [WriteStep(w, str(out_dir), cfg)], n),
     ]
+
+
+def input_names(paths: list[str]) -> list[str]:
+    """Each input named relative to the inputs' common folder: generated ids (``NAME:line N``) and so the output
+    bytes stay the same wherever the corpus sits."""
+    resolved = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in resolved]))
+    return [p.relative_to(common).as_posix() for p in resolved]
 
 
 def _quiet_local():

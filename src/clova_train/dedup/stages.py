@@ -141,7 +141,7 @@ class Removed:
         self.counts: dict[str, int] = {}
         self.samples: dict[str, list] = {}
 
-    def add(self, reason: str, doc_id: str, text: str, kept_id: str | None = None) -> None:
+    def add(self, reason: str, doc_id, text: str, kept_id=None) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if not self.per_reason:
             return
@@ -169,9 +169,9 @@ class ReadStep(PipelineStep):
     name = "clova read + quality"
     type = "clova"
 
-    def __init__(self, work: str, inputs: list[str], cfg: DedupConfig, recipe: QualityRecipe):
+    def __init__(self, work: str, inputs: list[str], names: list[str], cfg: DedupConfig, recipe: QualityRecipe):
         super().__init__()
-        self.work, self.inputs, self.cfg, self.recipe = Path(work), inputs, cfg, recipe
+        self.work, self.inputs, self.names, self.cfg, self.recipe = Path(work), inputs, names, cfg, recipe
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         _maybe_die("read", rank)
@@ -183,10 +183,10 @@ class ReadStep(PipelineStep):
 
         def survivors() -> Iterator[dict]:
             nonlocal yielded
-            docs = iter_documents(path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips)
+            docs = iter_documents(path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips, fields=True)
             for doc in docs:
                 yielded += 1
-                doc_id = f"{path}:{doc.where}"
+                doc_id = document_id(doc.fields, f"{self.names[rank]}:{doc.where}")
                 text = normalize(strip_control(doc.text), "NFC")
                 reason = check_document(text, self.recipe)
                 if reason is not None:
@@ -197,7 +197,7 @@ class ReadStep(PipelineStep):
                     mine = keys[keys % cfg.line_partitions == p]
                     if mine.size:
                         parts[p].append(mine)
-                yield {"id": doc_id, "text": text}
+                yield {"id": doc_id, "text": text, "fields": jsonable(doc.fields)}
 
         kept = write_jsonl_zst(self.work / "docs" / f"{rank:05d}.jsonl.zst", survivors())
         for p, arrays in enumerate(parts):
@@ -275,8 +275,8 @@ class BoilerplateStep(PipelineStep):
                 stripped += n
                 hashes.append(text_hash(text))
                 ids.append(rec["id"])
-                w.write({"id": rec["id"], "text": text})
-                yield DtDocument(text=text, id=rec["id"])
+                w.write({**rec, "text": text})
+                yield DtDocument(text=text, id=str(rec["id"]))
         save_npy(self.work / "hashes" / f"{rank:05d}.npy", np.array(hashes, dtype=np.uint64))
         save_json(self.work / "ids" / f"{rank:05d}.json", ids)
         save_json(self.work / "filtered" / f"{rank:05d}.json", {"lines_stripped": stripped, "removed": removed.to_dict()})
@@ -430,11 +430,36 @@ class WriteStep(PipelineStep):
                     removed.add(why, rec["id"], rec["text"], kept_id)
                     dups.append({"id": rec["id"], "reason": why, "kept_id": kept_id})
                     continue
-                yield {"text": rec["text"], "id": rec["id"]}
+                yield output_record(rec)
 
         n = write_jsonl_zst(self.out_dir / part_name(rank), kept())
         write_jsonl_zst(self.work / "duplicates" / f"{rank:05d}.jsonl.zst", iter(dups))
         save_json(self.work / "written" / f"{rank:05d}.json", {"kept": n, "removed": removed.to_dict()})
+
+
+def jsonable(value):
+    """A parquet or `datasets` value as JSON can hold it (dates and other objects as their string)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return str(value)
+
+
+def document_id(fields: dict | None, generated: str):
+    """The input row's own ``id`` when it has one (any JSON scalar), else ``INPUT:line N``."""
+    own = (fields or {}).get("id")
+    return own if isinstance(own, (str, int, float)) and not isinstance(own, bool) else generated
+
+
+def output_record(rec: dict) -> dict:
+    """A kept document as written: the input row's fields in their order, its cleaned text, its id."""
+    out = dict(rec["fields"] or {})
+    out["text"] = rec["text"]
+    out["id"] = rec["id"]
+    return out
 
 
 def part_name(rank: int) -> str:

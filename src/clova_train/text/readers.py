@@ -49,6 +49,7 @@ class Document:
     text: str
     source: str
     where: str  # "line 12", "row 5", "split train row 7"
+    fields: dict | None = None  # the row's other fields (its id, url, source...) that `clova dedup` keeps; see iter_documents
 
 
 @dataclass
@@ -375,7 +376,8 @@ def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Docu
         if "\x00" in text:
             reader.bad("nul_byte", f"line {lineno}", "NUL byte in text (binary data?)")
             continue
-        yield Document(text, src, f"line {lineno}")
+        del obj[text_key]
+        yield Document(text, src, f"line {lineno}", obj or None)
 
 
 def _iter_rows(rows, columns, path, reader, text_key, prefix="") -> Iterator[Document]:
@@ -391,10 +393,10 @@ def _iter_rows(rows, columns, path, reader, text_key, prefix="") -> Iterator[Doc
         if "\x00" in text:
             reader.bad("nul_byte", where, "NUL byte in text (binary data?)")
             continue
-        yield Document(text, src, where)
+        yield Document(text, src, where, {k: v for k, v in row.items() if k != text_key} or None)
 
 
-def _iter_parquet(path, reader, text_key) -> Iterator[Document]:
+def _iter_parquet(path, reader, text_key, fields) -> Iterator[Document]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -405,10 +407,11 @@ def _iter_parquet(path, reader, text_key) -> Iterator[Document]:
         raise ClovaError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from None
     if columns is None:
         columns = [text_key]
-    yield from _iter_rows(ds.select_columns([text_key]) if text_key in columns else ds, columns, path, reader, text_key)
+    only_text = text_key in columns and not fields
+    yield from _iter_rows(ds.select_columns([text_key]) if only_text else ds, columns, path, reader, text_key)
 
 
-def _iter_saved(path, reader, text_key) -> Iterator[Document]:
+def _iter_saved(path, reader, text_key, fields) -> Iterator[Document]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -422,15 +425,15 @@ def _iter_saved(path, reader, text_key) -> Iterator[Document]:
         parts = [("", loaded)]
     for prefix, ds in parts:
         columns = list(ds.column_names)
-        if text_key in columns:
+        if text_key in columns and not fields:
             ds = ds.select_columns([text_key])
-        rows = (r for batch in ds.iter(batch_size=1024) for r in _unbatch(batch, text_key)) if text_key in columns else iter(())
+        rows = (r for batch in ds.iter(batch_size=1024) for r in _unbatch(batch)) if text_key in columns else iter(())
         yield from _iter_rows(rows, columns, path, reader, text_key, prefix)
 
 
-def _unbatch(batch: dict, key: str) -> Iterator[dict]:
-    for value in batch[key]:
-        yield {key: value}
+def _unbatch(batch: dict) -> Iterator[dict]:
+    for i in range(len(next(iter(batch.values())))):
+        yield {k: v[i] for k, v in batch.items()}
 
 
 def iter_documents(
@@ -441,9 +444,11 @@ def iter_documents(
     on_error: str = "raise",
     skips: SkipCounts | None = None,
     span: Span | None = None,
+    fields: bool = False,
 ) -> Iterator[Document]:
     """Stream the documents of one input, raising or counting bad ones; ``span`` (from :func:`spans`, with
-    the lines before it) reads one byte range of a plain text or jsonl file, numbering lines as the whole file does."""
+    the lines before it) reads one byte range of a plain text or jsonl file, numbering lines as the whole file does.
+    A jsonl row's other fields always come along; parquet and `datasets` columns only with ``fields``."""
     path = Path(path)
     if doc_sep not in DOC_SEPS:
         raise ClovaError(f"doc_sep must be one of {', '.join(DOC_SEPS)}, not {doc_sep!r}")
@@ -456,8 +461,8 @@ def iter_documents(
     if fmt == "jsonl":
         return _iter_jsonl(path, compression, reader, text_key, span)
     if fmt == "parquet":
-        return _iter_parquet(path, reader, text_key)
-    return _iter_saved(path, reader, text_key)
+        return _iter_parquet(path, reader, text_key, fields)
+    return _iter_saved(path, reader, text_key, fields)
 
 
 # A line holding only ASCII blanks: always a document break in --doc-sep blank, whatever the decoding.
