@@ -36,6 +36,7 @@ MANIFEST_NAME = "manifest.json"
 # Control characters other than newline and tab carry no text and confuse
 # downstream tools (a NUL ends a C string inside MeCab).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # (first byte, end byte, lines before the first byte) of a plain file: a worker's part of one input.
@@ -111,6 +112,19 @@ def clean(text: str, form: str = "NFC") -> str:
     """The one cleaning before tokens, for shards, tokenizer training and encoding alike (so a prompt meets
     the ids training saw): control characters but newline and tab out, then Unicode normalisation."""
     return normalize(strip_control(text), form)
+
+
+def too_long(text: str, max_chars: int, source: str, where: str, on_error: str, skips: SkipCounts) -> bool:
+    """--max-chars, as tokenize and dedup apply it: a longer document is bad input (raised, or counted as "too_long")."""
+    if len(text) <= max_chars:
+        return False
+    if on_error == "raise":
+        raise ClovaError(
+            f"{source}: {where}: document of {len(text):,} characters is over --max-chars "
+            f"{max_chars:,} (a missing line break or binary data?); raise the limit or pass --on-error skip"
+        )
+    skips.add("too_long", f"{source}:{where}")
+    return True
 
 
 def detect_format(path: Path) -> tuple[str, str | None]:
@@ -374,6 +388,12 @@ def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Docu
             continue
         if "\x00" in text:
             reader.bad("nul_byte", f"line {lineno}", "NUL byte in text (binary data?)")
+            continue
+        # JSON's \uXXXX escapes are the one way a lone UTF-16 surrogate gets in: no UTF-8 encoder (MeCab, the
+        # tokenizer, our writers) takes it, so the document is bad input here, not a crash later.
+        if "\\u" in line and (at := _SURROGATE.search(text)):
+            reader.bad("lone_surrogate", f"line {lineno}",
+                       f"a lone surrogate (\\u{ord(at.group()):04x}) at character {at.start()} of {text_key!r}, which is not text")
             continue
         yield Document(text, src, f"line {lineno}")
 
