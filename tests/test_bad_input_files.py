@@ -127,7 +127,7 @@ def test_rank_file_that_is_not_a_regular_file_is_named_before_anything_reads_it(
 @pytest.mark.parametrize("attack", ["bytearray", "compressed"])
 def test_checkpoint_asking_for_memory_is_refused_within_twice_a_clean_exports_peak(trained_run, clean_export, tmp_path, attack):
     """A 15 KB model-states file calling bytearray(10**9), or a data.pkl that inflates 400-fold: refused before
-    anything is allocated, by export (peak RSS at most twice a clean export's) and by resume."""
+    anything is allocated, by export (peak RSS at most twice a clean export's) and by resume (one gate for both)."""
     run = copy_run(trained_run, tmp_path)
     pt = newest_tag(run) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     if attack == "bytearray":
@@ -153,8 +153,8 @@ def test_checkpoint_asking_for_memory_is_refused_within_twice_a_clean_exports_pe
     r, peak = export_peak_rss(run, tmp_path / "hf")
     failed(r, pt.name, why, "refusing to load it")
     assert peak <= 2 * clean_export[1], f"peak RSS {peak} KiB, a clean export's {clean_export[1]} KiB"
-    # Same layout: the gate before DeepSpeed's torch.load, which would run the pickle for real.
-    failed(clova("train", "--out", run, "--resume", "--steps", 20, "--nproc-per-node", 2), pt.name, why)
+    if attack == "bytearray":  # the same layout: the gate before DeepSpeed's torch.load, which would run the pickle for real
+        failed(clova("train", "--out", run, "--resume", "--steps", 20, "--nproc-per-node", 2), pt.name, why)
 
 
 def _pickle_zip(path: Path, obj) -> Path:
@@ -218,11 +218,16 @@ def test_model_states_without_param_shapes_is_one_line_in_export_and_resume(trai
     failed(clova("train", "--out", run, "--resume", "--steps", 20, "--nproc-per-node", 1), pt.name, why)
 
 
-def test_optimizer_states_of_another_shape_is_one_line(trained_run, tmp_path):
+def test_optimizer_states_of_another_shape_is_one_line_in_export_and_same_layout_resume(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path)
     pt = newest_tag(run) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     resave(pt, lambda obj: obj["optimizer_state_dict"].update(partition_count="two"))
     failed(clova("export", run, "--out", tmp_path / "hf", "-q"), pt.name, "optimizer-states file: ValueError")
+    resave(pt, lambda obj: obj["optimizer_state_dict"].update(partition_count=2) or obj["optimizer_state_dict"].pop("fp32_flat_groups"))
+    why = "does not look like a DeepSpeed ZeRO-3 optimizer-states file: no 'fp32_flat_groups'"
+    failed(clova("export", run, "--out", tmp_path / "hf", "-q"), pt.name, why)
+    # The same layout: DeepSpeed's own loader would meet it, with a KeyError on rank 0 while rank 1 waits.
+    failed(clova("train", "--out", run, "--resume", "--steps", 20, "--nproc-per-node", 2), pt.name, why)
 
 
 # ---------------------------------------------------------------- 8. a lone surrogate in a corpus
@@ -234,7 +239,7 @@ SURROGATE = '{"text": "대한민국은 민주공화국이다."}\n{"text": "깨�
 def test_lone_surrogate_is_bad_input_in_tokenize_dedup_and_tokenizer_train(tmp_path, tokenizer_dir):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(SURROGATE, encoding="utf-8")
-    where = f"{corpus}: line 2: a lone surrogate (\\ud800)"
+    where = f"{corpus}: line 2: a lone surrogate (\\ud800 at character 3)"
     for args in (
         ("tokenize", corpus, "--tokenizer", tokenizer_dir, "--out", tmp_path / "shards", "-q", "--workers", 1),
         ("dedup", corpus, "--out", tmp_path / "dedup", "-q"),
@@ -250,6 +255,19 @@ def test_lone_surrogate_is_bad_input_in_tokenize_dedup_and_tokenizer_train(tmp_p
     assert json.loads((tmp_path / "shards_skip" / "manifest.json").read_text())["skipped"]["by_reason"] == {"lone_surrogate": 1}
     dedup = json.loads((tmp_path / "dedup_skip" / "manifest.json").read_text())
     assert dedup["totals"]["removed"]["lone_surrogate"] == 1 and dedup["totals"]["documents_read"] == 3
+
+
+def test_lone_surrogate_in_small_jsonl_inputs_is_one_line(tmp_path):
+    """Eval data and prompt files go through core.textfiles: the same check, anywhere in the object."""
+    from clova_train.core.errors import ClovaError
+    from clova_train.core.textfiles import iter_jsonl
+
+    data = tmp_path / "korquad.jsonl"
+    data.write_text('{"context": "맑음", "qas": [{"question": "날씨는?"}]}\n{"context": "흐림", "qas": [{"question": "\\udc00?"}]}\n',
+                    encoding="utf-8")
+    with pytest.raises(ClovaError, match=r"korquad\.jsonl:2: a lone surrogate \(\\udc00 at character 0\)"):
+        list(iter_jsonl(data))
+    assert [n for n, _ in iter_jsonl(data, skip_bad=True)] == [1]
 
 
 # ---------------------------------------------------------------- 9. one dedup per output dir

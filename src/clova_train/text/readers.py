@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clova_train.core.errors import ClovaError
-from clova_train.core.textfiles import strip_bom
+from clova_train.core.textfiles import lone_surrogate, strip_bom
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -36,7 +36,6 @@ MANIFEST_NAME = "manifest.json"
 # Control characters other than newline and tab carry no text and confuse
 # downstream tools (a NUL ends a C string inside MeCab).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # (first byte, end byte, lines before the first byte) of a plain file: a worker's part of one input.
@@ -389,11 +388,8 @@ def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Docu
         if "\x00" in text:
             reader.bad("nul_byte", f"line {lineno}", "NUL byte in text (binary data?)")
             continue
-        # JSON's \uXXXX escapes are the one way a lone UTF-16 surrogate gets in: no UTF-8 encoder (MeCab, the
-        # tokenizer, our writers) takes it, so the document is bad input here, not a crash later.
-        if "\\u" in line and (at := _SURROGATE.search(text)):
-            reader.bad("lone_surrogate", f"line {lineno}",
-                       f"a lone surrogate (\\u{ord(at.group()):04x}) at character {at.start()} of {text_key!r}, which is not text")
+        if "\\u" in line and (at := lone_surrogate(text)):  # bad input here, not a crash in MeCab or a writer later
+            reader.bad("lone_surrogate", f"line {lineno}", f"a lone surrogate ({at}) in {text_key!r}, which is not text")
             continue
         yield Document(text, src, f"line {lineno}")
 

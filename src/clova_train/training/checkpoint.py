@@ -355,9 +355,12 @@ class Checkpointer:
                 if not (self.keep_every and step % self.keep_every == 0):
                     shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load(self, tag: str) -> dict:
-        """The run's state from checkpoint ``tag`` of this very layout (DeepSpeed loads the shards), with this rank's RNG."""
-        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world)  # before DeepSpeed's torch.load
+    def load(self, tag: str, structure=None) -> dict:
+        """The run's state from checkpoint ``tag`` of this very layout (DeepSpeed loads the shards), with this rank's RNG.
+
+        ``structure`` (rank 0) checks the files' layout before DeepSpeed reads them (see check_checkpoint_files).
+        """
+        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world, structure=structure)  # before torch.load
         client = self.engine.load(self.dir, tag)
         if "clova" not in client:
             raise CollectiveError(f"{self.dir / tag}: not written by clova train (no client state)")

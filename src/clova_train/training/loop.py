@@ -33,7 +33,7 @@ from clova_train.training.metrics import MetricsLogger, ProgressLine, _finite_or
 from clova_train.training.pipeline import PipelineEngine
 from clova_train.training.prefetch import Prefetcher, optimizer_kernel
 from clova_train.training.preflight import _rank0_check, memory_check
-from clova_train.training.reshard import describe_change, layout, load_resharded
+from clova_train.training.reshard import check_structure, describe_change, layout, load_resharded
 from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
@@ -277,7 +277,7 @@ def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tup
         raise CollectiveError(f"{ckpt.dir / tag} belongs to a different configuration; use a new --out")
     old = marker.get("layout") or {"world_size": marker["world_size"]}
     if all(old.get(k) == v for k, v in here.items() if k in old):
-        return ckpt.load(tag), None
+        return ckpt.load(tag, structure=lambda: check_structure(ckpt.dir.parent, tag, marker, spec.model, spec.parallel.mode)), None
     if "sampler" not in marker:
         raise CollectiveError(f"{ckpt.dir / tag} was written on {old['world_size']} ranks by an older clova train; resume it on {old['world_size']} ranks")
     load_resharded(ckpt.engine, ckpt.dir.parent, tag, marker, spec.model, spec.parallel.mode)
