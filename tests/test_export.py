@@ -423,7 +423,7 @@ def test_truncated_rank_file(zero3_run, tmp_path):
     f = next(tag_dir(run).glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = tmp_path / "o"
-    one_line_error(cli("export", run, "--out", out), "export another step")
+    one_line_error(cli("export", run, "--out", out), "is damaged", "the completion marker recorded", "no older checkpoint is intact")
     assert_nothing_written(out)
 
 

@@ -26,6 +26,7 @@ def dedup_cmd(
     text_key: Optional[str] = typer.Option(None, "--text-key", help="Text field in jsonl/parquet/datasets inputs.", rich_help_panel="Input"),
     doc_sep: Optional[str] = typer.Option(None, "--doc-sep", help=".txt documents: 'line' or 'blank' (blank-line separated).", rich_help_panel="Input"),
     on_error: Optional[str] = typer.Option(None, "--on-error", help="'raise' (default) or 'skip' bad documents, counted by reason.", rich_help_panel="Input"),
+    max_chars: Optional[int] = typer.Option(None, "--max-chars", help="A longer document is bad input (default 4M).", rich_help_panel="Input"),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Tasks run at once (0: all cores); the output is the same for any count."),
     slurm_partition: Optional[str] = typer.Option(None, "--slurm-partition", help="Run every stage as Slurm array jobs on this partition (datatrove's Slurm executor); see cli/slurm_dedup.sbatch.", rich_help_panel="Many machines"),
     slurm_time: Optional[str] = typer.Option(None, "--slurm-time", help="Time limit of each Slurm job (default 24:00:00).", rich_help_panel="Many machines"),
@@ -52,6 +53,7 @@ def dedup_cmd(
         text_key=text_key,
         doc_sep=doc_sep,
         on_error=on_error,
+        max_chars=max_chars,
         workers=workers,
         line_partitions=line_partitions,
     )

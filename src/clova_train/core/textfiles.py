@@ -8,6 +8,7 @@ naming the file and line.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,24 @@ from clova_train.core.errors import ClovaError
 
 
 UTF8_BOM = b"\xef\xbb\xbf"
+# JSON's \uXXXX escapes are the one way a lone UTF-16 surrogate gets into a str read from a file (UTF-8 decoding
+# refuses them); no UTF-8 encoder (MeCab, the tokenizer, our writers) takes one, so such text is bad input.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value) -> str | None:
+    """Where the first lone surrogate is in a string or in the strings of a JSON value ("\\ud800 at character 3"), or None."""
+    stack = [value]
+    while stack:  # not recursive: JSON nests as deep as the line is long
+        v = stack.pop()
+        if isinstance(v, str):
+            if at := _SURROGATE.search(v):
+                return f"\\u{ord(at.group()):04x} at character {at.start()}"
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
 
 
 def strip_bom(first: bytes) -> bytes:
@@ -70,6 +89,10 @@ def iter_jsonl(path: str | Path, hint: str = "each line must be one JSON object"
             if skip_bad:
                 continue
             raise ClovaError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}; {hint}")
+        if "\\u" in line and (where := lone_surrogate(obj)):
+            if skip_bad:
+                continue
+            raise ClovaError(f"{path}:{n}: a lone surrogate ({where}), which is not text; fix that escape")
         yield n, obj
 
 

@@ -41,6 +41,8 @@ class DedupConfig:
     """.txt documents: 'line' or 'blank' (blank-line separated)."""
     on_error: str = "raise"
     """'raise' on bad input, or 'skip' it (counted by reason)."""
+    max_chars: int = 4_000_000
+    """A longer document is bad input, as in `clova tokenize` (its memory grows with the longest document)."""
     workers: int = 1
     """Processes running tasks at once (0: all cores); the output is the same for any count."""
     line_partitions: int = 16
@@ -49,7 +51,7 @@ class DedupConfig:
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
             raise ClovaError(f"threshold must be in (0, 1], not {self.threshold!r}")
-        for name in ("ngram", "bands", "rows", "line_partitions"):
+        for name in ("ngram", "bands", "rows", "line_partitions", "max_chars"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ClovaError(f"{name} must be an integer >= 1, not {getattr(self, name)!r}")
         if self.samples_per_reason < 0:

@@ -28,6 +28,7 @@ from datatrove.pipeline.base import PipelineStep
 from clova_train import __version__
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, file_sha256, fsync_path
+from clova_train.core.lock import LOCK_FILE, dir_lock
 from clova_train.core.progress import progress_bar
 from clova_train.dedup.config import DedupConfig
 from clova_train.dedup.stages import (
@@ -140,7 +141,7 @@ def _prepare(out_dir: Path, fp: dict) -> dict | None:
                 f"{out_dir}: holds an unfinished dedup with other {diff}; rerun that command to finish it, or delete {out_dir}"
             )
         return None
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise ClovaError(f"{out_dir}: exists and is not a `clova dedup` output; choose another --out")
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "fingerprint.json", fp)
@@ -161,6 +162,13 @@ def dedup_corpus(
     paths = check_inputs(list(inputs))
     recipe = recipe if isinstance(recipe, QualityRecipe) else load_recipe(recipe)
     out_dir = Path(out_dir)
+    with dir_lock(out_dir, "clova dedup", note=lambda line: print(line, file=sys.stderr)):
+        return _dedup_locked(paths, out_dir, cfg, recipe, show_progress=show_progress, slurm=slurm, t0=t0)
+
+
+def _dedup_locked(paths: list[Path], out_dir: Path, cfg: DedupConfig, recipe: QualityRecipe, *, show_progress: bool,
+                  slurm: SlurmOptions | None, t0: float) -> dict:
+    """dedup_corpus as the one writer of ``out_dir`` (with Slurm: while the jobs are submitted)."""
     fp = fingerprint(paths, cfg, recipe)
     done = _prepare(out_dir, fp)
     if done is not None:

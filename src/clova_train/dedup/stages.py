@@ -39,7 +39,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from clova_train.core.files import atomic_write_json, file_sha256, fsync_path
 from clova_train.dedup.config import DedupConfig
 from clova_train.text.quality import QualityRecipe, check_document, line_keys, strip_boilerplate
-from clova_train.text.readers import SkipCounts, input_size, iter_documents, normalize, strip_control
+from clova_train.text.readers import SkipCounts, input_size, iter_documents, normalize, strip_control, too_long
 
 # Test hook: when this stage's task of this rank starts (e.g. "signature:1"), SIGKILL goes to the whole
 # process group, as a killed job's processes all die at once; run the command in its own session.
@@ -185,6 +185,8 @@ class ReadStep(PipelineStep):
             nonlocal yielded
             docs = iter_documents(path, text_key=cfg.text_key, doc_sep=cfg.doc_sep, on_error=cfg.on_error, skips=skips, fields=True)
             for doc in docs:
+                if too_long(doc.text, cfg.max_chars, path, doc.where, cfg.on_error, skips):
+                    continue
                 yielded += 1
                 doc_id = document_id(doc.fields, f"{self.names[rank]}:{doc.where}")
                 text = normalize(strip_control(doc.text), "NFC")

@@ -19,6 +19,7 @@ import torch
 from clova_train.core.config import read_json_object
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
+from clova_train.training.checkpoints.checkpoint import damage
 from clova_train.training.checkpoints.rankfiles import (  # noqa: F401  (export's names for them)
     READERS,
     CheckpointRef,
@@ -94,10 +95,27 @@ def resolve_checkpoint(run_dir: str | Path, step: int | str | None = "latest", *
         what = "is incomplete (no " + MARKER_FILE + ")" if (ckpt_dir / tag).is_dir() else "does not exist"
         raise ClovaError(f"{run_dir}: checkpoint {tag!r} {what}; complete steps: {_steps(tags)}")
 
+    _check_files(ckpt_dir, tag, tags)
     parallel = run_cfg.get("parallel", "zero3")
     mode = parallel.get("mode", "zero3") if isinstance(parallel, dict) else str(parallel)
     return CheckpointRef(run_dir, tag, tags[tag], run_cfg, model_config(run_cfg, str(run_dir / CONFIG_FILE)), mode)
 
+
+
+def _check_files(ckpt_dir: Path, tag: str, tags: dict[str, dict]) -> None:
+    """Before anything opens a file of checkpoint ``tag``: resume's check (regular files, the sizes the marker
+    recorded), and the fix when it fails. Missing files are left to the readers, which name the rank or stage."""
+    why = damage(ckpt_dir / tag, tags[tag], missing=False)
+    if why is None:
+        return
+    step = tags[tag].get("step", -1)
+    older = [m.get("step", -1) for t, m in tags.items() if m.get("step", -1) < step and damage(ckpt_dir / t, m) is None]
+    fix = (
+        f"the newest intact one is step {max(older)}: `clova export --step {max(older)}` reads it, "
+        f"`clova train --resume --resume-step {max(older)}` continues from it"
+        if older else "no older checkpoint is intact: copy the run dir again from where it was written"
+    )
+    raise ClovaError(f"checkpoint {tag} is damaged ({why}); {fix}")
 
 
 def consolidate_state_dict(run_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:

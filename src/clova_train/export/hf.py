@@ -431,6 +431,12 @@ def load_for_inference(path: str | Path, *, dtype: torch.dtype = torch.float32, 
     model = _gpt_from_state_dict(cfg, load_hf_state_dict(path, dtype))
     if (path / META_FILE).is_file():
         tok = ClovaTokenizer.load(path)
+    elif (path / EXPORT_META).is_file() or (path / REMOTE_TOKENIZER).is_file():
+        # tokenizer.json alone would load as a plain byte-level BPE: no morphemes, other ids for the same text.
+        raise ClovaError(
+            f"{path}: a clova export without {META_FILE}, which its tokenizer needs; copy it back from the "
+            "training tokenizer dir (or export again)"
+        )
     else:
         from transformers import AutoTokenizer
 

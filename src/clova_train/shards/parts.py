@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clova_train.core.errors import ClovaError
 from clova_train.shards.format import ShardConfig
 from clova_train.shards.keys import digest
-from clova_train.text.readers import SkipCounts, Span, clean, count_lines, iter_documents, spans
+from clova_train.text.readers import SkipCounts, Span, clean, count_lines, iter_documents, spans, too_long
 from clova_train.tokenizer.bpe import ClovaTokenizer
 
 _tok: ClovaTokenizer | None = None
@@ -117,13 +116,7 @@ def where_of(wheres: tuple[str, np.ndarray] | list[str], i: int) -> str:
 
 def _clean(raw: str, where: str, path: str, skips: SkipCounts) -> str | None:
     cfg = _cfg
-    if len(raw) > cfg.max_chars:
-        if cfg.on_error == "raise":
-            raise ClovaError(
-                f"{path}: {where}: document of {len(raw):,} characters is over --max-chars "
-                f"{cfg.max_chars:,} (a missing line break or binary data?); raise the limit or pass --on-error skip"
-            )
-        skips.add("too_long", f"{path}:{where}")
+    if too_long(raw, cfg.max_chars, path, where, cfg.on_error, skips):
         return None
     text = clean(raw, _tok.normalization)
     if not text or text.isspace():

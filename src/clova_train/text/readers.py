@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from clova_train.core.errors import ClovaError
-from clova_train.core.textfiles import strip_bom
+from clova_train.core.textfiles import lone_surrogate, strip_bom
 
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -112,6 +112,19 @@ def clean(text: str, form: str = "NFC") -> str:
     """The one cleaning before tokens, for shards, tokenizer training and encoding alike (so a prompt meets
     the ids training saw): control characters but newline and tab out, then Unicode normalisation."""
     return normalize(strip_control(text), form)
+
+
+def too_long(text: str, max_chars: int, source: str, where: str, on_error: str, skips: SkipCounts) -> bool:
+    """--max-chars, as tokenize and dedup apply it: a longer document is bad input (raised, or counted as "too_long")."""
+    if len(text) <= max_chars:
+        return False
+    if on_error == "raise":
+        raise ClovaError(
+            f"{source}: {where}: document of {len(text):,} characters is over --max-chars "
+            f"{max_chars:,} (a missing line break or binary data?); raise the limit or pass --on-error skip"
+        )
+    skips.add("too_long", f"{source}:{where}")
+    return True
 
 
 def detect_format(path: Path) -> tuple[str, str | None]:
@@ -375,6 +388,9 @@ def _iter_jsonl(path, compression, reader, text_key, span=None) -> Iterator[Docu
             continue
         if "\x00" in text:
             reader.bad("nul_byte", f"line {lineno}", "NUL byte in text (binary data?)")
+            continue
+        if "\\u" in line and (at := lone_surrogate(text)):  # bad input here, not a crash in MeCab or a writer later
+            reader.bad("lone_surrogate", f"line {lineno}", f"a lone surrogate ({at}) in {text_key!r}, which is not text")
             continue
         del obj[text_key]
         yield Document(text, src, f"line {lineno}", obj or None)

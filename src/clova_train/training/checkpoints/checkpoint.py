@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -136,13 +137,45 @@ class _Recorder:
         return getattr(self.inner, name)
 
 
-def damage(directory: Path, marker: dict) -> str | None:
-    """What is wrong with a complete checkpoint's files, by the sizes its marker recorded; None when intact."""
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path, roots: tuple[Path, ...]) -> str | None:
+    """Why ``path`` must not be opened (a read of a FIFO waits forever, of /dev/zero never ends), or None.
+
+    A symlink may point at a file of the same run (a copy that shares files), nowhere else.
+    """
+    try:
+        if path.is_symlink():
+            target = path.resolve()
+            if not any(target.is_relative_to(r) for r in roots):
+                return f"{path} is a symlink to {target}, outside the run dir"
+        mode = path.stat().st_mode
+    except OSError as e:
+        return f"{path} cannot be read ({e.strerror})"
+    kind = next((what for test, what in _NOT_REGULAR if test(mode)), None)
+    return f"{path} is {kind}, not a regular file" if kind else None
+
+
+def damage(directory: Path, marker: dict, *, missing: bool = True) -> str | None:
+    """What is wrong with a complete checkpoint's files, by the sizes its marker recorded; None when intact.
+
+    Every entry must be a regular file (or a symlink to one in the run dir) before anything opens it.
+    ``missing=False`` leaves absent files to the reader, which names them by rank or stage.
+    """
+    roots = (directory.parent.parent.resolve(), directory.parent.resolve())
+    for path in sorted(directory.iterdir()):
+        why = _not_regular(path, roots)
+        if why:
+            return why
     for name, size in (marker.get("files") or {}).items():
         path = directory / name
         try:
             got = path.stat().st_size
         except OSError:
+            if not missing:
+                continue
             return f"{path} is missing"
         if got != size:
             return f"{path} has {got:,} bytes, the completion marker recorded {size:,}"
@@ -316,9 +349,12 @@ class Checkpointer:
                 if not (self.keep_every and step % self.keep_every == 0):
                     shutil.rmtree(self.dir / tag, ignore_errors=True)
 
-    def load(self, tag: str) -> dict:
-        """The run's state from checkpoint ``tag`` of this very layout (DeepSpeed loads the shards), with this rank's RNG."""
-        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world)  # before DeepSpeed's torch.load
+    def load(self, tag: str, structure=None) -> dict:
+        """The run's state from checkpoint ``tag`` of this very layout (DeepSpeed loads the shards), with this rank's RNG.
+
+        ``structure`` (rank 0) checks the files' layout before DeepSpeed reads them (see check_checkpoint_files).
+        """
+        check_checkpoint_files(self.dir / tag, rank=self.rank, world=self.world, structure=structure)  # before torch.load
         client = self.engine.load(self.dir, tag)
         if "clova" not in client:
             raise CollectiveError(f"{self.dir / tag}: not written by clova train (no client state)")

@@ -13,6 +13,7 @@ each rank's partition straight into one buffer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -166,6 +167,33 @@ class _RankFiles:
         self._files = []
 
 
+_ZERO3_OPTIM = "DeepSpeed ZeRO-3 optimizer-states file"
+
+
+@contextlib.contextmanager
+def _expect(path: Path, what: str):
+    """A structure unlike ``what``'s (a key missing, a value of another type) as one line naming ``path``."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
+        raise ClovaError(
+            f"{path} does not look like a {what}: {detail}; "
+            "not a checkpoint `clova train` wrote, or one of a DeepSpeed layout clova does not read"
+        ) from None
+
+
+def _absent(present: dict[int, Path], world: int, most: int = 8) -> list[int]:
+    """The first ``most`` ranks below ``world`` without a file; never a list as long as the world the file claims."""
+    lost = []
+    for r in range(world):
+        if r not in present:
+            lost.append(r)
+            if len(lost) == most:
+                break
+    return lost
+
+
 _RANK_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
@@ -201,14 +229,17 @@ class Zero3Checkpoint(_RankFiles):
         try:
             first = TorchZip(files["optim"][min(files["optim"])])
             self._files.append(first)
-            osd = first.obj["optimizer_state_dict"]
-            stage = _zero_stage(osd.get("zero_stage"))
+            with _expect(first.path, _ZERO3_OPTIM):
+                osd = first.obj["optimizer_state_dict"]
+                stage = _zero_stage(osd.get("zero_stage"))
+                world = osd["partition_count"]
+                world = max(world) if isinstance(world, (list, tuple)) else int(world)
+                if world < 1:
+                    raise ValueError(f"'partition_count' is {world}")
             if stage != 3:
                 raise ClovaError(f"{ref.path}: a ZeRO stage {stage} checkpoint, but config.json says 'zero3'")
-            world = osd["partition_count"]
-            world = max(world) if isinstance(world, (list, tuple)) else int(world)
             for kind in ("optim", "model"):
-                lost = sorted(set(range(world)) - set(files[kind]))
+                lost = _absent(files[kind], world)
                 if lost:
                     raise ClovaError(
                         f"{ref.path}: partial checkpoint: {kind}-state file(s) of rank(s) {', '.join(map(str, lost))} "
@@ -217,11 +248,19 @@ class Zero3Checkpoint(_RankFiles):
             self.world = world
             for r in range(1, world):
                 self._files.append(TorchZip(files["optim"][r]))
-            self._flat = [z.obj["optimizer_state_dict"]["fp32_flat_groups"] for z in self._files]
+            self._flat = []
+            for z in self._files:
+                with _expect(z.path, _ZERO3_OPTIM):
+                    flat = list(z.obj["optimizer_state_dict"]["fp32_flat_groups"])
+                    if not all(isinstance(t, OnDisk) for t in flat):
+                        raise TypeError("'fp32_flat_groups' holds something other than tensors")
+                self._flat.append(flat)
             meta = TorchZip(files["model"][0])
             try:
-                group_shapes = [dict(g) for g in meta.obj["param_shapes"]]
-                if meta.obj.get("frozen_param_shapes"):
+                with _expect(meta.path, "DeepSpeed ZeRO-3 model-states file"):
+                    group_shapes = [{str(n): torch.Size(s) for n, s in dict(g).items()} for g in meta.obj["param_shapes"]]
+                    frozen = meta.obj.get("frozen_param_shapes")
+                if frozen:
                     raise ClovaError(f"{ref.path}: has frozen parameters; the GPT model has none, so this is not our run")
             finally:
                 meta.close()
@@ -377,8 +416,8 @@ class PipelineCheckpoint(_RankFiles):
                 states.append((z, osd))
             counts = states[0][1].get("partition_count") if states else None
             replicas = max(counts) if isinstance(counts, (list, tuple)) else int(counts or 0)
-            if not states or present != list(range(replicas)):
-                lost = sorted(set(range(replicas)) - set(present))
+            if not states or len(present) != replicas or present != list(range(replicas)):
+                lost = _absent(dict.fromkeys(present), replicas)
                 which = f"replica(s) {', '.join(map(str, lost))} of stage {stage}" if lost else f"stage {stage}"
                 raise ClovaError(
                     f"{self.ref.path}: partial checkpoint: the optimizer file(s) of {which} are missing; "
@@ -522,4 +561,5 @@ def open_checkpoint(ref: CheckpointRef) -> Consolidated:
         raise ClovaError(f"{ref.run_dir / CONFIG_FILE}: unknown 'parallel' {ref.parallel!r}; expected one of {', '.join(READERS)}")
     for path in sorted(ref.path.glob("*.pt")):  # also the files this reader skips: a checkpoint asking for code is refused whole
         check_torch_file(path, only_code=True)
-    return reader(ref) if ref.tensor_parallel == 1 else TensorParallelCheckpoint(reader, ref, ref.tensor_parallel)
+    with _expect(ref.path, f"DeepSpeed {ref.parallel} checkpoint"):  # the readers name the file where they can; this catches the rest
+        return reader(ref) if ref.tensor_parallel == 1 else TensorParallelCheckpoint(reader, ref, ref.tensor_parallel)

@@ -89,6 +89,18 @@ def _destination(opt, p, key: str) -> tuple[torch.Tensor | None, int]:
     return mapping.get_hp_fragment(state_key).view(-1), mapping.lp_fragment_address.start
 
 
+def checkpoint_ref(run_dir: Path, tag: str, marker: dict, model: ModelConfig, mode: str) -> CheckpointRef:
+    """Checkpoint ``tag`` of this run as the layout-free readers take it (its marker says how many stages wrote it)."""
+    stages = (marker.get("layout") or {}).get("stages", 1)
+    return CheckpointRef(run_dir, tag, marker, {"parallel": {"mode": mode, "pipeline_stages": stages}}, model, mode)
+
+
+def check_structure(run_dir: Path, tag: str, marker: dict, model: ModelConfig, mode: str) -> None:
+    """The readers' one line when the files are not laid out as DeepSpeed writes them: said before DeepSpeed meets them
+    (its loader ends in a KeyError on one rank while the others wait)."""
+    open_checkpoint(checkpoint_ref(run_dir, tag, marker, model, mode)).close()
+
+
 @torch.no_grad()
 def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelConfig, mode: str) -> None:
     """Fill this rank's partitions of a freshly built engine from the checkpoint ``tag`` of another layout.
@@ -96,7 +108,7 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
     Each rank reads only the elements its partitions hold, so a reshard reads
     the checkpoint about once in all, as a same-layout load does.
     """
-    ref = CheckpointRef(run_dir, tag, marker, {"parallel": {"mode": mode, "pipeline_stages": marker["layout"]["stages"]}}, model, mode)
+    ref = checkpoint_ref(run_dir, tag, marker, model, mode)
     params = _local_params(engine, model, mode)
     tp_rank, tp = engine.dims.coords(torch.distributed.get_rank())[2], engine.dims.tp
     opt = engine.ds.optimizer

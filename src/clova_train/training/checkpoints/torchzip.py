@@ -21,6 +21,8 @@ __all__ = ["OnDisk", "TorchZip"]
 
 
 _ZERO_STAGES = {"disabled": 0, "optimizer_states": 1, "gradients": 2, "weights": 3}
+# What to do about a damaged file, for export and resume alike.
+OLDER_STEP = "use an older step (`clova export --step N`, `clova train --resume --resume-step N`)"
 
 
 def _zero_stage(value) -> int | None:
@@ -48,7 +50,7 @@ class TorchZip:
         try:
             self._zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
-            raise ClovaError(f"{path}: unreadable ({e}); the checkpoint is damaged, export another step") from None
+            raise ClovaError(f"{path}: unreadable ({e}); the checkpoint is damaged: {OLDER_STEP}") from None
         self._fd = -1
         self._records: dict[str, tuple[int, int]] = {}  # key -> (data start, size) in bytes
         try:
@@ -76,13 +78,13 @@ class TorchZip:
         nbytes = out.numel() * size
         base, stored = self._record(t.key)
         if first + nbytes > stored:
-            raise ClovaError(f"{self.path}: tensor data ends early; the file is truncated, export another step")
+            raise ClovaError(f"{self.path}: tensor data ends early; the file is truncated: {OLDER_STEP}")
         view = memoryview(out.view(torch.uint8).numpy())
         done = 0
         while done < nbytes:
             n = os.preadv(self._fd, [view[done:]], base + first + done)
             if n <= 0:
-                raise ClovaError(f"{self.path}: file ends early; the checkpoint is truncated, export another step")
+                raise ClovaError(f"{self.path}: file ends early; the checkpoint is truncated: {OLDER_STEP}")
             done += n
 
     def close(self) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.safe_pickle import check_torch_file
 from clova_train.training.parallel.distributed import CollectiveError
 
 
-def check_checkpoint_files(tag_dir: Path, *, rank: int, world: int) -> None:
+def check_checkpoint_files(tag_dir: Path, *, rank: int, world: int, structure: Callable[[], None] | None = None) -> None:
     """Check every ``*.pt`` of ``tag_dir`` (each rank a share of them), then agree: every rank raises the first refusal.
 
     DeepSpeed loads with ``torch.load(weights_only=False)``, and a rank may load files other ranks wrote,
-    so no rank starts loading until every file has passed.
+    so no rank starts loading until every file has passed. ``structure``, run by rank 0 once its share
+    passed, checks the layout of the files the same way (a ClovaError is the refusal).
     """
     import torch.distributed as td
 
@@ -25,6 +27,11 @@ def check_checkpoint_files(tag_dir: Path, *, rank: int, world: int) -> None:
         except ClovaError as e:
             problem = str(e)
             break
+    if rank == 0 and problem is None and structure is not None:
+        try:
+            structure()
+        except ClovaError as e:
+            problem = str(e)
     found = [None] * world
     td.all_gather_object(found, problem)
     first = next((p for p in found if p), None)

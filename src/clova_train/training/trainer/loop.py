@@ -30,7 +30,7 @@ from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _f
 from clova_train.training.parallel.pipeline import PipelineEngine
 from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
 from clova_train.training.run.preflight import _rank0_check, memory_check
-from clova_train.training.checkpoints.reshard import describe_change, layout, load_resharded
+from clova_train.training.checkpoints.reshard import check_structure, describe_change, layout, load_resharded
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
 from clova_train.shards.index import ORDER_VERSION
@@ -315,7 +315,7 @@ def resume_state(ckpt: Checkpointer, tag: str, here: dict, spec: RunSpec) -> tup
     old = marker.get("layout") or {"world_size": marker["world_size"]}
     same_tp = old.get("tensor_parallel", 1) == here.get("tensor_parallel", 1)
     if same_tp and all(old.get(k) == v for k, v in here.items() if k in old):
-        return ckpt.load(tag), None
+        return ckpt.load(tag, structure=lambda: check_structure(ckpt.dir.parent, tag, marker, spec.model, spec.parallel.mode)), None
     if "sampler" not in marker:
         raise CollectiveError(f"{ckpt.dir / tag} was written on {old['world_size']} ranks by an older clova train; resume it on {old['world_size']} ranks")
     load_resharded(ckpt.engine, ckpt.dir.parent, tag, marker, spec.model, spec.parallel.mode)
