@@ -131,7 +131,7 @@ def client(server):
 
 
 def _metric(server, line_start: str) -> float:
-    text = _get(server["url"] + "/metrics")[1]
+    text = _get(server["url"] + "/metrics", KEY)[1]
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
 
 
@@ -354,7 +354,7 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model=MODEL, prompt="국회는", max_tokens=2, temperature=0)
-    text = _get(server["url"] + "/metrics")[1]
+    text = _get(server["url"] + "/metrics", KEY)[1]
     assert '# TYPE clova_requests_total counter' in text and "# TYPE clova_request_seconds histogram" in text
     assert re.search(r'^clova_requests_total\{code="200",endpoint="/v1/completions"\} [1-9]', text, re.M)
     assert re.search(r'^clova_request_seconds_count\{endpoint="/v1/completions"\} [1-9]', text, re.M)

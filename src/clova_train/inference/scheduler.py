@@ -6,8 +6,9 @@ oldest job; when it is greedy and not streamed, every queued greedy job with
 the same settings joins it in one left-padded batch (greedy tokens do not
 depend on the batch, so each client gets what it would get alone). Sampled
 jobs run alone, because their seed drives one generator for the whole batch.
-A streamed job whose client went away is cancelled: a queued one is dropped,
-a running one stops at its next piece of text, and the worker moves on.
+A job whose client went away (streamed or not) is cancelled: a queued one is
+dropped, a running one stops before its next decoding step (a batch when all
+of its jobs are cancelled), and the worker moves on.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Scheduler:
         return job.future
 
     def cancel(self, job: Job) -> None:
-        """The client left: a queued job never runs, a running one stops at its next text."""
+        """The client left: a queued job never runs, a running one stops before its next decoding step."""
         if not job.future.done() and not job.cancelled.is_set():
             job.cancelled.set()
             with self._cond:
@@ -162,20 +163,18 @@ class Scheduler:
             return
         prompts = [p for job in jobs for p in job.prompts]
         cfg = replace(jobs[0].cfg, batch_size=min(len(prompts), MAX_BATCH))
-        on_text = None
-        if jobs[0].on_text is not None:  # a streamed job always runs alone
-            job = jobs[0]
+        on_text = jobs[0].on_text  # a streamed job always runs alone
 
-            def on_text(i: int, text: str) -> None:
-                if job.cancelled.is_set():
-                    raise Cancelled()
-                job.on_text(i, text)
+        def on_step() -> None:
+            if all(job.cancelled.is_set() for job in jobs):
+                raise Cancelled()
 
         try:
-            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text)
+            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text, on_step=on_step)
         except Cancelled:
-            self.cancelled += 1
-            jobs[0].future.set_exception(Cancelled())
+            self.cancelled += len(jobs)
+            for job in jobs:
+                job.future.set_exception(Cancelled())
             return
         except Exception as e:  # noqa: BLE001 - the request fails, the worker lives on
             for job in jobs:

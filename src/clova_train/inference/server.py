@@ -1,9 +1,12 @@
 """`clova serve`: an OpenAI-compatible HTTP server (Starlette + uvicorn) and the prompt playground.
 
-Requests are checked (strict bodies, the key, the input filter, lengths)
-in the event loop, then queued for :class:`~clova_train.inference.scheduler.Scheduler`'s
+The event loop only reads bodies (at most 8 MiB) and relays answers. Each
+request is prepared on one preparation thread (JSON, strict bodies, the
+input filter, tokenizing: counts and sizes first, so the work is bounded
+before it starts), then queued for :class:`~clova_train.inference.scheduler.Scheduler`'s
 bounded workers, which run the project's own KV-cache generation with the
-output filter's words masked at sampling. Every error is an OpenAI-style
+output filter's words masked at sampling. So ``/health`` answers while any
+one request is read, prepared or generated. Every error is an OpenAI-style
 JSON body with a 4xx code, and the server goes on serving.
 """
 
@@ -15,7 +18,9 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +34,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.inference import api
 from clova_train.inference.api import ApiError, ChatRequest, CompletionRequest
 from clova_train.inference.filters import FilterStore
-from clova_train.inference.generate import GenerateConfig
+from clova_train.inference.generate import GenerateConfig, model_text
 from clova_train.inference.metrics import Metrics
 from clova_train.inference.presets import load_presets
 from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
@@ -63,6 +68,8 @@ class ServeConfig:
     """A folder of the user's own playground presets (*.json), besides the shipped ones."""
     model_name: str = ""
     """The name /v1/models reports and requests may give (empty: the model directory's name)."""
+    public_metrics: bool = False
+    """Serve /metrics without the API key (for a scraper that cannot send one)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -80,6 +87,9 @@ class Server:
         self.context = model.cfg.block_size
         self.vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
         self.encode = encode or tok.encode_batch
+        self.seen = partial(model_text, tok)
+        # One thread prepares requests: the tokenizer's caches and MeCab's tagger are not shared between threads.
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="clova-prep")
         self.filters = FilterStore(cfg.filters or None)
         self.presets = load_presets(cfg.presets or None)
         self.static = {n: (PLAYGROUND / n).read_bytes() for n in STATIC}
@@ -113,37 +123,60 @@ class Server:
         self.metrics.inc("clova_filter_rejections_total", reason=reason)
         return ApiError(400, message, param=param, code=code or ("prompt_too_long" if reason.startswith("prompt_") else "input_filtered"))
 
-    def prompt_ids(self, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
-        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it."""
+    def prompt_ids(self, prompt, param: str = "prompt", n: int = 1) -> tuple[list[list[int]], list[str]]:
+        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it.
+
+        Counts and sizes are checked before the work that grows with them (decoding, cleaning, tokenizing).
+        """
+        filters = self.filters.current()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            ids = None
+            texts, ids = ([prompt] if isinstance(prompt, str) else list(prompt)), None
         else:
             ids = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
-            if not ids or any(not p for p in ids):
+        count = len(texts if ids is None else ids)
+        if not count:
+            raise ApiError(400, "prompt must not be an empty list", param=param)
+        if count * n > api.MAX_CHOICES:
+            raise ApiError(400, f"{count} prompts with n={n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
+        if ids is None:
+            for text in texts:
+                if hit := filters.check_size(text):
+                    raise self.reject(hit[0], hit[1], param)
+        else:
+            if any(not p for p in ids):
                 raise ApiError(400, "a prompt of token ids must not be empty", param=param)
+            for p in ids:
+                self._check_tokens(len(p), filters.max_prompt_tokens, param)
             if any(not 0 <= i < self.vocab for p in ids for i in p):
                 raise ApiError(400, f"token ids must be in 0..{self.vocab - 1}", param=param)
             texts = [self.tok.decode(p) for p in ids]
-        if not texts:
-            raise ApiError(400, "prompt must not be an empty list", param=param)
-        filters = self.filters.current()
         for text in texts:
-            hit = filters.check_input(text)
-            if hit:
+            if hit := filters.check_input(text, self.seen):
                 raise self.reject(hit[0], hit[1], param)
         if ids is None:
             ids = [p or [self.tok.eod_id] for p in self.encode(texts)]
-        limit = filters.max_prompt_tokens
-        for p in ids:
-            if limit and len(p) > limit:
-                raise self.reject("prompt_tokens", f"the prompt has {len(p)} tokens; this server accepts at most {limit}", param)
-            if len(p) >= self.context:
-                raise ApiError(
-                    400, f"the prompt has {len(p)} tokens; the model's context is {self.context} tokens",
-                    param=param, code="context_length_exceeded",
-                )  # fmt: skip
+            for p in ids:
+                self._check_tokens(len(p), filters.max_prompt_tokens, param)
         return ids, texts
+
+    def _check_tokens(self, n: int, limit: int, param: str) -> None:
+        if limit and n > limit:
+            raise self.reject("prompt_tokens", f"the prompt has {n} tokens; this server accepts at most {limit}", param)
+        if n >= self.context:
+            raise ApiError(
+                400, f"the prompt has {n} tokens; the model's context is {self.context} tokens",
+                param=param, code="context_length_exceeded",
+            )  # fmt: skip
+
+    def check_echo(self, texts: list[str]) -> None:
+        """Echo returns the prompt: refuse it when a word the output filter bans stands there (as generation
+        matches it: on the text the model reads)."""
+        banned = [self.seen(w) for w in self.filters.current().output_banned_words]
+        if any(w in self.seen(t) for t in texts for w in banned):
+            raise self.reject(
+                "echo_banned", "the prompt holds a word the output filter bans, and echo would return it; ask without echo",
+                "echo", code="output_filtered",
+            )  # fmt: skip
 
     def generate_config(self, req, ids: list[list[int]], max_tokens: int, extra_stop: list[str]) -> GenerateConfig:
         filters = self.filters.current()
@@ -165,17 +198,70 @@ class Server:
         except ClovaError as e:
             raise ApiError(400, str(e)) from None
 
-    async def run(self, job: Job):
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the preparation thread, so the event loop (and /health) never waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
+    async def run(self, job: Job, request: Request):
+        """The job's result; a client that disconnects first has its job cancelled, freeing the worker."""
         try:
-            return await asyncio.wrap_future(self.scheduler.submit(job))
+            done = asyncio.wrap_future(self.scheduler.submit(job))
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error", code="queue_full") from None
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            self.scheduler.cancel(job)
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" noise
+            raise ApiError(499, "the client closed the request", code="client_closed")
+        return done.result()
+
+    def prepare_completion(self, raw: bytes):
+        req: CompletionRequest = api.parse(CompletionRequest, api.load_json(raw))
+        _check_model(self, req.model)
+        ids, texts = self.prompt_ids(req.prompt, n=req.n)
+        if req.echo:
+            self.check_echo(texts)
+        return req, ids, texts, self.generate_config(req, ids, req.max_tokens, [])
+
+    def prepare_chat(self, raw: bytes):
+        req: ChatRequest = api.parse(ChatRequest, api.load_json(raw))
+        _check_model(self, req.model)
+        filters = self.filters.current()
+        if hit := filters.check_size("".join(m.text for m in req.messages)):
+            raise self.reject(hit[0], hit[1], "messages")
+        for i, m in enumerate(req.messages):
+            if hit := filters.check_input(m.text, self.seen):
+                raise self.reject(hit[0], hit[1], f"messages.{i}.content")
+        text, stops = api.chat_prompt(req.messages)
+        ids, _ = self.prompt_ids(text, "messages")
+        room = self.context - len(ids[0])
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_MAX_TOKENS, room, filters.max_tokens or room)
+        return req, ids, self.generate_config(req, ids, max_tokens, stops)
+
+    def prepare_tokenize(self, raw: bytes) -> dict:
+        body = api.load_json(raw)
+        if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
+            raise ApiError(400, 'the body must be {"text": "..."}', param="text")
+        text = body["text"]
+        if hit := self.filters.current().check_size(text):
+            raise self.reject(hit[0], hit[1], "text")
+        tok = self.tok
+        pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
+        rows = []
+        for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
+            rows.append({"morpheme": piece, "ids": ids, "tokens": [self.scheduler.token_text(i) for i in ids]})
+        return {"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0}
 
 
 # ---------------------------------------------------------------- routes
 
 
-async def _body(request: Request) -> dict:
+async def _body(request: Request) -> bytes:
+    """The raw body, refused past MAX_BODY_BYTES before it is read whole; parsed on the preparation thread."""
     if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
     chunks, size = [], 0
@@ -184,11 +270,13 @@ async def _body(request: Request) -> dict:
         if size > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    return b"".join(chunks)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -238,18 +326,13 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
 
 @_route
 async def completions(server: Server, request: Request) -> Response:
-    req: CompletionRequest = api.parse(CompletionRequest, await _body(request))
-    _check_model(server, req.model)
-    ids, texts = server.prompt_ids(req.prompt)
-    if len(ids) * req.n > api.MAX_CHOICES:
-        raise ApiError(400, f"{len(ids)} prompts with n={req.n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
-    cfg = server.generate_config(req, ids, req.max_tokens, [])
+    req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(request))
     job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
         return _stream(server, job, req, "text_completion", rid, n_prompt, first, lambda i, t: {"text": t, "index": i, "logprobs": None})
-    result = await server.run(job)
+    result = await server.run(job, request)
     choices = []
     for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
         text = (texts[p] if req.echo else "") + comp.text
@@ -261,18 +344,7 @@ async def completions(server: Server, request: Request) -> Response:
 
 @_route
 async def chat_completions(server: Server, request: Request) -> Response:
-    req: ChatRequest = api.parse(ChatRequest, await _body(request))
-    _check_model(server, req.model)
-    filters = server.filters.current()
-    for i, m in enumerate(req.messages):
-        hit = filters.check_input(m.text)
-        if hit:
-            raise server.reject(hit[0], hit[1], f"messages.{i}.content")
-    text, stops = api.chat_prompt(req.messages)
-    ids, _ = server.prompt_ids(text, "messages")
-    room = server.context - len(ids[0])
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_MAX_TOKENS, room, filters.max_tokens or room)
-    cfg = server.generate_config(req, ids, max_tokens, stops)
+    req, ids, cfg = await server.off_loop(server.prepare_chat, await _body(request))
     top = (req.top_logprobs or 0) if req.logprobs else None
     job = Job([ids[0]] * req.n, cfg, logprobs=top)
     rid = api.new_id("chatcmpl")
@@ -287,7 +359,7 @@ async def chat_completions(server: Server, request: Request) -> Response:
             return {"index": i, "delta": {"content": t}, "logprobs": None}
 
         return _stream(server, job, req, "chat.completion.chunk", rid, len(ids[0]), first, delta)
-    result = await server.run(job)
+    result = await server.run(job, request)
     choices = [
         {
             "index": i,
@@ -355,15 +427,7 @@ async def presets(server: Server, request: Request) -> Response:
 @_route
 async def tokenize(server: Server, request: Request) -> Response:
     """The playground's view of a prompt: morphemes and their tokens, as `clova tokenizer show` prints them."""
-    body = await _body(request)
-    if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
-        raise ApiError(400, 'the body must be {"text": "..."}', param="text")
-    tok, text = server.tok, body["text"]
-    pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
-    rows = []
-    for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
-        rows.append({"morpheme": piece, "ids": ids, "tokens": [server.scheduler.token_text(i) for i in ids]})
-    return JSONResponse({"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0})
+    return JSONResponse(await server.off_loop(server.prepare_tokenize, await _body(request)))
 
 
 @_route
@@ -373,6 +437,8 @@ async def health(server: Server, request: Request) -> Response:
 
 @_route
 async def metrics(server: Server, request: Request) -> Response:
+    if not server.cfg.public_metrics:  # request counts and refusal reasons are the operator's, like the API
+        server.authorize(request)
     return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -458,4 +524,5 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         server.scheduler.close()
+        server.prep.shutdown(wait=False, cancel_futures=True)
         sock.close()
