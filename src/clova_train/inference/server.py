@@ -43,8 +43,11 @@ PLAYGROUND = Path(__file__).parent / "playground"
 STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions")
 CHAT_MAX_TOKENS = 256
-# Request bodies above this are refused before they are read whole (a prompt of 1M characters is 4 MiB at most).
-MAX_BODY_BYTES = 8 << 20
+# Request bodies are refused before they are read whole above room for 64 full contexts of token ids at 16 bytes
+# each (1 MiB at least: a prompt of max_prompt_chars' default, JSON-escaped; 8 MiB at most). JSON parsing holds
+# Python's lock, so this also bounds how long /health can wait for one body to parse.
+BYTES_PER_TOKEN = 16
+MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 20, 8 << 20
 log = logging.getLogger("clova.serve")
 
 
@@ -86,6 +89,7 @@ class Server:
         self.name = cfg.model_name or "clova"
         self.context = model.cfg.block_size
         self.vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
+        self.max_body = min(MAX_BODY_BYTES, max(MIN_BODY_BYTES, api.MAX_CHOICES * self.context * BYTES_PER_TOKEN))
         self.encode = encode or tok.encode_batch
         self.seen = partial(model_text, tok)
         # One thread prepares requests: the tokenizer's caches and MeCab's tagger are not shared between threads.
@@ -260,15 +264,16 @@ class Server:
 # ---------------------------------------------------------------- routes
 
 
-async def _body(request: Request) -> bytes:
-    """The raw body, refused past MAX_BODY_BYTES before it is read whole; parsed on the preparation thread."""
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+async def _body(server: Server, request: Request) -> bytes:
+    """The raw body, refused past ``server.max_body`` before it is read whole; parsed on the preparation thread."""
+    too_large = ApiError(413, f"the request body is larger than this server's {server.max_body >> 10} KiB", code="body_too_large")
+    if int(request.headers.get("content-length") or 0) > server.max_body:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        if size > server.max_body:
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -326,7 +331,7 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
 
 @_route
 async def completions(server: Server, request: Request) -> Response:
-    req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(request))
+    req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(server, request))
     job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
@@ -344,7 +349,7 @@ async def completions(server: Server, request: Request) -> Response:
 
 @_route
 async def chat_completions(server: Server, request: Request) -> Response:
-    req, ids, cfg = await server.off_loop(server.prepare_chat, await _body(request))
+    req, ids, cfg = await server.off_loop(server.prepare_chat, await _body(server, request))
     top = (req.top_logprobs or 0) if req.logprobs else None
     job = Job([ids[0]] * req.n, cfg, logprobs=top)
     rid = api.new_id("chatcmpl")
@@ -427,7 +432,7 @@ async def presets(server: Server, request: Request) -> Response:
 @_route
 async def tokenize(server: Server, request: Request) -> Response:
     """The playground's view of a prompt: morphemes and their tokens, as `clova tokenizer show` prints them."""
-    return JSONResponse(await server.off_loop(server.prepare_tokenize, await _body(request)))
+    return JSONResponse(await server.off_loop(server.prepare_tokenize, await _body(server, request)))
 
 
 @_route
