@@ -323,12 +323,16 @@ def test_start_up_errors_are_one_line(tiny_hf_dir, server, tmp_path):
 
     bad = tmp_path / "filters.json"
     bad.write_text('{"input_banned_words": ["x"], "output_banned": ["y"]}', encoding="utf-8")
+    # A pattern RE2 cannot run in linear time (a backreference) is refused at load, named.
+    backtracking = tmp_path / "backref.json"
+    backtracking.write_text(json.dumps({"input_banned_patterns": [r"\d+", r"(\w+)-\1"]}), encoding="utf-8")
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "mine.json").write_text('{"name": "mine"}', encoding="utf-8")
     port = server["url"].rsplit(":", 1)[1]
     cases = [
         (["--filters", bad], [str(bad), "output_banned"]),
+        (["--filters", backtracking], [str(backtracking), r"'(\\w+)-\\1'", "RE2"]),
         (["--filters", tmp_path / "missing.json"], ["missing.json", "not found"]),
         (["--presets", presets], ["mine.json", "prompt"]),
         (["--port", port], [f"127.0.0.1:{port}", "--port"]),
@@ -370,12 +374,14 @@ def test_serving_a_ptuned_prompt(tiny_lm, tiny_hf_dir, local, tmp_path):
         untrained = model(None, inputs_embeds=zeros(torch.tensor([ids])))[0, -1]
     assert (trained - untrained).abs().max() > 1e-4
 
-    proc, url = start_server([tiny_hf_dir, "--ptune", tmp_path / "p"], tmp_path / "server.log")
+    proc, url = start_server([tiny_hf_dir, "--ptune", tmp_path / "p", "--public-metrics"], tmp_path / "server.log")
     try:
         status, r = _post(url + "/v1/completions", {"prompt": text, "max_tokens": 16, "temperature": 0.9, "seed": 4})
+        metrics = _get(url + "/metrics")  # no key: this server was started with --public-metrics
     finally:
         stop_server(proc)
     assert status == 200, r
+    assert metrics[0] == 200 and "clova_requests_total" in metrics[1]
     assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)
 
 
@@ -415,14 +421,23 @@ def test_filter_file_and_chat_template_checks():
     from clova_train.core.errors import ClovaError
     from clova_train.inference.filters import FilterConfig
 
-    cfg = FilterConfig(input_banned_words=["Spam"], input_banned_patterns=[r"\d{3}-\d{4}-\d{4}"], max_prompt_chars=20)
+    from clova_train.text.readers import clean
+
+    cfg = FilterConfig(input_banned_words=["Spam"], input_banned_patterns=[r"\d{3}-\d{4}-\d{4}", "(a+)+b"], max_prompt_chars=40)
     assert cfg.check_input("no SPAM here")[0] == "banned_word"
     assert cfg.check_input("전화 010-1234-5678")[0] == "banned_pattern"
-    assert cfg.check_input("가" * 21)[0] == "prompt_chars"
-    assert cfg.check_input("괜찮은 문장") is None
+    assert cfg.check_input("가" * 41)[0] == "prompt_chars"
+    assert cfg.check_input("괜찮은 문장") is None and cfg.check_input("a" * 39) is None
+    # Matched on what the tokenizer's cleaning leaves: control characters cannot split a word or a number.
+    assert cfg.check_input("S\x01pam") is None and cfg.check_input("S\x01pam", clean)[0] == "banned_word"
+    assert cfg.check_input("010-1234-\x1f5678", clean)[0] == "banned_pattern"
+    assert FilterConfig().max_prompt_chars == 100_000
     for bad in (dict(input_banned_patterns=["("]), dict(output_banned_words=[""]), dict(max_tokens=-1)):
         with pytest.raises(ClovaError):
             FilterConfig(**bad)
+    for pattern in (r"(a)\1", r"x(?=y)", r"(?<!x)y"):
+        with pytest.raises(ClovaError, match=re.escape(repr(pattern)) + ".*RE2"):
+            FilterConfig(input_banned_patterns=[pattern])
     text, stops = chat_prompt([
         Message(role="system", content="한결은 조선의 선비다."),
         Message(role="user", content="안녕하세요"),

@@ -183,8 +183,7 @@ def sample_next(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Gene
     """Next token of each row from (B, vocab) float logits: greedy, or temperature/top-k/top-p sampling."""
     if cfg.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    # Shifted so the largest is 0: a small temperature then sends the rest towards -inf, never to inf - inf.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / cfg.temperature
+    logits = logits / cfg.temperature  # finite: GREEDY_BELOW keeps the quotient far from float32's limit
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
