@@ -13,6 +13,7 @@ JSON body with a 4xx code, and the server goes on serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -206,6 +207,12 @@ class Server:
         """``fn(*args)`` on the preparation thread, so the event loop (and /health) never waits for it."""
         return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
 
+    async def respond(self, build: Callable[[], dict]) -> Response:
+        """A JSON response whose body is built and serialised on the preparation thread (a tokenized prompt or
+        64 completions with log-probabilities is megabytes of JSON)."""
+        body = await self.off_loop(lambda: _dumps(build()).encode())
+        return Response(body, media_type="application/json")
+
     async def run(self, job: Job, request: Request):
         """The job's result; a client that disconnects first has its job cancelled, freeing the worker."""
         try:
@@ -235,12 +242,12 @@ class Server:
         req: ChatRequest = api.parse(ChatRequest, api.load_json(raw))
         _check_model(self, req.model)
         filters = self.filters.current()
-        if hit := filters.check_size("".join(m.text for m in req.messages)):
+        text, stops = api.chat_prompt(req.messages)
+        if hit := filters.check_size(text):  # the whole chat first: each message is filtered below
             raise self.reject(hit[0], hit[1], "messages")
         for i, m in enumerate(req.messages):
             if hit := filters.check_input(m.text, self.seen):
                 raise self.reject(hit[0], hit[1], f"messages.{i}.content")
-        text, stops = api.chat_prompt(req.messages)
         ids, _ = self.prompt_ids(text, "messages")
         room = self.context - len(ids[0])
         max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_MAX_TOKENS, room, filters.max_tokens or room)
@@ -282,6 +289,16 @@ async def _client_gone(request: Request) -> None:
     """Returns once the client has disconnected (the body was read, so the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _dumps(obj, depth: int = 3) -> str:
+    """Compact JSON, one ``json.dumps`` per item of the outer ``depth`` levels: the encoder holds Python's lock for
+    a whole call, and one call over a megabyte would stall the event loop's thread as long."""
+    if depth and isinstance(obj, dict):
+        return "{" + ",".join(json.dumps(str(k)) + ":" + _dumps(v, depth - 1) for k, v in obj.items()) + "}"
+    if depth and isinstance(obj, list):
+        return "[" + ",".join(_dumps(v, depth - 1) for v in obj) + "]"
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -338,13 +355,17 @@ async def completions(server: Server, request: Request) -> Response:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
         return _stream(server, job, req, "text_completion", rid, n_prompt, first, lambda i, t: {"text": t, "index": i, "logprobs": None})
     result = await server.run(job, request)
-    choices = []
-    for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
-        text = (texts[p] if req.echo else "") + comp.text
-        lp = api.completion_logprobs(result.tokens[c], 0) if result.tokens is not None else None
-        choices.append({"text": text, "index": c, "logprobs": lp, "finish_reason": api.FINISH[comp.finish_reason]})
-    used = sum(len(c.token_ids) for c in result.completions)
-    return JSONResponse(api.envelope("text_completion", rid, server.name, choices, api.usage(n_prompt, used)))
+
+    def body() -> dict:
+        choices = []
+        for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
+            text = (texts[p] if req.echo else "") + comp.text
+            lp = api.completion_logprobs(result.tokens[c], 0) if result.tokens is not None else None
+            choices.append({"text": text, "index": c, "logprobs": lp, "finish_reason": api.FINISH[comp.finish_reason]})
+        used = sum(len(c.token_ids) for c in result.completions)
+        return api.envelope("text_completion", rid, server.name, choices, api.usage(n_prompt, used))
+
+    return await server.respond(body)
 
 
 @_route
@@ -365,17 +386,21 @@ async def chat_completions(server: Server, request: Request) -> Response:
 
         return _stream(server, job, req, "chat.completion.chunk", rid, len(ids[0]), first, delta)
     result = await server.run(job, request)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": comp.text.lstrip()},
-            "logprobs": api.chat_logprobs(result.tokens[i]) if result.tokens is not None else None,
-            "finish_reason": api.FINISH[comp.finish_reason],
-        }
-        for i, comp in enumerate(result.completions)
-    ]
-    used = sum(len(c.token_ids) for c in result.completions)
-    return JSONResponse(api.envelope("chat.completion", rid, server.name, choices, api.usage(len(ids[0]), used)))
+
+    def body() -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": comp.text.lstrip()},
+                "logprobs": api.chat_logprobs(result.tokens[i]) if result.tokens is not None else None,
+                "finish_reason": api.FINISH[comp.finish_reason],
+            }
+            for i, comp in enumerate(result.completions)
+        ]
+        used = sum(len(c.token_ids) for c in result.completions)
+        return api.envelope("chat.completion", rid, server.name, choices, api.usage(len(ids[0]), used))
+
+    return await server.respond(body)
 
 
 def _check_model(server: Server, model: str | None) -> None:
@@ -432,7 +457,7 @@ async def presets(server: Server, request: Request) -> Response:
 @_route
 async def tokenize(server: Server, request: Request) -> Response:
     """The playground's view of a prompt: morphemes and their tokens, as `clova tokenizer show` prints them."""
-    return JSONResponse(await server.off_loop(server.prepare_tokenize, await _body(server, request)))
+    return await server.respond(partial(server.prepare_tokenize, await _body(server, request)))
 
 
 @_route
@@ -524,6 +549,10 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
     port = sock.getsockname()[1]
     if on_ready:
         on_ready(f"http://{cfg.host}:{port}/")
+    # What is loaded by now (model, tokenizer, libraries) lives as long as the server: frozen, a full garbage
+    # collection does not walk it, which otherwise held every thread, /health's too, for 100+ ms at a time.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
