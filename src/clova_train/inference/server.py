@@ -1,6 +1,6 @@
 """`clova serve`: an OpenAI-compatible HTTP server (Starlette + uvicorn) and the prompt playground.
 
-The event loop only reads bodies (at most 8 MiB) and relays answers. Each
+The event loop only reads bodies (up to a size set by the model's context) and relays answers. Each
 request is prepared on one preparation thread (JSON, strict bodies, the
 input filter, tokenizing: counts and sizes first, so the work is bounded
 before it starts), then queued for :class:`~clova_train.inference.scheduler.Scheduler`'s
@@ -295,7 +295,7 @@ def _dumps(obj, depth: int = 3) -> str:
     """Compact JSON, one ``json.dumps`` per item of the outer ``depth`` levels: the encoder holds Python's lock for
     a whole call, and one call over a megabyte would stall the event loop's thread as long."""
     if depth and isinstance(obj, dict):
-        return "{" + ",".join(json.dumps(str(k)) + ":" + _dumps(v, depth - 1) for k, v in obj.items()) + "}"
+        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _dumps(v, depth - 1) for k, v in obj.items()) + "}"
     if depth and isinstance(obj, list):
         return "[" + ",".join(_dumps(v, depth - 1) for v in obj) + "]"
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
