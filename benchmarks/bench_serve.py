@@ -8,7 +8,11 @@ saved as a model dir ``load_model`` reads, then in one run:
 - through the server (a ``clova serve`` child, one worker): the same requests
   from one client, one after another, over HTTP (``/v1/completions``);
 - through the server from 8 clients at once (8 threads);
-- the same requests greedy from 1 and from 8 clients (the server batches those).
+- the same requests greedy from 1 and from 8 clients (the server batches those);
+- /health's latency idle and while the largest requests the server reads are in
+  flight (a prompt of ``max_prompt_chars`` to tokenize, 64 long prompts, a
+  body of token ids at the size limit): the event loop must not wait for
+  them (goal: the worst /health under 100 ms).
 
 Every request samples (temperature 0.8) with its own seed, so the server must
 return the very same text as the in-process run, which is checked. Torch runs
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -54,7 +59,8 @@ def build_model(d: Path, preset: str) -> Path:
 
     from clova_train.model.config import ModelConfig, pad_vocab
     from clova_train.model.gpt import GPT
-    from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import ClovaTokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     corpus = Path(konlpy.__file__).parent / "data" / "corpus"
     files = [corpus / "kolaw" / "constitution.txt", *sorted((corpus / "kobill").glob("*.txt"))]
@@ -120,6 +126,43 @@ def through_server(url: str, reqs: list[dict], clients: int) -> tuple[list[str],
     return texts, latencies, sum(tokens), time.perf_counter() - t0
 
 
+def health_latency(url: str, during=None) -> list[float]:
+    """Seconds of each /health answer, polled every 20 ms while ``during()`` runs (or 50 times idle)."""
+    seconds: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set() and (during or len(seconds) < 50):
+            t = time.perf_counter()
+            urllib.request.urlopen(url + "/health", timeout=300).read()
+            seconds.append(time.perf_counter() - t)
+            time.sleep(0.02)
+
+    th = threading.Thread(target=poll)
+    th.start()
+    if during:
+        time.sleep(0.1)
+        during()
+        stop.set()
+    th.join()
+    return seconds
+
+
+def largest_requests(url: str, vocab: int, context: int) -> None:
+    """The biggest work one request can ask of the preparation thread; their answers (often 400s) are not the point."""
+
+    def send(path: str, body: dict) -> None:
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=300).read()
+        except urllib.error.HTTPError as e:
+            e.read()
+
+    send("/v1/tokenize", {"text": "대한민국 국민은 " * 11_000})  # just under the default max_prompt_chars
+    send("/v1/completions", {"prompt": ["대한민국 국민은 " * (context // 8)] * 64, "max_tokens": 1})
+    send("/v1/completions", {"prompt": [[(i * 7919 + j) % vocab for j in range(context - 2)] for i in range(64)], "max_tokens": 1})
+
+
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
@@ -171,6 +214,8 @@ def main() -> None:
         _, g8_lat, g8_tokens, g8_seconds = through_server(url, greedy, 8)
         with urllib.request.urlopen(url + "/metrics") as resp:
             batched = re.search(r"^clova_batched_requests (\S+)", resp.read().decode(), re.M)[1]
+        idle = health_latency(url)
+        loaded = health_latency(url, lambda: largest_requests(url, tok.vocab_size, model.cfg.block_size))
     finally:
         if proc is not None:
             proc.terminate()
@@ -194,6 +239,8 @@ def main() -> None:
         print(f"{name:24}{tps:10.1f}{pct(lat, 50) * 1e3:10.1f}{pct(lat, 99) * 1e3:10.1f}")
     print(f"requests that joined another's batch (greedy, equal settings): {float(batched):g}")
     print(f"overhead ratio at 1 client (server tokens/s / in-process tokens/s; goal >= 0.9): {one_tps / ref_tps:.3f}")
+    print(f"/health idle: p50 {pct(idle, 50) * 1e3:.1f} ms; during the largest requests: p50 {pct(loaded, 50) * 1e3:.1f} ms, "
+          f"worst {max(loaded) * 1e3:.1f} ms over {len(loaded)} answers (goal < 100 ms); worst/idle p50 {max(loaded) / pct(idle, 50):.1f}")  # fmt: skip
     if not same:
         sys.exit("the server's text differs from the in-process generation")
 

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -220,6 +229,120 @@ def tiny_hf_dir(tiny_lm, tmp_path_factory) -> Path:
     hf_config(cfg, tok, "fp32").to_json_file(str(out / "config.json"))
     write_hf_tokenizer(tok, out, cfg.block_size)
     return out
+
+
+# The server tests (test_serve.py, test_serve_trust.py) share one `clova serve` child process.
+KEY = "sk-test-clova"
+
+
+def _common_word(texts: list[str]) -> str:
+    """The most frequent Hangul word of two or more syllables in ``texts``."""
+    words = Counter(w for t in texts for w in re.findall(r"[\uac00-\ud7a3]{2,}", t))
+    assert words, texts
+    return words.most_common(1)[0][0]
+
+
+@pytest.fixture(scope="session")
+def local(tiny_hf_dir):
+    """The served export loaded in this process: the reference for what the server must return."""
+    from clova_train.inference.generate import load_model
+
+    model, tok = load_model(tiny_hf_dir, device="cpu")
+    return model, tok
+
+
+def reference(local, prompt: str, banned: list[str], **kw) -> list[str]:
+    """Texts generate_ids gives for ``prompt`` copied ``n`` times, the server's way."""
+    from clova_train.inference.generate import GenerateConfig, generate_ids
+
+    model, tok = local
+    n = kw.pop("n", 1)
+    cfg = GenerateConfig(banned_words=banned, batch_size=n, **kw)
+    return [c.text for c in generate_ids(model, tok, [tok.encode(prompt)] * n, cfg)]
+
+
+@pytest.fixture(scope="session")
+def banned(local) -> str:
+    """A word the model writes often when sampling: the output filter's test word."""
+    texts = [t for s in range(4) for t in reference(local, "대한민국", [], max_new_tokens=40, temperature=1.0, seed=s)]
+    return _common_word(texts)
+
+
+def start_server(args: list, log: Path) -> tuple[subprocess.Popen, str]:
+    """`clova serve ARGS --port 0` in a child process; (process, base URL) once /health answers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLOVA_API_KEY": KEY}
+    cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", *map(str, args), "--port", "0", "--device", "cpu"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())
+        try:
+            if found and _get(found[1] + "/health")[0] == 200:
+                return proc, found[1]
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"clova serve did not come up:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_hf_dir, banned, tmp_path_factory):
+    """`clova serve` with filters and two workers in a child process; yields {"url", "filters", "log"}."""
+    d = tmp_path_factory.mktemp("serve")
+    filters = d / "filters.json"
+    filters.write_text(json.dumps({
+        "input_banned_words": ["금지어"],
+        "input_banned_patterns": [r"\d{6}-\d{7}"],
+        "output_banned_words": [banned],
+        "max_tokens": 1000,
+        "description": "test filters",
+    }, ensure_ascii=False), encoding="utf-8")  # fmt: skip
+    proc, url = start_server([tiny_hf_dir, "--filters", filters, "--workers", 2], d / "server.log")
+    yield {"url": url, "filters": filters, "log": d / "server.log"}
+    stop_server(proc)
+
+
+def _get(url: str, key: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _metric(server, line_start: str) -> float:
+    text = _get(server["url"] + "/metrics", KEY)[1]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
 
 
 # ---- end serve --------------------------------------------------------------

@@ -4,135 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from clova_train.inference.api import Message, chat_prompt
-from clova_train.inference.generate import GenerateConfig, generate_ids, load_model
+from clova_train.inference.generate import GenerateConfig, generate_ids
+
+from conftest import KEY, _get, _metric, _post, reference, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-KEY = "sk-test-clova"
 MODEL = "tiny-ko"
 PROMPTS = ["대한민국은 민주공화국이다.", "국회는", "모든 국민은", "제1조", "대통령은", "법률은", "국가는", "헌법"]
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _common_word(texts: list[str]) -> str:
-    """The most frequent Hangul word of two or more syllables in ``texts``."""
-    words = Counter(w for t in texts for w in re.findall(r"[\uac00-\ud7a3]{2,}", t))
-    assert words, texts
-    return words.most_common(1)[0][0]
-
-
-@pytest.fixture(scope="module")
-def local(tiny_hf_dir):
-    """The same export loaded in this process: the reference for what the server must return."""
-    model, tok = load_model(tiny_hf_dir, device="cpu")
-    return model, tok
-
-
-def reference(local, prompt: str, banned: list[str], **kw) -> list[str]:
-    """Texts generate_ids gives for ``prompt`` copied ``n`` times, the server's way."""
-    model, tok = local
-    n = kw.pop("n", 1)
-    cfg = GenerateConfig(banned_words=banned, batch_size=n, **kw)
-    return [c.text for c in generate_ids(model, tok, [tok.encode(prompt)] * n, cfg)]
-
-
-@pytest.fixture(scope="module")
-def banned(local) -> str:
-    """A word the model writes often when sampling: the output filter's test word."""
-    texts = [t for s in range(4) for t in reference(local, "대한민국", [], max_new_tokens=40, temperature=1.0, seed=s)]
-    return _common_word(texts)
-
-
-def start_server(args: list, log: Path) -> tuple[subprocess.Popen, str]:
-    """`clova serve ARGS --port 0` in a child process; (process, base URL) once /health answers."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLOVA_API_KEY": KEY}
-    cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", *map(str, args), "--port", "0", "--device", "cpu"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())
-        try:
-            if found and _get(found[1] + "/health")[0] == 200:
-                return proc, found[1]
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"clova serve did not come up:\n{log.read_text()}")
-        time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_hf_dir, banned, tmp_path_factory):
-    """`clova serve` with filters and two workers in a child process; yields {"url", "filters", "log"}."""
-    d = tmp_path_factory.mktemp("serve")
-    filters = d / "filters.json"
-    filters.write_text(json.dumps({
-        "input_banned_words": ["금지어"],
-        "input_banned_patterns": [r"\d{6}-\d{7}"],
-        "output_banned_words": [banned],
-        "max_tokens": 1000,
-        "description": "test filters",
-    }, ensure_ascii=False), encoding="utf-8")  # fmt: skip
-    proc, url = start_server([tiny_hf_dir, "--filters", filters, "--workers", 2], d / "server.log")
-    yield {"url": url, "filters": filters, "log": d / "server.log"}
-    stop_server(proc)
-
-
-def _get(url: str, key: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def _post(url: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def _metric(server, line_start: str) -> float:
-    text = _get(server["url"] + "/metrics")[1]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
 
 
 # ---------------------------------------------------------------- the API through the official client
@@ -226,6 +116,7 @@ def test_input_filter_rejects_with_the_reason(client, server):
     # The file is re-read when it changes: a new banned word applies to the next request.
     original = server["filters"].read_text(encoding="utf-8")
     cfg = json.loads(original)
+    reload_errors = _metric(server, "clova_filter_reload_errors")
     try:
         server["filters"].write_text(json.dumps({**cfg, "input_banned_words": ["금지어", "새금지"]}), encoding="utf-8")
         with pytest.raises(openai.BadRequestError, match="새금지"):
@@ -233,7 +124,7 @@ def test_input_filter_rejects_with_the_reason(client, server):
         server["filters"].write_text("{not json", encoding="utf-8")  # a broken edit keeps the filters in force
         with pytest.raises(openai.BadRequestError, match="새금지"):
             client.completions.create(model=MODEL, prompt="새금지 단어", max_tokens=5)
-        assert _metric(server, "clova_filter_reload_errors") == 1
+        assert _metric(server, "clova_filter_reload_errors") == reload_errors + 1
     finally:
         server["filters"].write_text(original, encoding="utf-8")
     assert client.completions.create(model=MODEL, prompt="새금지 단어", max_tokens=3).choices[0].text is not None
@@ -319,6 +210,18 @@ BAD = [
     ("token id out of range", "/v1/completions", {"prompt": [10**7]}, KEY, 400, None),
     ("unknown path", "/v1/engines", None, KEY, 404, "not_found"),
     ("too many completions", "/v1/completions", {"prompt": ["국회는"] * 8, "n": 9}, KEY, 400, None),
+    ("too many stop sequences", "/v1/completions", {"prompt": "국회는", "stop": ["다"] * 17}, KEY, 400, None),
+    ("prompt past the default max_prompt_chars", "/v1/completions", {"prompt": "a" * 100_001}, KEY, 400, "prompt_too_long"),
+    # Issue 22, point 8: a lone surrogate (legal as a JSON escape, not text) was a 500.
+    ("lone surrogate in a prompt", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', KEY, 400, "invalid_text"),
+    ("lone surrogate in a prompt list", "/v1/completions", b'{"prompt": ["ok", "a\\udfffb"]}', KEY, 400, "invalid_text"),
+    ("lone surrogate in a chat message", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', KEY, 400, "invalid_text"),
+    ("lone surrogate in a stop sequence", "/v1/completions", b'{"prompt": "ok", "stop": ["\\udc00"]}', KEY, 400, "invalid_text"),
+    ("lone surrogate to tokenize", "/v1/tokenize", b'{"text": "\\ud800"}', KEY, 400, "invalid_text"),
+    # Point 10: 100k nested arrays were a 500 (Python's parser recursion), /metrics answered without the key.
+    ("100k nested arrays", "/v1/completions", b"[" * 100_000, KEY, 400, "invalid_json"),
+    ("100k nested arrays in a field", "/v1/completions", b'{"prompt": ' + b"[" * 100_000, KEY, 400, "invalid_json"),
+    ("metrics without the key", "/metrics", None, None, 401, "invalid_api_key"),
 ]
 
 
@@ -354,7 +257,7 @@ def test_a_body_too_large_is_refused_before_it_is_read(server):
 
 def test_metrics_are_prometheus_text(server, client):
     client.completions.create(model=MODEL, prompt="국회는", max_tokens=2, temperature=0)
-    text = _get(server["url"] + "/metrics")[1]
+    text = _get(server["url"] + "/metrics", KEY)[1]
     assert '# TYPE clova_requests_total counter' in text and "# TYPE clova_request_seconds histogram" in text
     assert re.search(r'^clova_requests_total\{code="200",endpoint="/v1/completions"\} [1-9]', text, re.M)
     assert re.search(r'^clova_request_seconds_count\{endpoint="/v1/completions"\} [1-9]', text, re.M)
@@ -420,12 +323,16 @@ def test_start_up_errors_are_one_line(tiny_hf_dir, server, tmp_path):
 
     bad = tmp_path / "filters.json"
     bad.write_text('{"input_banned_words": ["x"], "output_banned": ["y"]}', encoding="utf-8")
+    # A pattern RE2 cannot run in linear time (a backreference) is refused at load, named.
+    backtracking = tmp_path / "backref.json"
+    backtracking.write_text(json.dumps({"input_banned_patterns": [r"\d+", r"(\w+)-\1"]}), encoding="utf-8")
     presets = tmp_path / "presets"
     presets.mkdir()
     (presets / "mine.json").write_text('{"name": "mine"}', encoding="utf-8")
     port = server["url"].rsplit(":", 1)[1]
     cases = [
         (["--filters", bad], [str(bad), "output_banned"]),
+        (["--filters", backtracking], [str(backtracking), r"'(\\w+)-\\1'", "RE2"]),
         (["--filters", tmp_path / "missing.json"], ["missing.json", "not found"]),
         (["--presets", presets], ["mine.json", "prompt"]),
         (["--port", port], [f"127.0.0.1:{port}", "--port"]),
@@ -467,12 +374,14 @@ def test_serving_a_ptuned_prompt(tiny_lm, tiny_hf_dir, local, tmp_path):
         untrained = model(None, inputs_embeds=zeros(torch.tensor([ids])))[0, -1]
     assert (trained - untrained).abs().max() > 1e-4
 
-    proc, url = start_server([tiny_hf_dir, "--ptune", tmp_path / "p"], tmp_path / "server.log")
+    proc, url = start_server([tiny_hf_dir, "--ptune", tmp_path / "p", "--public-metrics"], tmp_path / "server.log")
     try:
         status, r = _post(url + "/v1/completions", {"prompt": text, "max_tokens": 16, "temperature": 0.9, "seed": 4})
+        metrics = _get(url + "/metrics")  # no key: this server was started with --public-metrics
     finally:
         stop_server(proc)
     assert status == 200, r
+    assert metrics[0] == 200 and "clova_requests_total" in metrics[1]
     assert r["choices"][0]["text"] == want.text and r["usage"]["prompt_tokens"] == len(ids)
 
 
@@ -500,8 +409,7 @@ def test_scheduler_batches_equal_greedy_jobs_and_keeps_the_rest_apart(tiny_lm):
         batch = sched._take()
         batches.append([jobs.index(j) for j in batch])
         sched._run(batch)
-        sched.busy -= 1
-    assert batches == [[0, 2, 5], [1], [3], [4]] and sched.batched == 2
+    assert batches == [[0, 2, 5], [1], [3], [4]] and sched.batched == 2 and sched.busy == 0
     for job in jobs:
         alone = generate_ids(model, tok, job.prompts, dataclasses.replace(job.cfg, batch_size=len(job.prompts)))
         assert [c.token_ids for c in job.future.result().completions] == [c.token_ids for c in alone]
@@ -512,14 +420,23 @@ def test_filter_file_and_chat_template_checks():
     from clova_train.core.errors import ClovaError
     from clova_train.inference.filters import FilterConfig
 
-    cfg = FilterConfig(input_banned_words=["Spam"], input_banned_patterns=[r"\d{3}-\d{4}-\d{4}"], max_prompt_chars=20)
+    from clova_train.text.readers import clean
+
+    cfg = FilterConfig(input_banned_words=["Spam"], input_banned_patterns=[r"\d{3}-\d{4}-\d{4}", "(a+)+b"], max_prompt_chars=40)
     assert cfg.check_input("no SPAM here")[0] == "banned_word"
     assert cfg.check_input("전화 010-1234-5678")[0] == "banned_pattern"
-    assert cfg.check_input("가" * 21)[0] == "prompt_chars"
-    assert cfg.check_input("괜찮은 문장") is None
+    assert cfg.check_input("가" * 41)[0] == "prompt_chars"
+    assert cfg.check_input("괜찮은 문장") is None and cfg.check_input("a" * 39) is None
+    # Matched on what the tokenizer's cleaning leaves: control characters cannot split a word or a number.
+    assert cfg.check_input("S\x01pam") is None and cfg.check_input("S\x01pam", clean)[0] == "banned_word"
+    assert cfg.check_input("010-1234-\x1f5678", clean)[0] == "banned_pattern"
+    assert FilterConfig().max_prompt_chars == 100_000
     for bad in (dict(input_banned_patterns=["("]), dict(output_banned_words=[""]), dict(max_tokens=-1)):
         with pytest.raises(ClovaError):
             FilterConfig(**bad)
+    for pattern in (r"(a)\1", r"x(?=y)", r"(?<!x)y"):
+        with pytest.raises(ClovaError, match=re.escape(repr(pattern)) + ".*RE2"):
+            FilterConfig(input_banned_patterns=[pattern])
     text, stops = chat_prompt([
         Message(role="system", content="한결은 조선의 선비다."),
         Message(role="user", content="안녕하세요"),

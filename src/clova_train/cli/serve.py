@@ -23,6 +23,7 @@ def serve_cmd(
     workers: int = typer.Option(1, "--workers", help="Generation threads (each runs one batch at a time)."),
     max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond this get 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's name in the API (default: the directory's name)."),
+    public_metrics: bool = typer.Option(False, "--public-metrics", help="Serve /metrics without the API key (default: it needs the key, like /v1)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
 ) -> None:
@@ -37,7 +38,7 @@ def serve_cmd(
 
     cfg = ServeConfig(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
-        presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name,
+        presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name, public_metrics=public_metrics,
     )  # fmt: skip
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     embed = encode = None

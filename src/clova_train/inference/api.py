@@ -16,6 +16,7 @@ starts a new line, and the reply's leading whitespace is dropped::
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -28,6 +29,9 @@ MAX_N = 16
 # Most completions (prompts times n) one request may ask for.
 MAX_CHOICES = 64
 MAX_LOGPROBS = 20
+# Stop sequences are searched for at every generated token: their number and length are bounded.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 FINISH = {"eod": "stop", "stop": "stop", "length": "length", "filtered": "content_filter"}
 
@@ -101,6 +105,45 @@ class ChatRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+def load_json(raw: bytes):
+    """The request body's JSON, or a 400: invalid JSON, nesting deeper than Python's parser goes, or a string
+    that is not Unicode text (a lone surrogate such as ``"\\ud800"``, which JSON's escapes allow but UTF-8
+    cannot encode)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deeply", code="invalid_json") from None
+    _check_text(data)
+    return data
+
+
+def _check_text(data) -> None:
+    """A 400 naming the first string (key or value) holding a lone surrogate."""
+    todo: list[tuple[str, object]] = [("", data)]  # iterative: the JSON may nest as deep as the parser allowed
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_str(k, where or None)
+                todo.append((f"{where}.{k}" if where else k, v))
+        elif isinstance(value, list):
+            todo.extend((f"{where}.{i}", v) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+        elif isinstance(value, str):
+            _check_str(value, where or None)
+
+
+def _check_str(text: str, where: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, f"{where or 'the body'}: character {e.start} is a lone surrogate (U+{ord(text[e.start]):04X}), "
+            "which is not text; send valid UTF-8", param=where, code="invalid_text",
+        ) from None  # fmt: skip
+
+
 def parse(cls: type[BaseModel], data) -> BaseModel:
     """The request body as ``cls``, or a 400 naming the first bad field."""
     if not isinstance(data, dict):
@@ -117,6 +160,9 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported by this server (only 0)", param=name)
+    stops = req.stops()
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} sequences of at most {MAX_STOP_CHARS} characters", param="stop")
     wants_logprobs = getattr(req, "logprobs", None)
     if req.stream and wants_logprobs is not None and wants_logprobs is not False:
         raise ApiError(400, "logprobs are not streamed by this server; ask without stream", param="logprobs")

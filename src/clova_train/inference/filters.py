@@ -7,23 +7,35 @@ is a list of words generation never emits (masked at sampling by
 the length limits bound prompts and completions. The server checks the
 file's modification time on every request and reloads it when it changed; a
 file that became invalid keeps the previous filters in force and is counted.
+
+Words and patterns are matched on the text the model reads (the tokenizer's
+own cleaning, then NFC), so a control character the tokenizer drops cannot
+split a banned word. Patterns are compiled with RE2, whose matching time is
+linear in the text: a pattern like ``(a+)+b`` cannot stall the server, and one
+RE2 cannot express (a backreference, a lookaround) is refused when the file
+loads.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import re2
 
 from clova_train.core.config import from_dict, read_json_object
 from clova_train.core.errors import ClovaError
 
-# A pattern is a regular expression from a file; bounding its length and the
-# text it runs on keeps a careless one from stalling every request.
+# A pattern is a regular expression from a file; RE2 keeps its time linear in
+# the text, and bounding its length bounds the automaton RE2 builds.
 MAX_PATTERN_CHARS = 500
+# A prompt is refused above this many characters unless the filters file says otherwise: every request's
+# cleaning, filtering and tokenizing is then bounded before it starts (about 1 s of tokenizing).
+DEFAULT_MAX_PROMPT_CHARS = 100_000
 
 
 @dataclass
@@ -33,11 +45,13 @@ class FilterConfig:
     input_banned_words: list[str] = field(default_factory=list)
     """A prompt or chat message containing one of these (case-insensitive) is rejected with 400."""
     input_banned_patterns: list[str] = field(default_factory=list)
-    """Python regular expressions; a prompt matching one (case-insensitive) is rejected with 400."""
+    """RE2 regular expressions (Python's syntax without backreferences or lookarounds); a prompt matching one
+    (case-insensitive) is rejected with 400."""
     output_banned_words: list[str] = field(default_factory=list)
     """Words never generated: a token that would complete one is masked and resampled."""
-    max_prompt_chars: int = 0
-    """Longest prompt in characters (0: no limit besides the model's context)."""
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    """Longest prompt (or chat, all messages together) in characters, checked before any other work (0: no
+    limit besides the 8 MiB body)."""
     max_prompt_tokens: int = 0
     """Longest prompt in tokens (0: the model's context)."""
     max_tokens: int = 0
@@ -54,27 +68,45 @@ class FilterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ClovaError(f"{name} must be an integer >= 0 (0: no limit), not {value!r}")
+        options = re2.Options()
+        options.case_sensitive = False
+        options.log_errors = False  # the one line below says it; RE2 would also print to stderr
         self._patterns = []
         for p in self.input_banned_patterns:
             if len(p) > MAX_PATTERN_CHARS:
                 raise ClovaError(f"input_banned_patterns: a pattern is longer than {MAX_PATTERN_CHARS} characters")
             try:
-                self._patterns.append(re.compile(p, re.IGNORECASE))
-            except re.error as e:
-                raise ClovaError(f"input_banned_patterns: {p!r} is not a regular expression: {e}") from None
+                self._patterns.append((p, re2.compile(p, options)))
+            except re2.error as e:
+                detail = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+                raise ClovaError(
+                    f"input_banned_patterns: {p!r} is not a pattern RE2 (linear-time matching) accepts: {detail}; "
+                    "write it without backreferences or lookarounds"
+                ) from None
         self._words = [_fold(w) for w in self.input_banned_words]
 
-    def check_input(self, text: str) -> tuple[str, str] | None:
-        """``(reason label, message)`` when ``text`` must be rejected, else None."""
+    def check_size(self, text: str) -> tuple[str, str] | None:
+        """``(reason label, message)`` when ``text`` is longer than the server reads, else None."""
         if self.max_prompt_chars and len(text) > self.max_prompt_chars:
             return "prompt_chars", f"the prompt has {len(text)} characters; this server accepts at most {self.max_prompt_chars}"
-        folded = _fold(text)
+        return None
+
+    def check_input(self, text: str, seen: Callable[[str], str] = lambda s: s) -> tuple[str, str] | None:
+        """``(reason label, message)`` when ``text`` must be rejected, else None.
+
+        ``seen`` is the tokenizer's cleaning: words and patterns are matched on ``seen(text)`` after NFC.
+        """
+        hit = self.check_size(text)
+        if hit:
+            return hit
+        read = unicodedata.normalize("NFC", seen(text))
+        folded = read.casefold()
         for word, shown in zip(self._words, self.input_banned_words):
             if word in folded:
                 return "banned_word", f"the input filter rejected the prompt: it contains the banned word {shown!r}"
-        for pattern in self._patterns:
-            if pattern.search(text):
-                return "banned_pattern", f"the input filter rejected the prompt: it matches the banned pattern {pattern.pattern!r}"
+        for shown, pattern in self._patterns:
+            if pattern.search(read):
+                return "banned_pattern", f"the input filter rejected the prompt: it matches the banned pattern {shown!r}"
         return None
 
 

@@ -29,6 +29,9 @@ FINISH_REASONS = ("eod", "stop", "length", "filtered")
 # Resampling a row more often than this means the filter bans nearly every
 # likely token; the row ends with finish reason "filtered" instead of looping.
 MAX_RESAMPLES = 64
+# Below this temperature sampling is greedy: it would pick the argmax anyway, and
+# dividing float32 logits by a temperature like 1e-300 (0 in float32) gives inf/nan.
+GREEDY_BELOW = 1e-4
 
 
 @dataclass
@@ -38,7 +41,7 @@ class GenerateConfig:
     max_new_tokens: int = 64
     """Most tokens generated per prompt."""
     temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax) decoding."""
+    """Softmax temperature; 0 (or below 1e-4) means greedy (argmax) decoding."""
     top_k: int = 0
     """Sample only among the k most likely tokens (0: no limit)."""
     top_p: float = 1.0
@@ -48,7 +51,8 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     """A completion ends before the first of these strings (it is not included)."""
     banned_words: list[str] = field(default_factory=list)
-    """Strings never generated; a token that would complete one is masked and resampled."""
+    """Strings never generated, not even across the end of the prompt; a token that would complete one is masked
+    and resampled."""
     batch_size: int = 16
     """Prompts decoded together (left-padded)."""
     use_cache: bool = True
@@ -177,17 +181,19 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def sample_next(logits: torch.Tensor, cfg: GenerateConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token of each row from (B, vocab) float logits: greedy, or temperature/top-k/top-p sampling."""
-    if cfg.temperature == 0:
+    if cfg.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+    logits = logits / cfg.temperature  # finite: GREEDY_BELOW keeps the quotient far from float32's limit
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the first always stays.
+        # Drop a token when the tokens before it already reach top_p; the first always stays (explicitly: a
+        # top_p like 1e-300 is 0 in float32, and "0 >= 0" would drop every token).
         drop = probs.cumsum(dim=-1) - probs >= cfg.top_p
+        drop[..., 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -209,10 +215,14 @@ class TokenText:
 
 
 class _Row:
-    """One completion in progress: its bytes, the filters, and what was already streamed."""
+    """One completion in progress: its bytes, the filters, and what was already streamed.
 
-    def __init__(self, stops: list[bytes], banned: list[bytes], on_text: Callable[[str], None] | None):
+    ``before`` is the end of the prompt's bytes: a banned word may start there and end in the completion.
+    """
+
+    def __init__(self, stops: list[bytes], banned: list[bytes], on_text: Callable[[str], None] | None, before: bytes = b""):
         self.buf = bytearray()
+        self._before = before
         self.ids: list[int] = []
         self.finish: str | None = None
         self._stops = stops
@@ -228,10 +238,11 @@ class _Row:
         """False if appending ``piece`` would complete a banned word."""
         if not self._banned:
             return True
-        # The text so far holds no banned word, so a new match ends inside the new bytes.
         keep = self._longest_banned - 1
-        tail = (bytes(self.buf[-keep:]) if keep else b"") + piece
-        return not any(w in tail for w in self._banned)
+        head = (self._before + bytes(self.buf))[-keep:] if keep else b""
+        tail = head + piece
+        # Only a match ending inside the new bytes counts: one wholly in the prompt is not this token's doing.
+        return not any(tail.find(w, max(0, len(head) - len(w) + 1)) >= 0 for w in self._banned)
 
     def push(self, token: int, piece: bytes, eod: bool) -> None:
         self.ids.append(token)
@@ -263,8 +274,20 @@ class _Row:
         return Completion(self.buf.decode("utf-8", errors="replace"), self.ids, self.finish or "length")
 
 
-def _normalize(tok, s: str) -> str:
+def model_text(tok, s: str) -> str:
+    """``s`` as the model reads it: the tokenizer's own cleaning (control characters out, normalisation), or NFC
+    for a foreign tokenizer. Filters match on this, so a character the tokenizer drops cannot hide a word."""
     return tok.normalize(s) if hasattr(tok, "normalize") else unicodedata.normalize("NFC", s)
+
+
+def _prompt_tail(prompt: Sequence[int], text_of: "TokenText", vocab: int, size: int) -> bytes:
+    """The last ``size`` bytes of the prompt's text (stopping at a p-tuning vector, which has no text)."""
+    out = b""
+    for t in reversed(prompt):
+        if len(out) >= size or t >= vocab:
+            break
+        out = text_of(t) + out
+    return out[-size:] if size else b""
 
 
 @torch.no_grad()
@@ -277,12 +300,15 @@ def generate_ids(
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_text: Callable[[int, str], None] | None = None,
     advance: Callable[[int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[Completion]:
     """Complete each prompt (token ids); results come back in the prompts' order.
 
     ``embed`` maps prompt ids to input embeddings (p-tuning puts trained
     vectors at ids past the vocabulary); ``on_text(i, text)`` streams prompt
-    i's text as it is decided; ``advance(n)`` reports finished prompts.
+    i's text as it is decided; ``advance(n)`` reports finished prompts;
+    ``on_step()`` runs before every decoding step, and what it raises ends
+    generation (the server's way to drop a request whose client left).
     """
     if not prompts:
         return []
@@ -295,8 +321,10 @@ def generate_ids(
                 f"model's context of {model.cfg.block_size} tokens: shorten it or lower --max-new-tokens"
             )
     text_of = TokenText(tok)
-    stops = [_normalize(tok, s).encode("utf-8") for s in cfg.stop]
-    banned = [_normalize(tok, s).encode("utf-8") for s in cfg.banned_words]
+    stops = [model_text(tok, s).encode("utf-8") for s in cfg.stop]
+    banned = [model_text(tok, s).encode("utf-8") for s in cfg.banned_words]
+    vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
+    context = max(map(len, banned), default=1) - 1
     device = model_device(model)
     generator = None
     if cfg.temperature > 0:
@@ -307,10 +335,10 @@ def generate_ids(
     for b in range(0, len(order), cfg.batch_size):
         chunk = order[b : b + cfg.batch_size]
         rows = [
-            _Row(stops, banned, (lambda t, i=i: on_text(i, t)) if on_text else None)  # type: ignore[misc]
+            _Row(stops, banned, (lambda t, i=i: on_text(i, t)) if on_text else None, _prompt_tail(prompts[i], text_of, vocab, context))  # type: ignore[misc]
             for i in chunk
         ]
-        _decode_batch(model, [prompts[i] for i in chunk], rows, cfg, tok, text_of, embed, generator)
+        _decode_batch(model, [prompts[i] for i in chunk], rows, cfg, tok, text_of, embed, generator, on_step)
         for i, row in zip(chunk, rows):
             results[i] = row.completion()
         if advance:
@@ -318,7 +346,7 @@ def generate_ids(
     return results  # type: ignore[return-value]
 
 
-def _decode_batch(model, prompts, rows, cfg, tok, text_of, embed, generator) -> None:
+def _decode_batch(model, prompts, rows, cfg, tok, text_of, embed, generator, on_step=None) -> None:
     device = model_device(model)
     vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
     B, T0 = len(prompts), max(map(len, prompts))
@@ -343,6 +371,8 @@ def _decode_batch(model, prompts, rows, cfg, tok, text_of, embed, generator) -> 
     logits = last_logits(ids, valid)
     seq, seq_valid = ids, valid
     for _ in range(cfg.max_new_tokens):
+        if on_step is not None:
+            on_step()
         # Padding rows of the embedding matrix were never trained: never sample them.
         logits[:, vocab:] = float("-inf")
         nxt = _choose(logits, rows, cfg, generator, text_of, tok.eod_id)

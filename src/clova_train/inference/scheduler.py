@@ -6,8 +6,9 @@ oldest job; when it is greedy and not streamed, every queued greedy job with
 the same settings joins it in one left-padded batch (greedy tokens do not
 depend on the batch, so each client gets what it would get alone). Sampled
 jobs run alone, because their seed drives one generator for the whole batch.
-A streamed job whose client went away is cancelled: a queued one is dropped,
-a running one stops at its next piece of text, and the worker moves on.
+A job whose client went away (streamed or not) is cancelled: a queued one is
+dropped, a running one stops before its next decoding step (a batch when all
+of its jobs are cancelled), and the worker moves on.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Scheduler:
         return job.future
 
     def cancel(self, job: Job) -> None:
-        """The client left: a queued job never runs, a running one stops at its next text."""
+        """The client left: a queued job never runs, a running one stops before its next decoding step."""
         if not job.future.done() and not job.cancelled.is_set():
             job.cancelled.set()
             with self._cond:
@@ -147,41 +148,45 @@ class Scheduler:
             jobs = self._take()
             if jobs is None:
                 return
-            try:
-                self._run(jobs)
-            finally:
-                with self._cond:
-                    self.busy -= 1
+            self._run(jobs)
 
     def _run(self, jobs: list[Job]) -> None:
+        """Run a batch taken by ``_take``; the worker counts as free again before any of its clients hears back, so
+        /health never shows it busy after an answer (nor the cancel count ahead of it)."""
+        try:
+            outcomes = self._outcomes(jobs)
+        finally:
+            with self._cond:
+                self.busy -= 1
+        for job, outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    def _outcomes(self, jobs: list[Job]) -> list[tuple[Job, JobResult | BaseException]]:
+        """Each job's result, or the exception its request fails with."""
         started = time.perf_counter()
-        for job in jobs:
-            if not job.future.set_running_or_notify_cancel():
-                jobs = [j for j in jobs if j is not job]
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:
-            return
+            return []
         prompts = [p for job in jobs for p in job.prompts]
         cfg = replace(jobs[0].cfg, batch_size=min(len(prompts), MAX_BATCH))
-        on_text = None
-        if jobs[0].on_text is not None:  # a streamed job always runs alone
-            job = jobs[0]
+        on_text = jobs[0].on_text  # a streamed job always runs alone
 
-            def on_text(i: int, text: str) -> None:
-                if job.cancelled.is_set():
-                    raise Cancelled()
-                job.on_text(i, text)
+        def on_step() -> None:
+            if all(job.cancelled.is_set() for job in jobs):
+                raise Cancelled()
 
         try:
-            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text)
+            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text, on_step=on_step)
         except Cancelled:
-            self.cancelled += 1
-            jobs[0].future.set_exception(Cancelled())
-            return
+            self.cancelled += len(jobs)
+            return [(job, Cancelled()) for job in jobs]
         except Exception as e:  # noqa: BLE001 - the request fails, the worker lives on
-            for job in jobs:
-                job.future.set_exception(e)
-            return
+            return [(job, e) for job in jobs]
         self._on_tokens(sum(len(c.token_ids) for c in completions))
+        out: list[tuple[Job, JobResult | BaseException]] = []
         at = 0
         for job in jobs:
             mine = completions[at : at + len(job.prompts)]
@@ -190,9 +195,10 @@ class Scheduler:
                 tokens = None
                 if job.logprobs is not None:
                     tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo) for p, c in zip(job.prompts, mine)]
-                job.future.set_result(JobResult(mine, tokens, started - job.queued_at))
+                out.append((job, JobResult(mine, tokens, started - job.queued_at)))
             except Exception as e:  # noqa: BLE001
-                job.future.set_exception(e)
+                out.append((job, e))
+        return out
 
     @torch.no_grad()
     def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool) -> list[TokenInfo]:

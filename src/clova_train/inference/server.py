@@ -1,21 +1,27 @@
 """`clova serve`: an OpenAI-compatible HTTP server (Starlette + uvicorn) and the prompt playground.
 
-Requests are checked (strict bodies, the key, the input filter, lengths)
-in the event loop, then queued for :class:`~clova_train.inference.scheduler.Scheduler`'s
+The event loop only reads bodies (up to a size set by the model's context) and relays answers. Each
+request is prepared on one preparation thread (JSON, strict bodies, the
+input filter, tokenizing: counts and sizes first, so the work is bounded
+before it starts), then queued for :class:`~clova_train.inference.scheduler.Scheduler`'s
 bounded workers, which run the project's own KV-cache generation with the
-output filter's words masked at sampling. Every error is an OpenAI-style
+output filter's words masked at sampling. So ``/health`` answers while any
+one request is read, prepared or generated. Every error is an OpenAI-style
 JSON body with a 4xx code, and the server goes on serving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +35,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.inference import api
 from clova_train.inference.api import ApiError, ChatRequest, CompletionRequest
 from clova_train.inference.filters import FilterStore
-from clova_train.inference.generate import GenerateConfig
+from clova_train.inference.generate import GenerateConfig, model_text
 from clova_train.inference.metrics import Metrics
 from clova_train.inference.presets import load_presets
 from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
@@ -38,8 +44,11 @@ PLAYGROUND = Path(__file__).parent / "playground"
 STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions")
 CHAT_MAX_TOKENS = 256
-# Request bodies above this are refused before they are read whole (a prompt of 1M characters is 4 MiB at most).
-MAX_BODY_BYTES = 8 << 20
+# Request bodies are refused before they are read whole above room for 64 full contexts of token ids at 16 bytes
+# each (1 MiB at least: a prompt of max_prompt_chars' default, JSON-escaped; 8 MiB at most). JSON parsing holds
+# Python's lock, so this also bounds how long /health can wait for one body to parse.
+BYTES_PER_TOKEN = 16
+MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 20, 8 << 20
 log = logging.getLogger("clova.serve")
 
 
@@ -63,6 +72,8 @@ class ServeConfig:
     """A folder of the user's own playground presets (*.json), besides the shipped ones."""
     model_name: str = ""
     """The name /v1/models reports and requests may give (empty: the model directory's name)."""
+    public_metrics: bool = False
+    """Serve /metrics without the API key (for a scraper that cannot send one)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -79,7 +90,11 @@ class Server:
         self.name = cfg.model_name or "clova"
         self.context = model.cfg.block_size
         self.vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
+        self.max_body = min(MAX_BODY_BYTES, max(MIN_BODY_BYTES, api.MAX_CHOICES * self.context * BYTES_PER_TOKEN))
         self.encode = encode or tok.encode_batch
+        self.seen = partial(model_text, tok)
+        # One thread prepares requests: the tokenizer's caches and MeCab's tagger are not shared between threads.
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="clova-prep")
         self.filters = FilterStore(cfg.filters or None)
         self.presets = load_presets(cfg.presets or None)
         self.static = {n: (PLAYGROUND / n).read_bytes() for n in STATIC}
@@ -113,37 +128,60 @@ class Server:
         self.metrics.inc("clova_filter_rejections_total", reason=reason)
         return ApiError(400, message, param=param, code=code or ("prompt_too_long" if reason.startswith("prompt_") else "input_filtered"))
 
-    def prompt_ids(self, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
-        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it."""
+    def prompt_ids(self, prompt, param: str = "prompt", n: int = 1) -> tuple[list[list[int]], list[str]]:
+        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it.
+
+        Counts and sizes are checked before the work that grows with them (decoding, cleaning, tokenizing).
+        """
+        filters = self.filters.current()
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)
-            ids = None
+            texts, ids = ([prompt] if isinstance(prompt, str) else list(prompt)), None
         else:
             ids = [prompt] if prompt and isinstance(prompt[0], int) else list(prompt)
-            if not ids or any(not p for p in ids):
+        count = len(texts if ids is None else ids)
+        if not count:
+            raise ApiError(400, "prompt must not be an empty list", param=param)
+        if count * n > api.MAX_CHOICES:
+            raise ApiError(400, f"{count} prompts with n={n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
+        if ids is None:
+            for text in texts:
+                if hit := filters.check_size(text):
+                    raise self.reject(hit[0], hit[1], param)
+        else:
+            if any(not p for p in ids):
                 raise ApiError(400, "a prompt of token ids must not be empty", param=param)
+            for p in ids:
+                self._check_tokens(len(p), filters.max_prompt_tokens, param)
             if any(not 0 <= i < self.vocab for p in ids for i in p):
                 raise ApiError(400, f"token ids must be in 0..{self.vocab - 1}", param=param)
             texts = [self.tok.decode(p) for p in ids]
-        if not texts:
-            raise ApiError(400, "prompt must not be an empty list", param=param)
-        filters = self.filters.current()
         for text in texts:
-            hit = filters.check_input(text)
-            if hit:
+            if hit := filters.check_input(text, self.seen):
                 raise self.reject(hit[0], hit[1], param)
         if ids is None:
             ids = [p or [self.tok.eod_id] for p in self.encode(texts)]
-        limit = filters.max_prompt_tokens
-        for p in ids:
-            if limit and len(p) > limit:
-                raise self.reject("prompt_tokens", f"the prompt has {len(p)} tokens; this server accepts at most {limit}", param)
-            if len(p) >= self.context:
-                raise ApiError(
-                    400, f"the prompt has {len(p)} tokens; the model's context is {self.context} tokens",
-                    param=param, code="context_length_exceeded",
-                )  # fmt: skip
+            for p in ids:
+                self._check_tokens(len(p), filters.max_prompt_tokens, param)
         return ids, texts
+
+    def _check_tokens(self, n: int, limit: int, param: str) -> None:
+        if limit and n > limit:
+            raise self.reject("prompt_tokens", f"the prompt has {n} tokens; this server accepts at most {limit}", param)
+        if n >= self.context:
+            raise ApiError(
+                400, f"the prompt has {n} tokens; the model's context is {self.context} tokens",
+                param=param, code="context_length_exceeded",
+            )  # fmt: skip
+
+    def check_echo(self, texts: list[str]) -> None:
+        """Echo returns the prompt: refuse it when a word the output filter bans stands there (as generation
+        matches it: on the text the model reads)."""
+        banned = [self.seen(w) for w in self.filters.current().output_banned_words]
+        if any(w in self.seen(t) for t in texts for w in banned):
+            raise self.reject(
+                "echo_banned", "the prompt holds a word the output filter bans, and echo would return it; ask without echo",
+                "echo", code="output_filtered",
+            )  # fmt: skip
 
     def generate_config(self, req, ids: list[list[int]], max_tokens: int, extra_stop: list[str]) -> GenerateConfig:
         filters = self.filters.current()
@@ -165,30 +203,102 @@ class Server:
         except ClovaError as e:
             raise ApiError(400, str(e)) from None
 
-    async def run(self, job: Job):
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on the preparation thread, so the event loop (and /health) never waits for it."""
+        return await asyncio.get_running_loop().run_in_executor(self.prep, fn, *args)
+
+    async def respond(self, build: Callable[[], dict]) -> Response:
+        """A JSON response whose body is built and serialised on the preparation thread (a tokenized prompt or
+        64 completions with log-probabilities is megabytes of JSON)."""
+        body = await self.off_loop(lambda: _dumps(build()).encode())
+        return Response(body, media_type="application/json")
+
+    async def run(self, job: Job, request: Request):
+        """The job's result; a client that disconnects first has its job cancelled, freeing the worker."""
         try:
-            return await asyncio.wrap_future(self.scheduler.submit(job))
+            done = asyncio.wrap_future(self.scheduler.submit(job))
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error", code="queue_full") from None
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            self.scheduler.cancel(job)
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no "never retrieved" noise
+            raise ApiError(499, "the client closed the request", code="client_closed")
+        return done.result()
+
+    def prepare_completion(self, raw: bytes):
+        req: CompletionRequest = api.parse(CompletionRequest, api.load_json(raw))
+        _check_model(self, req.model)
+        ids, texts = self.prompt_ids(req.prompt, n=req.n)
+        if req.echo:
+            self.check_echo(texts)
+        return req, ids, texts, self.generate_config(req, ids, req.max_tokens, [])
+
+    def prepare_chat(self, raw: bytes):
+        req: ChatRequest = api.parse(ChatRequest, api.load_json(raw))
+        _check_model(self, req.model)
+        filters = self.filters.current()
+        text, stops = api.chat_prompt(req.messages)
+        if hit := filters.check_size(text):  # the whole chat first: each message is filtered below
+            raise self.reject(hit[0], hit[1], "messages")
+        for i, m in enumerate(req.messages):
+            if hit := filters.check_input(m.text, self.seen):
+                raise self.reject(hit[0], hit[1], f"messages.{i}.content")
+        ids, _ = self.prompt_ids(text, "messages")
+        room = self.context - len(ids[0])
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_MAX_TOKENS, room, filters.max_tokens or room)
+        return req, ids, self.generate_config(req, ids, max_tokens, stops)
+
+    def prepare_tokenize(self, raw: bytes) -> dict:
+        body = api.load_json(raw)
+        if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
+            raise ApiError(400, 'the body must be {"text": "..."}', param="text")
+        text = body["text"]
+        if hit := self.filters.current().check_size(text):
+            raise self.reject(hit[0], hit[1], "text")
+        tok = self.tok
+        pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
+        rows = []
+        for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
+            rows.append({"morpheme": piece, "ids": ids, "tokens": [self.scheduler.token_text(i) for i in ids]})
+        return {"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0}
 
 
 # ---------------------------------------------------------------- routes
 
 
-async def _body(request: Request) -> dict:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+async def _body(server: Server, request: Request) -> bytes:
+    """The raw body, refused past ``server.max_body`` before it is read whole; parsed on the preparation thread."""
+    too_large = ApiError(413, f"the request body is larger than this server's {server.max_body >> 10} KiB", code="body_too_large")
+    if int(request.headers.get("content-length") or 0) > server.max_body:
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
+        if size > server.max_body:
+            raise too_large
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    return b"".join(chunks)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _dumps(obj, depth: int = 3) -> str:
+    """Compact JSON, one ``json.dumps`` per item of the outer ``depth`` levels: the encoder holds Python's lock for
+    a whole call, and one call over a megabyte would stall the event loop's thread as long."""
+    if depth and isinstance(obj, dict):
+        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _dumps(v, depth - 1) for k, v in obj.items()) + "}"
+    if depth and isinstance(obj, list):
+        return "[" + ",".join(_dumps(v, depth - 1) for v in obj) + "]"
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -238,41 +348,29 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
 
 @_route
 async def completions(server: Server, request: Request) -> Response:
-    req: CompletionRequest = api.parse(CompletionRequest, await _body(request))
-    _check_model(server, req.model)
-    ids, texts = server.prompt_ids(req.prompt)
-    if len(ids) * req.n > api.MAX_CHOICES:
-        raise ApiError(400, f"{len(ids)} prompts with n={req.n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
-    cfg = server.generate_config(req, ids, req.max_tokens, [])
+    req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(server, request))
     job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
         return _stream(server, job, req, "text_completion", rid, n_prompt, first, lambda i, t: {"text": t, "index": i, "logprobs": None})
-    result = await server.run(job)
-    choices = []
-    for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
-        text = (texts[p] if req.echo else "") + comp.text
-        lp = api.completion_logprobs(result.tokens[c], 0) if result.tokens is not None else None
-        choices.append({"text": text, "index": c, "logprobs": lp, "finish_reason": api.FINISH[comp.finish_reason]})
-    used = sum(len(c.token_ids) for c in result.completions)
-    return JSONResponse(api.envelope("text_completion", rid, server.name, choices, api.usage(n_prompt, used)))
+    result = await server.run(job, request)
+
+    def body() -> dict:
+        choices = []
+        for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
+            text = (texts[p] if req.echo else "") + comp.text
+            lp = api.completion_logprobs(result.tokens[c], 0) if result.tokens is not None else None
+            choices.append({"text": text, "index": c, "logprobs": lp, "finish_reason": api.FINISH[comp.finish_reason]})
+        used = sum(len(c.token_ids) for c in result.completions)
+        return api.envelope("text_completion", rid, server.name, choices, api.usage(n_prompt, used))
+
+    return await server.respond(body)
 
 
 @_route
 async def chat_completions(server: Server, request: Request) -> Response:
-    req: ChatRequest = api.parse(ChatRequest, await _body(request))
-    _check_model(server, req.model)
-    filters = server.filters.current()
-    for i, m in enumerate(req.messages):
-        hit = filters.check_input(m.text)
-        if hit:
-            raise server.reject(hit[0], hit[1], f"messages.{i}.content")
-    text, stops = api.chat_prompt(req.messages)
-    ids, _ = server.prompt_ids(text, "messages")
-    room = server.context - len(ids[0])
-    max_tokens = req.max_completion_tokens or req.max_tokens or min(CHAT_MAX_TOKENS, room, filters.max_tokens or room)
-    cfg = server.generate_config(req, ids, max_tokens, stops)
+    req, ids, cfg = await server.off_loop(server.prepare_chat, await _body(server, request))
     top = (req.top_logprobs or 0) if req.logprobs else None
     job = Job([ids[0]] * req.n, cfg, logprobs=top)
     rid = api.new_id("chatcmpl")
@@ -287,18 +385,22 @@ async def chat_completions(server: Server, request: Request) -> Response:
             return {"index": i, "delta": {"content": t}, "logprobs": None}
 
         return _stream(server, job, req, "chat.completion.chunk", rid, len(ids[0]), first, delta)
-    result = await server.run(job)
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": comp.text.lstrip()},
-            "logprobs": api.chat_logprobs(result.tokens[i]) if result.tokens is not None else None,
-            "finish_reason": api.FINISH[comp.finish_reason],
-        }
-        for i, comp in enumerate(result.completions)
-    ]
-    used = sum(len(c.token_ids) for c in result.completions)
-    return JSONResponse(api.envelope("chat.completion", rid, server.name, choices, api.usage(len(ids[0]), used)))
+    result = await server.run(job, request)
+
+    def body() -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": comp.text.lstrip()},
+                "logprobs": api.chat_logprobs(result.tokens[i]) if result.tokens is not None else None,
+                "finish_reason": api.FINISH[comp.finish_reason],
+            }
+            for i, comp in enumerate(result.completions)
+        ]
+        used = sum(len(c.token_ids) for c in result.completions)
+        return api.envelope("chat.completion", rid, server.name, choices, api.usage(len(ids[0]), used))
+
+    return await server.respond(body)
 
 
 def _check_model(server: Server, model: str | None) -> None:
@@ -355,15 +457,7 @@ async def presets(server: Server, request: Request) -> Response:
 @_route
 async def tokenize(server: Server, request: Request) -> Response:
     """The playground's view of a prompt: morphemes and their tokens, as `clova tokenizer show` prints them."""
-    body = await _body(request)
-    if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
-        raise ApiError(400, 'the body must be {"text": "..."}', param="text")
-    tok, text = server.tok, body["text"]
-    pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
-    rows = []
-    for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
-        rows.append({"morpheme": piece, "ids": ids, "tokens": [server.scheduler.token_text(i) for i in ids]})
-    return JSONResponse({"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0})
+    return await server.respond(partial(server.prepare_tokenize, await _body(server, request)))
 
 
 @_route
@@ -373,6 +467,8 @@ async def health(server: Server, request: Request) -> Response:
 
 @_route
 async def metrics(server: Server, request: Request) -> Response:
+    if not server.cfg.public_metrics:  # request counts and refusal reasons are the operator's, like the API
+        server.authorize(request)
     return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -453,9 +549,14 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
     port = sock.getsockname()[1]
     if on_ready:
         on_ready(f"http://{cfg.host}:{port}/")
+    # What is loaded by now (model, tokenizer, libraries) lives as long as the server: frozen, a full garbage
+    # collection does not walk it, which otherwise held every thread, /health's too, for 100+ ms at a time.
+    gc.collect()
+    gc.freeze()
     config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         server.scheduler.close()
+        server.prep.shutdown(wait=False, cancel_futures=True)
         sock.close()
