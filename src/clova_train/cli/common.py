@@ -44,6 +44,13 @@ _DEVICE_HELP = "cpu, cuda, cuda:1, ... (auto: cuda when available)."
 _DTYPE_HELP = "float32, bfloat16 or float16."
 
 
+def existing_dir(path: Path, what: str) -> Path:
+    """Answer a mistyped directory at once, before the command loads torch (a second or more)."""
+    if not path.is_dir():
+        raise ClovaError(f"{path}: no such {what}")
+    return path
+
+
 def _str(path: Optional[Path]) -> Optional[str]:
     return None if path is None else str(path)
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _unescape, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _unescape, existing_dir, friendly, out
 from clova_train.core.errors import ClovaError
 
 
@@ -36,6 +36,7 @@ def generate_cmd(
     """
     import sys
 
+    existing_dir(model_dir, "model directory")
     from clova_train.core.config import override
     from clova_train.core.textfiles import read_lines
     from clova_train.inference.generate import GenerateConfig, generate, generate_file, load_model

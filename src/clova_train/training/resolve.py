@@ -111,6 +111,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             f"--seq-len {train.seq_len} exceeds the model's {model.block_size} positions; "
             "use a shorter --seq-len or a --config whose model section sets block_size"
         )
+    if req.train.get("seq_len") is None and "seq_len" not in {**tmpl_train, **file_train}:
+        train = replace(train, seq_len=model.block_size)  # a preset's own context is the default
     train = train.resolved(model)
     stages = parallel.stages(world_size)
     zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
