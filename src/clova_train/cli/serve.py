@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, existing_dir, friendly, out
 from clova_train.core.errors import ClovaError
 
 
@@ -32,13 +32,17 @@ def serve_cmd(
     """
     import sys
 
+    existing_dir(model_dir, "model directory")
+    import logging
+
     from clova_train.inference.generate import load_model
-    from clova_train.inference.server import ServeConfig, serve
+    from clova_train.inference.server import ServeConfig, listen, serve
 
     cfg = ServeConfig(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
         presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name,
     )  # fmt: skip
+    sock = listen(cfg)  # a busy port answers now, not after the model loads
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     embed = encode = None
     if ptune is not None:
@@ -47,7 +51,13 @@ def serve_cmd(
         out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
-    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready)
+    requests = logging.getLogger("clova.serve.requests")
+    if not requests.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        requests.addHandler(handler)
+        requests.setLevel(logging.INFO)
+    serve(model, tok, cfg, sock=sock, embed=embed, encode=encode, on_ready=ready)
 
 
 def _ptuned(model, tok, path: Path):

@@ -49,6 +49,8 @@ class GenerateConfig:
     """A completion ends before the first of these strings (it is not included)."""
     banned_words: list[str] = field(default_factory=list)
     """Strings never generated; a token that would complete one is masked and resampled."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> bias added to its logit before sampling (OpenAI's ``logit_bias``; -100 all but bans it)."""
     batch_size: int = 16
     """Prompts decoded together (left-padded)."""
     use_cache: bool = True
@@ -342,9 +344,14 @@ def _decode_batch(model, prompts, rows, cfg, tok, text_of, embed, generator) -> 
 
     logits = last_logits(ids, valid)
     seq, seq_valid = ids, valid
+    bias = None
+    if cfg.logit_bias:
+        bias = (torch.tensor(list(cfg.logit_bias), device=device), torch.tensor(list(cfg.logit_bias.values()), device=device))
     for _ in range(cfg.max_new_tokens):
         # Padding rows of the embedding matrix were never trained: never sample them.
         logits[:, vocab:] = float("-inf")
+        if bias is not None:
+            logits[:, bias[0]] += bias[1]
         nxt = _choose(logits, rows, cfg, generator, text_of, tok.eod_id)
         for r, row in enumerate(rows):
             if row.finish is None:

@@ -15,7 +15,7 @@ import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +33,7 @@ from clova_train.inference.generate import GenerateConfig
 from clova_train.inference.metrics import Metrics
 from clova_train.inference.presets import load_presets
 from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
+from clova_train.tokenizer.bpe import token_repr
 
 PLAYGROUND = Path(__file__).parent / "playground"
 STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
@@ -41,6 +42,9 @@ CHAT_MAX_TOKENS = 256
 # Request bodies above this are refused before they are read whole (a prompt of 1M characters is 4 MiB at most).
 MAX_BODY_BYTES = 8 << 20
 log = logging.getLogger("clova.serve")
+# One line per request (client, method, path, status, seconds to the last byte), as uvicorn's and
+# vLLM's access logs print; `clova serve` shows it on stderr.
+request_log = logging.getLogger("clova.serve.requests")
 
 
 @dataclass
@@ -156,14 +160,22 @@ class Server:
                 f"context of {self.context} tokens; lower max_tokens to {self.context - longest} or less",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
+        if any(not 0 <= int(t) < self.vocab for t in req.logit_bias or {}):
+            raise ApiError(400, f"logit_bias: token ids must be in 0..{self.vocab - 1}", param="logit_bias")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         try:
             return GenerateConfig(
                 max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed,
-                stop=req.stops() + extra_stop, banned_words=list(filters.output_banned_words), batch_size=len(ids) * req.n,
+                stop=req.stops() + extra_stop, banned_words=list(filters.output_banned_words), batch_size=len(ids) * self.copies(req),
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
             )  # fmt: skip
         except ClovaError as e:
             raise ApiError(400, str(e)) from None
+
+    @staticmethod
+    def copies(req) -> int:
+        """Completions sampled per prompt: ``best_of`` when asked, else ``n``."""
+        return getattr(req, "best_of", None) or req.n
 
     async def run(self, job: Job):
         try:
@@ -236,20 +248,36 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
     return [(p * n + j, p) for p in range(n_prompts) for j in range(n)]
 
 
+def _best_of(result, n_prompts: int, k: int, n: int, *, keep_logprobs: bool):
+    """The ``n`` of each prompt's ``k`` completions with the highest total log-probability, in that order."""
+    completions, tokens = [], []
+    for p in range(n_prompts):
+        mine = range(p * k, (p + 1) * k)
+        score = {i: sum(t.logprob for t in result.tokens[i] if t.logprob is not None) for i in mine}
+        for i in sorted(mine, key=lambda i: -score[i])[:n]:
+            completions.append(result.completions[i])
+            tokens.append(result.tokens[i])
+    return replace(result, completions=completions, tokens=tokens if keep_logprobs else None)
+
+
 @_route
 async def completions(server: Server, request: Request) -> Response:
     req: CompletionRequest = api.parse(CompletionRequest, await _body(request))
     _check_model(server, req.model)
     ids, texts = server.prompt_ids(req.prompt)
-    if len(ids) * req.n > api.MAX_CHOICES:
-        raise ApiError(400, f"{len(ids)} prompts with n={req.n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
+    k = server.copies(req)
+    if len(ids) * k > api.MAX_CHOICES:
+        raise ApiError(400, f"{len(ids)} prompts with n={k} make more than {api.MAX_CHOICES} completions; split the request", param="n")
     cfg = server.generate_config(req, ids, req.max_tokens, [])
-    job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
+    ranked = k > req.n  # best_of: the sampled tokens' log-probabilities rank the candidates
+    job = Job([p for p in ids for _ in range(k)], cfg, logprobs=req.logprobs if not ranked else req.logprobs or 0, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
         return _stream(server, job, req, "text_completion", rid, n_prompt, first, lambda i, t: {"text": t, "index": i, "logprobs": None})
     result = await server.run(job)
+    if ranked:
+        result = _best_of(result, len(ids), k, req.n, keep_logprobs=req.logprobs is not None)
     choices = []
     for (c, p), comp in zip(_choices(len(ids), req.n), result.completions):
         text = (texts[p] if req.echo else "") + comp.text
@@ -362,7 +390,9 @@ async def tokenize(server: Server, request: Request) -> Response:
     pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
     rows = []
     for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
-        rows.append({"morpheme": piece, "ids": ids, "tokens": [server.scheduler.token_text(i) for i in ids]})
+        # Shown as `clova tokenizer show` shows them: escaped, a partial character as its bytes.
+        shown = [token_repr(tok.token_bytes(i)) if hasattr(tok, "token_bytes") else repr(server.scheduler.token_text(i))[1:-1] for i in ids]
+        rows.append({"morpheme": piece, "ids": ids, "tokens": shown})
     return JSONResponse({"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0})
 
 
@@ -409,9 +439,12 @@ class _Observe:
         finally:
             path = scope.get("path", "")
             endpoint = path if path in ENDPOINTS else "/playground" if path.startswith("/playground/") else "other"
+            seconds = time.perf_counter() - t0
             m = self.server.metrics
             m.inc("clova_requests_total", endpoint=endpoint, code=str(status[0]))
-            m.observe("clova_request_seconds", time.perf_counter() - t0, endpoint=endpoint)
+            m.observe("clova_request_seconds", seconds, endpoint=endpoint)
+            client = scope.get("client") or ("-", 0)
+            request_log.info('%s "%s %s" %d %.3fs', client[0], scope.get("method", "-"), path, status[0], seconds)
 
 
 def create_app(server: Server):
@@ -432,14 +465,11 @@ def create_app(server: Server):
     return _Observe(app, server)
 
 
-def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` once the port is bound (port 0: a free one)."""
+def listen(cfg: ServeConfig):
+    """The server's bound socket. Bound by us rather than by uvicorn, and before the model loads, so a
+    busy port is one clear line at once and port 0 reports its number."""
     import socket
 
-    import uvicorn
-
-    server = Server(model, tok, cfg, embed=embed, encode=encode)
-    # Bound here rather than by uvicorn, so a busy port is one clear line and port 0 reports its number.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -448,8 +478,16 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
-        server.scheduler.close()
         raise ClovaError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; choose another --port or --host") from None
+    return sock
+
+
+def serve(model, tok, cfg: ServeConfig, *, sock=None, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (Ctrl-C) on ``sock`` (default: :func:`listen`); ``on_ready(url)`` once bound."""
+    import uvicorn
+
+    sock = sock or listen(cfg)
+    server = Server(model, tok, cfg, embed=embed, encode=encode)
     port = sock.getsockname()[1]
     if on_ready:
         on_ready(f"http://{cfg.host}:{port}/")
