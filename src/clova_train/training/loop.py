@@ -38,7 +38,7 @@ from clova_train.training.resolve import prepare
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
 from clova_train.shards.index import ORDER_VERSION
-from clova_train.training.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
+from clova_train.training.sampler import TrainStream, check_order_version, eval_batches, no_validation_reason, prepare_indices
 from clova_train.training.step import BadStepGuard, Evaluator, StopSignal, train_step
 from clova_train.training.zero import ZeroEngine
 
@@ -79,14 +79,15 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
     }
 
 
-def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str, estimate: dict | None, eval_sequences: int) -> str:
+def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str, estimate: dict | None, eval_sequences: int,
+                 no_eval: str = "") -> str:
     """The opening line: what is trained, where, and how the global batch is made."""
     m = spec.model
     accum = ds_config["gradient_accumulation_steps"]
     stages = spec.parallel.stages(spec.world_size)
     layout = f"{stages} stages x {spec.world_size // stages} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
-    valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
+    valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else f"no validation ({no_eval})"
     return (
         f"{m.name}: {m.num_params():,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
@@ -177,7 +178,8 @@ def run_worker(spec: RunSpec) -> str:
         return saved["tag"]
 
     progress = ProgressLine(enabled=rank0, total_steps=train.steps, log_every=train.log_every)
-    progress.note(describe_run(spec, train, ds_config, device_name, estimate, eval_sequences=len(valid) * train.micro_batch * engine.data_world))
+    no_eval = no_validation_reason(len(valid_data), train.eval_every, train.eval_samples, engine.data_world)
+    progress.note(describe_run(spec, train, ds_config, device_name, estimate, eval_sequences=sum(map(len, valid)) * engine.data_world, no_eval=no_eval))
     progress.note(kernel)
     if step >= train.steps:
         progress.note(f"{run_dir}: already trained to step {step} of {train.steps}; nothing to do")
