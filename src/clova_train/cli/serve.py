@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, existing_dir, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _MODEL_HELP, _SAVED_DTYPE_HELP, _str, existing_dir, friendly, out
 from clova_train.core.errors import ClovaError
 
 
@@ -24,7 +24,7 @@ def serve_cmd(
     max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond this get 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's name in the API (default: the directory's name)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
-    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=_SAVED_DTYPE_HELP),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) with a prompt playground at /.
 

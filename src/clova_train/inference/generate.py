@@ -109,11 +109,13 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
     fields, or a run config with a ``model`` section) and ``tokenizer/`` is
     read here: the simplest way to hand over a model trained in a notebook.
     """
-    if dtype not in BY_LONG_NAME:
-        raise ClovaError(f"dtype must be one of {', '.join(BY_LONG_NAME)}, not {dtype!r}")
+    if dtype not in (*BY_LONG_NAME, "auto"):
+        raise ClovaError(f"dtype must be auto or one of {', '.join(BY_LONG_NAME)}, not {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise ClovaError(f"{path}: no such model directory")
+    if dtype == "auto":
+        dtype = saved_dtype(path)
     if (path / MODEL_FILE).is_file():
         model, tok = _load_plain(path)
     else:
@@ -124,6 +126,17 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
         tok = HFTokenizer(tok)
     model = model.to(device=resolve_device(device), dtype=BY_LONG_NAME[dtype])
     return model.eval(), tok
+
+
+def saved_dtype(path: Path) -> str:
+    """The dtype an export's weights were written in (its config.json, as transformers' ``dtype="auto"`` reads it);
+    float32 for run dirs and plain dirs, whose weights are fp32 masters."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    saved = cfg.get("torch_dtype") or cfg.get("dtype") if isinstance(cfg, dict) and "model_type" in cfg else None
+    return saved if saved in BY_LONG_NAME else "float32"
 
 
 class HFTokenizer:

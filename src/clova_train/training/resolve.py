@@ -106,13 +106,13 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size} embeddings; "
             f"set model.vocab_size to at least {pad_vocab(tok.vocab_size)} or drop it to take the tokenizer's"
         )
+    if req.train.get("seq_len") is None and "seq_len" not in {**tmpl_train, **file_train}:
+        train = replace(train, seq_len=model.block_size)  # a preset's own context is the default
     if train.seq_len > model.block_size:
         raise ClovaError(
             f"--seq-len {train.seq_len} exceeds the model's {model.block_size} positions; "
             "use a shorter --seq-len or a --config whose model section sets block_size"
         )
-    if req.train.get("seq_len") is None and "seq_len" not in {**tmpl_train, **file_train}:
-        train = replace(train, seq_len=model.block_size)  # a preset's own context is the default
     train = train.resolved(model)
     stages = parallel.stages(world_size)
     zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
