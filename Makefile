@@ -35,7 +35,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	for b in dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+	for b in cli dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
 # On a CUDA machine: bf16 ZeRO-1/ZeRO-3 with FusedAdam, export parity, and MFU beside transformers (under 8 minutes).
 gpu-check: install

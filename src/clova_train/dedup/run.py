@@ -133,7 +133,8 @@ def _prepare(out_dir: Path, fp: dict) -> dict | None:
         done = json.loads(manifest.read_text(encoding="utf-8"))
         if done.get("fingerprint") == fp:
             return done
-        raise ClovaError(f"{out_dir}: holds a finished dedup of other inputs or settings; choose another --out or delete it")
+        raise ClovaError(f"{out_dir}: holds a finished dedup of other inputs or settings ({_differences(done.get('fingerprint') or {}, fp)}); "
+                         "choose another --out or delete it")
     if (work / "fingerprint.json").is_file():
         old = json.loads((work / "fingerprint.json").read_text(encoding="utf-8"))
         if old == fp:
