@@ -35,7 +35,7 @@ SEQ_LEN, GLOBAL_BATCH, WORLD, RANK = 2048, 1024, 8, 3
 RANK_CODE = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from clova_train.training import sampler
+from clova_train.training.data import sampler
 paths, cache, nofile = json.loads(sys.argv[1])
 if nofile:
     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, port: int, args: dict) -> None:
     from clova_train.model.gpt import GPT
     from clova_train.model.config import ModelConfig
 
-    from clova_train.training.distributed import init_distributed
+    from clova_train.training.parallel.distributed import init_distributed
 
     torch.set_num_threads(1)
     init_distributed()  # gloo, and no JIT-compiled shared-memory op on CPU
@@ -155,6 +155,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from clova_train.model.config import ModelConfig
+    from clova_train.model.gpt import num_params
     from clova_train.tokenizer.bpe import ClovaTokenizer
     from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
@@ -169,7 +170,7 @@ def main() -> None:
         if not (run / "checkpoints" / "latest").is_file():
             t = time.perf_counter()
             make_zero3_run(run, dataclasses.asdict(cfg), {"path": str(work / "tok"), "hash": tok.hash})
-            print(f"built a ZeRO-3 checkpoint of {cfg.num_params() / 1e6:.0f}M parameters on 2 CPU ranks in {time.perf_counter() - t:.0f}s")
+            print(f"built a ZeRO-3 checkpoint of {num_params(cfg) / 1e6:.0f}M parameters on 2 CPU ranks in {time.perf_counter() - t:.0f}s")
         ckpt = run / "checkpoints" / "step_00000001"
         sizes = {p.name: p.stat().st_size for p in ckpt.iterdir()}
         for p in ckpt.iterdir():  # warm the page cache for both readers alike
@@ -196,8 +197,8 @@ def main() -> None:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    fp32_mb = cfg.num_params() * 4 / 2**20
-    print(f"\nmodel: {a.preset}, {cfg.num_params():,} parameters ({fp32_mb:,.0f} MiB in fp32); checkpoint files "
+    fp32_mb = num_params(cfg) * 4 / 2**20
+    print(f"\nmodel: {a.preset}, {num_params(cfg):,} parameters ({fp32_mb:,.0f} MiB in fp32); checkpoint files "
           f"{sum(sizes.values()) / 2**20:,.0f} MiB over 2 ranks; outputs agree on {n} tensors (max abs diff {diff:.1e})\n")
     print(f"{'':28}{'peak RSS MiB':>14}{'wall s':>10}{'RSS / fp32 model':>18}")
     for name, r in results.items():

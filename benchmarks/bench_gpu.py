@@ -22,6 +22,7 @@ import torch
 
 from bench_train_step import hf_twin
 from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training.plan import PlanConfig, estimate
 
 
@@ -34,7 +35,7 @@ def _largest_preset(gpu_gb: float, seq_len: int, micro_batch: int) -> str:
 
 
 def _peak_tflops() -> float:
-    from clova_train.training.metrics import peak_tflops
+    from clova_train.training.trainer.metrics import peak_tflops
 
     return peak_tflops(torch.cuda.get_device_name(), None) or 989.0
 
@@ -52,10 +53,10 @@ def _time_steps(step, warmup: int, steps: int) -> float:
 
 def bench_ours(mode: str, model: ModelConfig, args, dist) -> tuple[float, str, float]:
     """(seconds per step, optimizer line, peak GiB) for one of our engines on this GPU."""
-    from clova_train.training.config import TrainConfig
-    from clova_train.training.ds_config import ParallelConfig, deepspeed_config
-    from clova_train.training.loop import build_engine
-    from clova_train.training.prefetch import optimizer_kernel
+    from clova_train.training.run.config import TrainConfig
+    from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
+    from clova_train.training.trainer.loop import build_engine
+    from clova_train.training.trainer.prefetch import optimizer_kernel
 
     train = TrainConfig(seq_len=args.seq_len, global_batch=args.micro_batch * args.accum, micro_batch=args.micro_batch, steps=1, lr=1e-4, precision="bf16")
     par = ParallelConfig(mode=mode, activation_checkpointing=True)
@@ -114,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from clova_train.training.distributed import init_distributed
+    from clova_train.training.parallel.distributed import init_distributed
 
     dist = init_distributed()
     tokens = args.micro_batch * args.accum * args.seq_len
-    flops = model.flops_per_token(args.seq_len) * tokens
+    flops = flops_per_token(model, args.seq_len) * tokens
     peak = _peak_tflops() * 1e12
-    print(f"{torch.cuda.get_device_name()} ({gpu_gb:.0f} GiB), {name} ({model.num_params() / 1e9:.2f}B), bf16, micro-batch {args.micro_batch} x {args.seq_len} x {args.accum} accumulation, activation checkpointing")
+    print(f"{torch.cuda.get_device_name()} ({gpu_gb:.0f} GiB), {name} ({num_params(model) / 1e9:.2f}B), bf16, micro-batch {args.micro_batch} x {args.seq_len} x {args.accum} accumulation, activation checkpointing")
     hf_s, hf_peak = bench_hf(model, args)
     print(f"  transformers GPT2LMHeadModel + torch fused AdamW: {hf_s:.3f} s/step, MFU {flops / hf_s / peak:.1%}, peak {hf_peak:.1f} GiB")
     for mode in ("zero1", "zero3"):

@@ -62,6 +62,7 @@ def build_model(d: Path, preset: str) -> Path:
     tok = ClovaTokenizer.load(d / "tok")
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name(preset, vocab_size=pad_vocab(tok.vocab_size)))
+    model.init_weights()
     out = d / "model"
     out.mkdir()
     torch.save(model.state_dict(), out / "model.pt")

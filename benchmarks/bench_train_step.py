@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from clova_train.model.gpt import GPT
+from clova_train.model.gpt import GPT, flops_per_token, num_params
 from clova_train.model.config import ModelConfig
 from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
 
@@ -64,14 +64,14 @@ def make_step(model, hf: bool):
 def mfu_example(seq_len: int = 2048, global_batch: int = 1024, gpus: int = 64, step_seconds: float = 2.0) -> None:
     cfg = ModelConfig.from_name("1.3b", vocab_size=51200)
     d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, seq_len
-    n = cfg.num_params(embeddings=False) + V * d
+    n = num_params(cfg, embeddings=False) + V * d
     dense, attn = 6 * n, 12 * L * T * d
-    per_token = cfg.flops_per_token(T)
+    per_token = flops_per_token(cfg, T)
     tokens = global_batch * seq_len
     peak = ACCELERATOR_PEAK_TFLOPS["a100"]
     achieved = per_token * tokens / step_seconds / gpus / 1e12
     print("\nMFU of a 1.3B step (ModelConfig.flops_per_token):")
-    print(f"  N = non-embedding params + tied head = {cfg.num_params(embeddings=False):,} + {V}x{d} = {n:,}")
+    print(f"  N = non-embedding params + tied head = {num_params(cfg, embeddings=False):,} + {V}x{d} = {n:,}")
     print(f"  6N           = {dense:.4e} FLOPs/token (dense matmuls, forward + backward)")
     print(f"  12*L*T*d     = 12*{L}*{T}*{d} = {attn:.4e} FLOPs/token (QK^T and AV, causal not discounted)")
     print(f"  per token    = {per_token:.4e}   (check: {dense + attn:.4e})")
@@ -96,7 +96,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = ModelConfig(name="bench", n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab, block_size=args.seq_len)
     torch.manual_seed(0)
-    ours, theirs = GPT(cfg).train(), hf_twin(cfg).train()
+    ours = GPT(cfg).train()
+    ours.init_weights()
+    theirs = hf_twin(cfg).train()
     steps = {"ours": make_step(ours, hf=False), "transformers": make_step(theirs, hf=True)}
     gen = torch.Generator().manual_seed(0)
     x_ours = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=gen)

@@ -74,6 +74,7 @@ def tiny_lm(tokenizer_dir, konlpy_files):
     stream = torch.tensor([i for doc in docs for i in [*doc, tok.eod_id]])
     torch.manual_seed(0)
     model = GPT(ModelConfig.from_name("tiny", vocab_size=pad_vocab(tok.vocab_size), block_size=192))
+    model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
     B, T = 8, 64

@@ -27,14 +27,14 @@ def accumulated_grad(mode: str, precision: str, reduce_dtype: str, batches: list
     from deepspeed.utils import safe_get_full_grad
 
     from clova_train.model.config import ModelConfig
-    from clova_train.training.config import TrainConfig
-    from clova_train.training.ds_config import ParallelConfig, deepspeed_config
-    from clova_train.training.loop import build_engine
+    from clova_train.training.run.config import TrainConfig
+    from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
+    from clova_train.training.trainer.loop import build_engine
 
     model = ModelConfig.from_name("tiny", vocab_size=2048, block_size=64)
     train = TrainConfig(seq_len=32, global_batch=len(batches), micro_batch=batches[0].shape[0], steps=1, lr=1e-3, precision=precision)
     par = ParallelConfig(mode=mode, reduce_dtype=reduce_dtype)
-    ds_config = deepspeed_config({}, train, par, world=1, cuda=False, tensorboard_dir=None, d_model=model.n_embd)
+    ds_config = deepspeed_config({}, train, par, world=1, cuda=False, tensorboard_dir=None, model=model)
     engine = build_engine(model, ds_config, par, seed=1234, dist=dist)
     ds = engine.ds
     for i, mb in enumerate(batches):
@@ -49,7 +49,7 @@ def accumulated_grad(mode: str, precision: str, reduce_dtype: str, batches: list
 
 def main(modes: list[str]) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    from clova_train.training.distributed import init_distributed
+    from clova_train.training.parallel.distributed import init_distributed
 
     dist = init_distributed()
     g = torch.Generator().manual_seed(0)

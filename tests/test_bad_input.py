@@ -360,7 +360,7 @@ def test_deepspeed_json_checked_before_any_rank(config, fragment, tmp_path, kore
 
 
 def test_shipped_deepspeed_templates_pass_the_check():
-    from clova_train.training.ds_validate import validate_deepspeed
+    from clova_train.training.parallel.ds_validate import validate_deepspeed
 
     for path in sorted((Path(__file__).resolve().parents[1] / "deepspeed_configs").glob("*.json")):
         validate_deepspeed(json.loads(path.read_text()), path)

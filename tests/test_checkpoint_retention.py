@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from clova_train.core.errors import ClovaError
-from clova_train.training.checkpoint import Checkpointer, damage, rng_from_json, rng_state, rng_to_json, set_rng_state, tag_for
-from clova_train.training.config import TrainConfig
+from clova_train.training.checkpoints.checkpoint import Checkpointer, damage, rng_from_json, rng_state, rng_to_json, set_rng_state, tag_for
+from clova_train.training.run.config import TrainConfig
 from clova_train.training.rundir import MARKER_FILE
 
 

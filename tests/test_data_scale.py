@@ -17,7 +17,7 @@ from clova_train.cli import app
 from clova_train.core.errors import ClovaError
 from clova_train.shards.format import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, OPEN_SHARDS, IndexedDatasetWriter, open_split
 from clova_train.shards.index import IndexCache, ORDER_VERSION, all_sizes, build_indices, epochs_needed
-from clova_train.training.sampler import (
+from clova_train.training.data.sampler import (
     DataConfig, TrainStream, check_order_version, eval_batches, open_train_data, open_valid_data, prepare_indices,
 )
 
@@ -183,7 +183,7 @@ def test_a_merged_dirs_stamps_cover_its_node_dirs(tmp_path, tokenizer_dir, konlp
     from clova_train.shards.build import tokenize_corpus
     from clova_train.shards.format import ShardConfig
     from clova_train.shards.merge import merge_shard_dirs
-    from clova_train.training.preflight import check_inputs
+    from clova_train.training.run.preflight import check_inputs
     from clova_train.training.rundir import VERIFIED_FILE
 
     nodes = [tmp_path / f"node-{r}" for r in range(2)]

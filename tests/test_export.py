@@ -21,7 +21,7 @@ from clova_train.export.weights import SafetensorsWriter, _Entry, parse_size, pl
 from clova_train.export.hf import export_hf, load_for_inference
 from clova_train.model.gpt import GPT
 from clova_train.model.config import ModelConfig
-from clova_train.training.pipeline import pipeline_layer_names
+from clova_train.training.parallel.pipeline import pipeline_layer_names
 from clova_train.tokenizer.bpe import ClovaTokenizer
 
 from conftest import clova_cli
@@ -321,7 +321,7 @@ def test_pipeline_consolidation_reads_fp32_masters_equal_to_deepspeeds_layer_fil
 def test_pipeline_export_logits_match_transformers(pipeline_run, tmp_path, probe):
     from transformers import GPT2LMHeadModel
 
-    from clova_train.training.sampler import eval_batches, open_valid_data
+    from clova_train.training.data.sampler import eval_batches, open_valid_data
 
     run = pipeline_run["run"]
     out = tmp_path / "hf"
@@ -508,7 +508,7 @@ def test_zero_stage_reads_back_however_python_pickled_the_enum():
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     from clova_train.core.safe_pickle import SafeUnpickler
-    from clova_train.training.torchzip import _zero_stage
+    from clova_train.training.checkpoints.torchzip import _zero_stage
 
     by_name = (
         b"\x80\x02}q\x00X\n\x00\x00\x00zero_stageq\x01c__builtin__\ngetattr\nq\x02"

@@ -38,8 +38,8 @@ def one_line_error(output: str) -> str:
 
 
 def test_plan_and_train_default_to_the_presets_own_context(korean_shards, tmp_path):
-    from clova_train.training.config import TrainRequest
-    from clova_train.training.resolve import prepare
+    from clova_train.training.run.config import TrainRequest
+    from clova_train.training.run.resolve import prepare
 
     for preset, positions in (("tiny", 256), ("small", 512), ("1.3b", 2048)):
         code, output = clova("plan", "--model", preset, "--gpus", "1", "--json")
@@ -152,7 +152,7 @@ def test_dedup_with_the_wrong_text_key_then_the_right_one_and_changed_settings_n
 
 
 def test_validation_scores_the_windows_there_are_and_says_why_when_none(korean_shards):
-    from clova_train.training.sampler import eval_batches, no_validation_reason, open_valid_data
+    from clova_train.training.data.sampler import eval_batches, no_validation_reason, open_valid_data
 
     valid = open_valid_data([korean_shards], seq_len=64)
     n = len(valid)
@@ -240,7 +240,7 @@ def test_generate_and_serve_load_an_export_in_its_own_dtype(tiny_hf_dir, tmp_pat
 
 
 def test_loss_plot_has_a_title_and_the_learning_rate():
-    from clova_train.training.metrics import loss_figure
+    from clova_train.training.trainer.metrics import loss_figure
 
     records = [{"step": s, "tokens": 512 * s, "loss": 6 - 0.1 * s, "lr": 1e-3 * min(1, s / 4)} for s in range(1, 11)]
     records[4]["valid_loss"] = 5.5

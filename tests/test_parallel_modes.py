@@ -12,10 +12,11 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import GPT, lm_loss
-from clova_train.training.distributed import local_layout
-from clova_train.training.ds_config import ParallelConfig, deepspeed_config, template_defaults
-from clova_train.training.config import TrainConfig
+from clova_train.model.gpt import GPT, num_params
+from clova_train.model.loss import lm_loss
+from clova_train.training.parallel.distributed import local_layout
+from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config, template_defaults
+from clova_train.training.run.config import TrainConfig
 from clova_train.training.rundir import CONFIG_FILE, METRICS_FILE
 
 from conftest import TRAIN_ARGS, clova_cli
@@ -53,14 +54,14 @@ def test_resolved_config_reduces_in_fp32_and_sizes_buckets_by_width():
     t = json.loads((REPO / "deepspeed_configs" / "zero3.json").read_text())
     train = TrainConfig(steps=1, global_batch=16, micro_batch=1, lr=1e-3, precision="bf16")
     for mode, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3)):
-        ds = deepspeed_config(t, train, ParallelConfig(mode=mode), world=2, cuda=True, tensorboard_dir=None, d_model=2048)
+        ds = deepspeed_config(t, train, ParallelConfig(mode=mode), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=2048, n_head=16))
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
         assert ds["zero_optimization"]["reduce_bucket_size"] == 2 * 12 * 2048**2  # two 1.3B blocks
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 12 * 2048**2
-    wide = deepspeed_config(t, train, ParallelConfig(), world=2, cuda=True, tensorboard_dir=None, d_model=10240)["zero_optimization"]
+    wide = deepspeed_config(t, train, ParallelConfig(), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=10240, n_head=80))["zero_optimization"]
     assert wide["reduce_bucket_size"] == wide["stage3_prefetch_bucket_size"] == 500_000_000  # 82B: DeepSpeed's cap
-    fast = deepspeed_config(t, train, ParallelConfig(reduce_dtype="bf16"), world=2, cuda=True, tensorboard_dir=None, d_model=64)
+    fast = deepspeed_config(t, train, ParallelConfig(reduce_dtype="bf16"), world=2, cuda=True, tensorboard_dir=None, model=ModelConfig(n_embd=64, n_head=4))
     assert fast["data_types"] == {"grad_accum_dtype": "bf16"} and fast["communication_data_type"] == "bf16"
     with pytest.raises(ClovaError, match="--reduce-dtype fp16 under bf16"):
         deepspeed_config(t, train, ParallelConfig(reduce_dtype="fp16"), world=2, cuda=True, tensorboard_dir=None)
@@ -77,9 +78,10 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
     cfg = ModelConfig.from_name("tiny", vocab_size=2048, block_size=64)
     torch.manual_seed(0)
     model = GPT(cfg)
+    model.init_weights()
     x, y = torch.randint(0, 2048, (3, 64)), torch.randint(0, 2048, (3, 64))
     chunked = model(x, y)  # 192 tokens in chunks of 1024 would be one chunk: force several
-    from clova_train.model.gpt import chunked_lm_loss
+    from clova_train.model.loss import chunked_lm_loss
 
     h = model.ln_f(model.hidden(x))
     several = chunked_lm_loss(h, model.wte.weight, y, chunk_tokens=50)
@@ -94,7 +96,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
 
 
 def test_activation_checkpointing_keeps_less_for_backward():
-    from clova_train.training.engine import checkpoint_blocks
+    from clova_train.training.parallel.engine import checkpoint_blocks
     from clova_train.training.plan import activation_bytes
 
     from test_plan import _saved_activation_bytes
@@ -109,7 +111,7 @@ def test_activation_checkpointing_keeps_less_for_backward():
 
 
 def test_compiled_blocks_train_like_eager_ones():
-    from clova_train.training.engine import compile_blocks
+    from clova_train.training.parallel.engine import compile_blocks
 
     cfg = ModelConfig.from_name("tiny", vocab_size=512, block_size=32)
     g = torch.Generator().manual_seed(1)
@@ -118,6 +120,7 @@ def test_compiled_blocks_train_like_eager_ones():
     for compiled in (False, True):
         torch.manual_seed(0)
         model = GPT(cfg)
+        model.init_weights()
         if compiled:
             compile_blocks(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -135,30 +138,31 @@ def test_compiled_blocks_train_like_eager_ones():
 def test_building_one_pipeline_stage_of_82b_allocates_only_its_layers():
     from deepspeed.runtime.utils import partition_balanced
 
-    from clova_train.training.pipeline import layer_param_counts, pipeline_plan
+    from clova_train.model.gpt import parts as model_parts
+    from clova_train.training.parallel.pipeline import layer_param_counts
 
     from types import SimpleNamespace
 
     from deepspeed.pipe import PipelineModule
 
-    from clova_train.training.pipeline import pipeline_layers
+    from clova_train.training.parallel.pipeline import pipeline_layers
 
     tiny = ModelConfig.from_name("tiny", vocab_size=256, block_size=16)
     # DeepSpeed's own count builds every layer; ours, from the config, gives the same numbers.
     assert layer_param_counts(tiny) == PipelineModule._count_layer_params(SimpleNamespace(_layer_specs=pipeline_layers(tiny)))
     cfg = ModelConfig.from_name("82b")
     counts = layer_param_counts(cfg)  # meta-device builds: no memory
-    plan = pipeline_plan(cfg)
+    plan = model_parts(cfg)
     assert len(counts) == len(plan) == cfg.n_layer + 4
-    assert sum(counts) - counts[-1] == cfg.num_params()  # the tied head reuses the embedding
+    assert sum(counts) - counts[-1] == num_params(cfg)  # the tied head reuses the embedding
     parts = partition_balanced(weights=counts, num_parts=16)  # what PipelineModule does with these counts
     start, stop = parts[5], parts[6]
     # What rank 5 builds: only its layers, and they hold that stage's count and no more.
     owned = sum(counts[start:stop])
     with torch.device("meta"):  # ~5B parameters: shapes only
-        built = [plan[i].module(*plan[i].args, **plan[i].kwargs) for i in range(start, stop)]
+        built = [plan[i].module(cfg) for i in range(start, stop)]
     assert sum(p.numel() for m in built for p in m.parameters()) == owned
-    assert owned < cfg.num_params() / 12
+    assert owned < num_params(cfg) / 12
 
 
 # ---------------------------------------------------------------- DeepSpeed for real
@@ -250,7 +254,7 @@ def test_pipeline_with_activation_checkpointing_trains_from_zero3s_start(tmp_pat
 
 
 def test_prefetched_stream_gives_the_same_batches_and_the_consumers_state():
-    from clova_train.training.prefetch import Prefetcher
+    from clova_train.training.trainer.prefetch import Prefetcher
 
     from test_train_units import _streams
 
@@ -272,7 +276,7 @@ def test_prefetched_stream_gives_the_same_batches_and_the_consumers_state():
 
 def test_optimizer_line_says_which_kernel_runs_and_how_to_get_fused_adam(tmp_path, monkeypatch):
     train = TrainConfig(steps=1, global_batch=8, micro_batch=1, lr=1e-3, precision="bf16")
-    from clova_train.training.prefetch import optimizer_kernel
+    from clova_train.training.trainer.prefetch import optimizer_kernel
 
     cpu = deepspeed_config({}, train, ParallelConfig(), world=1, cuda=False, tensorboard_dir=None)
     assert optimizer_kernel(cpu, cuda=False) == "optimizer: torch AdamW"

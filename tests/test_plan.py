@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from clova_train.cli import app
 from clova_train.core.errors import ClovaError
-from clova_train.model.gpt import GPT
+from clova_train.model.gpt import GPT, num_params
 from clova_train.model.config import ModelConfig
 from clova_train.training.plan import GB, PlanConfig, activation_bytes, deepspeed_model_states, estimate, suggest
 
@@ -101,6 +101,7 @@ def _saved_activation_bytes(cfg: ModelConfig, batch: int, prepare=None) -> int:
     """Bytes autograd keeps for backward, parameters excluded, each storage once (``prepare(model)`` may wrap it first)."""
     torch.manual_seed(0)
     model = GPT(cfg)
+    model.init_weights()
     if prepare:
         prepare(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -151,6 +152,6 @@ def test_cli_plan_table_and_json():
     r = runner.invoke(app, ["plan", "--model", "1.3b", "--gpus", "8", "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    assert data["fits"] is True and data["parameters"] == ModelConfig.from_name("1.3b").num_params()
+    assert data["fits"] is True and data["parameters"] == num_params(ModelConfig.from_name("1.3b"))
     r = runner.invoke(app, ["plan", "--model", "1.3b", "--gpu-type", "tpu"])
     assert r.exit_code == 2 and "unknown --gpu-type" in r.output

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from clova_train.shards.format import open_split
-from clova_train.training.checkpoint import Checkpointer
+from clova_train.training.checkpoints.checkpoint import Checkpointer
 from clova_train.training.launch import usable_cores
 from clova_train.training.rundir import MARKER_FILE, METRICS_FILE
 
@@ -336,8 +336,8 @@ def test_collective_timeout_and_the_lost_peer_line(tmp_path, monkeypatch):
     from datetime import timedelta
 
     from clova_train.core.errors import ClovaError
-    from clova_train.training.distributed import collective_timeout
-    from clova_train.training.launch import lost_peer_message
+    from clova_train.training.parallel.distributed import collective_timeout
+    from clova_train.training.worker import lost_peer_message
 
     assert collective_timeout({}) == timedelta(minutes=30)
     assert collective_timeout({"CLOVA_COLLECTIVE_TIMEOUT": "20"}) == timedelta(seconds=20)
@@ -355,7 +355,7 @@ def test_collective_timeout_and_the_lost_peer_line(tmp_path, monkeypatch):
     assert lost_peer_message(RuntimeError("shape mismatch"), tmp_path) is None  # a bug stays a traceback
 
     # The same loss inside a checkpoint save: the save's line says it, not "its line says why" (a hung rank says nothing).
-    from clova_train.training.checkpoint import Checkpointer, PeerLost
+    from clova_train.training.checkpoints.checkpoint import Checkpointer, PeerLost
 
     monkeypatch.delenv("CLOVA_COLLECTIVE_TIMEOUT", raising=False)
     ckpt = Checkpointer(tmp_path, None, rank=0, world=2, keep_last=3)
@@ -369,9 +369,9 @@ def test_collective_timeout_and_the_lost_peer_line(tmp_path, monkeypatch):
 
 
 def test_requeue_is_the_flag_else_the_template_s_variable(monkeypatch):
-    from clova_train.training.config import TrainConfig
+    from clova_train.training.run.config import TrainConfig
     from clova_train.training.launch import requeue_slurm_job
-    from clova_train.training.loop import requeue_wanted
+    from clova_train.training.trainer.loop import requeue_wanted
 
     monkeypatch.delenv("CLOVA_REQUEUE", raising=False)
     assert not requeue_wanted(TrainConfig())  # a plain `srun clova train` stops and stays stopped

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from clova_train.training.rundir import CONFIG_FILE, MARKER_FILE, METRICS_FILE
-from clova_train.training.checkpoint import Checkpointer
+from clova_train.training.checkpoints.checkpoint import Checkpointer
 
 from conftest import TRAIN_ARGS, clova_cli
 

@@ -12,21 +12,21 @@ import pytest
 from typer.testing import CliRunner
 
 from clova_train.cli import app
-from clova_train.training.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, eval_windows, parse_data_spec
+from clova_train.training.data.sampler import DataConfig, PackedDataset, TrainStream, blend, data_config_from_specs, eval_batches, eval_windows, parse_data_spec
 from clova_train.core.errors import ClovaError
 from clova_train.shards.format import read_manifest
-from clova_train.training.loop import WORKER_MODULE
+from clova_train.training.worker import WORKER_MODULE
 from clova_train.training.launch import LaunchConfig, deepspeed_command, expand_first_host, read_hostfile, slurm_rank_env, world_size
-from clova_train.training.ds_config import ParallelConfig, deepspeed_config, load_template, template_defaults
-from clova_train.training.engine import param_groups
-from clova_train.training.pipeline import pipeline_layer_names, pipeline_layers, pipeline_names
+from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config, load_template, template_defaults
+from clova_train.training.parallel.engine import param_groups
+from clova_train.training.parallel.pipeline import pipeline_layer_names, pipeline_layers, pipeline_names
 from clova_train.training.rundir import MARKER_FILE
-from clova_train.training.step import BadStepGuard
-from clova_train.training.checkpoint import Checkpointer, Faults, tag_for
-from clova_train.training.distributed import CollectiveError
-from clova_train.training.metrics import MetricsLogger, plot_losses
-from clova_train.training.config import RunSpec, TrainConfig, TrainRequest, lr_at
-from clova_train.training.resolve import prepare
+from clova_train.training.trainer.step import BadStepGuard
+from clova_train.training.checkpoints.checkpoint import Checkpointer, Faults, tag_for
+from clova_train.training.parallel.distributed import CollectiveError
+from clova_train.training.trainer.metrics import MetricsLogger, plot_losses
+from clova_train.training.run.config import RunSpec, TrainConfig, TrainRequest, lr_at
+from clova_train.training.run.resolve import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((REPO / "deepspeed_configs").glob("*.json"))
@@ -234,9 +234,9 @@ def test_pipeline_names_cover_the_model():
 def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_shards, monkeypatch):
     import torch
 
-    from clova_train.training.distributed import Dist
-    from clova_train.training.pipeline import PipelineEngine
-    from clova_train.training.loop import run_config
+    from clova_train.training.parallel.distributed import Dist
+    from clova_train.training.parallel.pipeline import PipelineEngine
+    from clova_train.training.trainer.loop import run_config
 
     for bad, why in (("balanced", "must be parameters, uniform or type:REGEX"), ("type:", "must be parameters"),
                      ("type:Bl(ock", "not a regular expression"), ("type:a:b", "cannot contain ':'")):
@@ -263,11 +263,12 @@ def test_partition_is_checked_recorded_and_handed_to_deepspeed(tmp_path, korean_
         seen.update(kwargs)
         raise Built
 
-    import clova_train.training.pipeline as pipeline
+    import clova_train.training.parallel.pipeline as pipeline
+    from clova_train.training.parallel.dims import ParallelDims
 
     monkeypatch.setattr(pipeline, "_pipeline_module", lambda cfg: module)  # our PipelineModule subclass, as built
     with pytest.raises(Built):
-        PipelineEngine(spec.model, ds, spec.parallel, seed=0, dist=Dist(0, 2, 0, 2, torch.device("cpu")))
+        PipelineEngine(spec.model, ds, spec.parallel, ParallelDims.from_config(spec.parallel, 2), seed=0, dist=Dist(0, 2, 0, 2, torch.device("cpu")))
     assert seen["partition_method"] == "type:block" and seen["num_stages"] == 2
     assert seen["checkpointable_layers"] == ["Block"]  # never the embedding: reentrant checkpointing of ids breaks backward
     assert [type(s).__name__ for s in seen["layers"]] == ["TiedLayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "LayerSpec", "TiedLayerSpec"]
@@ -309,7 +310,7 @@ def test_train_prints_the_plan_and_refuses_what_cannot_fit_unless_forced(tmp_pat
 
     from rich.console import Console
 
-    from clova_train.training.preflight import memory_check
+    from clova_train.training.run.preflight import memory_check
 
     req = TrainRequest(out=str(tmp_path / "run"), model="1.3b", data=[str(korean_shards)], train={"steps": 1, "seq_len": 64, "global_batch": 8})
     spec = prepare(req, world_size=2, check=False)
@@ -444,6 +445,35 @@ def test_metrics_resume_drops_the_interrupted_attempt(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_metrics_backend_is_one_class_and_sees_what_metrics_jsonl_holds(tmp_path):
+    from clova_train.training.trainer.loggers import MetricsBackend
+
+    class Collect(MetricsBackend):
+        def __init__(self):
+            self.seen, self.closed = [], False
+
+        def log(self, record):
+            self.seen.append(dict(record))
+
+        def amend(self, record):
+            self.seen[-1] = dict(record)
+
+        def close(self):
+            self.closed = True
+
+    extra = Collect()
+    m = MetricsLogger(tmp_path, enabled=True, backends=[extra])
+    for s in range(1, 4):
+        m.log({"step": s, "loss": float("inf") if s == 2 else 1.0 / s, "tokens": 10 * s})
+    m.amend({"save_seconds": 0.5})
+    m.close()
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert extra.seen == written and written[1]["loss"] is None and written[-1]["save_seconds"] == 0.5 and extra.closed
+    silent = Collect()
+    MetricsLogger(tmp_path, enabled=False, backends=[silent]).log({"step": 4, "loss": 0.1, "tokens": 40})
+    assert silent.seen == []  # only rank 0 logs
+
+
 # ------------------------------------------------------------------ refused before step 1
 
 
@@ -493,6 +523,21 @@ def test_config_files_load_strictly(tmp_path, korean_shards):
     assert r.exit_code == 2 and "unknown section(s) trian" in r.output
 
 
+@pytest.mark.parametrize("section,bad,said", [
+    ("model", {"n_layer": 2.7, "n_embd": 64, "n_head": 4}, "model.n_layer: expected an integer, got 2.7"),
+    ("train", {"lr": "3e-4"}, 'train.lr: expected a number, got "3e-4"'),
+    ("parallel", {"activation_checkpointing": "yes"}, 'parallel.activation_checkpointing: expected true or false, got "yes"'),
+])
+def test_a_wrong_config_type_is_refused_in_one_line_naming_the_key(section, bad, said, tmp_path, korean_shards):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({section: bad}))
+    model = [] if section == "model" else ["--model", "tiny"]
+    r = CliRunner().invoke(app, ["train", *model, "--config", str(cfg), "--data", str(korean_shards), "--out", str(tmp_path / "r"), "--steps", "1"],
+                           env={"COLUMNS": "400"})
+    _one_line_error(r, f"{cfg}: {said}")
+    assert not (tmp_path / "r").exists()
+
+
 def test_prepare_layers_template_file_and_flags(tmp_path, korean_shards, tokenizer_dir):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"train": {"seq_len": 64, "grad_clip": 0.3, "steps": 99}, "parallel": {"activation_checkpointing": True}}))
@@ -526,7 +571,7 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
 
     import clova_train.shards.format
     from clova_train.training.rundir import VERIFIED_FILE
-    from clova_train.training.preflight import check_inputs
+    from clova_train.training.run.preflight import check_inputs
 
     shards = tmp_path / "shards"
     shutil.copytree(korean_shards, shards)
@@ -558,7 +603,7 @@ def test_shards_are_rehashed_only_when_their_files_change(tmp_path, korean_shard
 def test_the_first_stop_signal_is_the_reason_and_a_second_ctrl_c_interrupts():
     import signal
 
-    from clova_train.training.step import StopSignal
+    from clova_train.training.trainer.step import StopSignal
 
     stop = StopSignal()
     stop._handle(signal.SIGUSR1, None)  # the time-limit warning ...
@@ -567,3 +612,23 @@ def test_the_first_stop_signal_is_the_reason_and_a_second_ctrl_c_interrupts():
     stop._handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+
+
+def test_parallel_dims_map_every_mode_and_refuse_bad_layouts_in_one_line():
+    from clova_train.training.parallel.dims import ParallelDims
+
+    zero3 = ParallelDims.from_config(ParallelConfig(mode="zero3"), 8)
+    assert (zero3.dp, zero3.pp, zero3.tp, zero3.zero_stage, zero3.pipelined) == (8, 1, 1, 3, False)
+    assert ParallelDims.from_config(ParallelConfig(mode="zero1"), 4).zero_stage == 1
+    piped = ParallelDims.from_config(ParallelConfig(mode="pipeline", pipeline_stages=2), 8, zero_stage=1)
+    assert (piped.dp, piped.pp, piped.pipelined) == (4, 2, True) and piped.world == 8
+    # Megatron's order: stage slowest, tensor rank fastest; every rank of a replica reads the same share.
+    assert [piped.coords(r) for r in (0, 3, 4, 7)] == [(0, 0, 0), (0, 3, 0), (1, 0, 0), (1, 3, 0)]
+    assert piped.group_ranks("dp") == [[0, 1, 2, 3], [4, 5, 6, 7]] and piped.group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [piped.data_rank(r) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    with pytest.raises(ClovaError, match="needs 8 ranks, not 6"):
+        piped.check(6)
+    with pytest.raises(ClovaError, match="ZeRO stage 0 or 1 only"):
+        ParallelDims(dp=2, pp=2, zero_stage=3, pipelined=True)
+    with pytest.raises(ClovaError, match="tensor parallelism .* not available yet"):
+        ParallelDims(dp=1, tp=2)

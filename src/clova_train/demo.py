@@ -81,8 +81,8 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True, log=print) -> dict:
     from clova_train.shards.format import ShardConfig, read_manifest
     from clova_train.shards.build import tokenize_corpus
     from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
-    from clova_train.training.config import TrainRequest
-    from clova_train.training.loop import train
+    from clova_train.training.run.config import TrainRequest
+    from clova_train.training.train import train
 
     root = Path(cfg.out)
     if cfg.fresh and root.exists():

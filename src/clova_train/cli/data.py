@@ -215,7 +215,7 @@ def shards_index(
 
     Example: [bold]clova shards index shards/news:0.7 shards/blogs:0.3 --cache /shared/idx --seq-len 2048 --samples 73242624[/]
     """
-    from clova_train.training.sampler import build_run_indices
+    from clova_train.training.data.sampler import build_run_indices
 
     s = build_run_indices(data, cache, seq_len=seq_len, seed=seed, total_samples=samples, note=out.print)
     out.print(

@@ -38,6 +38,9 @@ def plan_cmd(
 
     Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
     """
+    from clova_train.model.config import preset_name
+
+    model = preset_name(model)  # a typo answers now, not after the planner's imports (torch) load
     from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest, suggest_layout
 
     if peak_tflops is None:
@@ -116,8 +119,8 @@ def train_cmd(
     if model:
         model = preset_name(model)  # a typo answers now, not after torch and DeepSpeed load
     from clova_train.training.launch import LaunchConfig
-    from clova_train.training.config import TrainRequest
-    from clova_train.training.loop import train
+    from clova_train.training.run.config import TrainRequest
+    from clova_train.training.train import train
 
     request = TrainRequest(
         out=str(out_dir),

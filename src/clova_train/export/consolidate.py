@@ -1,7 +1,7 @@
 """Consolidating a run's DeepSpeed checkpoint into our own parameter names.
 
 Export never parses DeepSpeed's layout itself: it resolves a complete
-checkpoint here and asks :mod:`clova_train.training.rankfiles` (which
+checkpoint here and asks :mod:`clova_train.training.checkpoints.rankfiles` (which
 resuming on another layout reads with too) for a :class:`Consolidated`
 checkpoint, which knows every parameter's name (ours, as in ``model.GPT``)
 and shape up front and then yields ``(name, fp32 tensor)`` one parameter at
@@ -11,7 +11,6 @@ writer, verification) is shared.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from clova_train.core.config import read_json_object
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.training.rankfiles import (  # noqa: F401  (export's names for them)
+from clova_train.training.checkpoints.rankfiles import (  # noqa: F401  (export's names for them)
     READERS,
     CheckpointRef,
     Consolidated,
@@ -30,6 +29,7 @@ from clova_train.training.rankfiles import (  # noqa: F401  (export's names for 
     expected_shapes,
     open_checkpoint,
 )
+from clova_train.training.checkpoints.markers import read_markers
 from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, LATEST_FILE, MARKER_FILE
 
 
@@ -54,17 +54,6 @@ def model_config(run_cfg: dict, where: str) -> ModelConfig:
     return from_dict(ModelConfig, run_cfg["model"], where=f"{where} 'model'")
 
 
-def _complete_tags(ckpt_dir: Path) -> dict[str, dict]:
-    """tag -> completion marker, for every checkpoint that finished writing."""
-    out = {}
-    for marker in ckpt_dir.glob(f"*/{MARKER_FILE}"):
-        try:
-            out[marker.parent.name] = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return out
-
-
 def _steps(tags: dict[str, dict]) -> str:
     return ", ".join(str(m.get("step")) for m in sorted(tags.values(), key=lambda m: m.get("step", -1))) or "none"
 
@@ -74,7 +63,7 @@ def resolve_checkpoint(run_dir: str | Path, step: int | str | None = "latest", *
     run_dir = Path(run_dir)
     run_cfg = read_run_config(run_dir)
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    tags = _complete_tags(ckpt_dir) if ckpt_dir.is_dir() else {}
+    tags = read_markers(ckpt_dir)[0]
     started = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
     if not tags:
         if started:

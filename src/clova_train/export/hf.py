@@ -32,7 +32,7 @@ from clova_train.core.dtypes import TORCH_DTYPES
 from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights
 from clova_train.export.consolidate import CheckpointRef, empty_model, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
-from clova_train.model.gpt import GPT
+from clova_train.model.gpt import GPT, num_params
 from clova_train.model.config import ModelConfig
 from clova_train.tokenizer.bpe import META_FILE, REMOTE_CODE, TOKENIZER_FILE, ClovaTokenizer
 from clova_train.core.files import atomic_write_json, atomic_write_text, is_disk_full, remove_dead_tmp, replace_dir, tmp_name
@@ -137,7 +137,7 @@ tags: [clova-train, gpt2, korean]
 
 # {ref.run_dir.name} (step {ref.step:,})
 
-A Korean GPT-3-style decoder ({m.num_params():,} parameters: {m.n_layer} layers, d_model {m.n_embd},
+A Korean GPT-3-style decoder ({num_params(m):,} parameters: {m.n_layer} layers, d_model {m.n_embd},
 {m.n_head} heads, context {m.block_size}) pre-trained with clova-train the HyperCLOVA way, stored as a
 `GPT2LMHeadModel` ({cfg.dtype}, tied output head).
 
@@ -368,7 +368,7 @@ def export_hf(
         if is_disk_full(e):
             raise ClovaError(
                 f"{out}: {e.strerror} while writing the export; nothing was left under {out} and the "
-                f"run dir is untouched: free space (the weights need about {ref.model.num_params() * dtype.itemsize / 1e6:,.0f} MB) and rerun the same command"
+                f"run dir is untouched: free space (the weights need about {num_params(ref.model) * dtype.itemsize / 1e6:,.0f} MB) and rerun the same command"
             ) from None
         raise
     finally:
@@ -379,7 +379,7 @@ def export_hf(
         "step": ref.step,
         "tokens": ref.marker.get("tokens"),
         "dtype": cfg.dtype,
-        "parameters": ref.model.num_params(),
+        "parameters": num_params(ref.model),
         **weights,
         "verified": verified,
         "seconds": {"weights": t_weights, "total": time.perf_counter() - t0},

@@ -61,26 +61,6 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    def num_params(self, embeddings: bool = True) -> int:
-        """Exact parameter count (tied head counted once)."""
-        d, L = self.n_embd, self.n_layer
-        per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-        n = L * per_block + 2 * d
-        if embeddings:
-            n += self.vocab_size * d + self.block_size * d
-        return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the dense matmuls plus attention scores.
-
-        N counts non-embedding parameters plus the (tied) output head; the
-        attention term is 12 * n_layer * seq_len * n_embd: QK^T and AV cost
-        2 * 2 * seq_len * n_embd per token forward, x3 with backward, causal
-        masking not discounted, as in PaLM's appendix B (6NT + 12LHQT).
-        """
-        n = self.num_params(embeddings=False) + self.vocab_size * self.n_embd
-        return 6.0 * n + 12.0 * self.n_layer * seq_len * self.n_embd
-
 
 def pad_vocab(n: int, multiple: int = 128) -> int:
     """Round a tokenizer's vocabulary up so embedding matmuls hit fast kernel shapes."""

@@ -1,71 +1,85 @@
-"""The GPT-3 decoder in plain single-device PyTorch (nanoGPT-style).
+"""The GPT-3 decoder in plain single-device PyTorch (nanoGPT-style), built from named parts.
 
 Token + learned position embeddings, pre-LayerNorm blocks (causal attention
 through ``scaled_dot_product_attention`` so CUDA uses flash kernels; exact
 GELU MLP), a final LayerNorm and an output head tied to the token embedding.
-Parameter names are the contract with export (see ``export.adapter.HF_KEY_MAP``);
-parallel wiring (ZeRO-3, pipeline stages, activation checkpointing) lives in
-``training/`` (``zero.py``, ``pipeline.py``) and never here.
+
+Seams: the model is the ordered list :func:`parts` (embedding, positions,
+blocks, final norm, head); the pipeline engine builds its stages from that
+same list, so a part is written once. Building allocates; :meth:`GPT.init_weights`
+initialises, layer by layer from a seed, so every layout starts from the same
+weights and a model built on the meta device is initialised (or loaded) only
+once it has memory. Parameter counts and FLOPs are read off the model
+(:func:`num_params`, :func:`flops_per_token`). Parameter names are the contract
+with checkpoints and export (``export.adapter.HF_KEY_MAP``); parallel wiring
+lives in ``training/parallel`` and never here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clova_train.model.cache import KVCache, LayerKV
 from clova_train.model.config import ModelConfig
+from clova_train.model.loss import chunked_lm_loss
 
 
-class LayerKV:
-    """One block's cached keys and values, each (B, n_head, capacity, head_dim)."""
+class Table(nn.Embedding):
+    """An embedding table whose building draws nothing on the meta device (torch's normal_ there costs seconds on first use)."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, n_head, T, head_dim) keys and values; return all stored so far."""
-        if self.k is None:
-            # Allocated once at full capacity, so decoding never re-copies the past.
-            B, H, _, D = k.shape
-            self.k = k.new_empty(B, H, self.capacity, D)
-            self.v = v.new_empty(B, H, self.capacity, D)
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"key/value cache full: {end} positions > capacity {self.capacity}")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, so a decoding step feeds only new tokens.
+class TokenEmbedding(nn.Module):
+    """Token ids to vectors, (B, T) -> (B, T, C); GPT-3 ties its output head to this table (:meth:`logits`)."""
 
-    ``valid`` (B, length) is False at left padding: nothing attends to those
-    positions and position ids count only valid tokens, so a padded row of a
-    batch computes what it would compute alone. Inference only (no autograd).
-    """
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = Table(cfg.vocab_size, cfg.n_embd)
 
-    def __init__(self, n_layer: int, capacity: int):
-        self.layers = [LayerKV(capacity) for _ in range(n_layer)]
-        self.valid: torch.Tensor | None = None
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.wte(idx)
 
-    @property
-    def length(self) -> int:
-        return 0 if self.valid is None else self.valid.shape[1]
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied head: (B, T, C) -> (B, T, vocab)."""
+        return F.linear(x, self.wte.weight)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned absolute positions added to the token vectors, then dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wpe = Table(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        return self.drop(x + self.wpe(positions))  # (B, T, C)
+
+
+class FinalLayerNorm(nn.LayerNorm):
+    """The LayerNorm after the last block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.n_embd, eps=cfg.layer_norm_eps)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.n_embd = cfg.n_embd
+        self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
@@ -74,21 +88,25 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Causal attention; with ``mask`` (B, 1, T, past + T) bool, over the cached past too."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        """Causal attention; with ``mask`` (B, 1, T, past + T) bool, over the cached past too.
+
+        Shapes come from head_dim and the tensors, never from the config's head
+        count, so a layer holding a slice of the heads runs unchanged.
+        """
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, T, heads * head_dim)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, n_head, past + T, head_dim)
+            k, v = cache.append(k, v)  # (B, heads, past + T, head_dim)
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, heads * head_dim)
         return self.resid_drop(self.proj(y))
 
 
@@ -120,16 +138,62 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@dataclass(frozen=True)
+class Part:
+    """One part of the model, in forward order; pipeline layer i is part i, built as ``module(cfg)``."""
+
+    name: str | None
+    """Where the part sits in GPT ("wte", "blocks.3"); None for the head, which reuses the tied embedding."""
+    module: type
+    tied: str | None = None
+    """Key shared by parts that are one module (the embedding and the tied head)."""
+    forward_fn: Callable | None = None
+    """A tied part's own forward, given the shared module."""
+
+
+def parts(cfg: ModelConfig) -> list[Part]:
+    """The model as an ordered list of parts: token embedding, positions, blocks, final norm, head tied to the embedding."""
+    return [
+        Part("wte", TokenEmbedding, tied="embed"),
+        Part("wpe", PositionEmbedding),
+        *[Part(f"blocks.{i}", Block) for i in range(cfg.n_layer)],
+        Part("ln_f", FinalLayerNorm),
+        Part(None, TokenEmbedding, tied="embed", forward_fn=TokenEmbedding.logits),
+    ]
+
+
 class GPT(nn.Module):
+    """The parts of :func:`parts` on one device. Build, then :meth:`init_weights` (or load a state dict)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.tokens, self.positions = TokenEmbedding(cfg), PositionEmbedding(cfg)
+        # The parts' modules are registered here, under the names checkpoints and export know
+        # (wte.weight, wpe.weight), so the parts themselves stay plain attributes.
+        self.wte, self.wpe, self.drop = self.tokens.wte, self.positions.wpe, self.positions.drop
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.apply(lambda m: init_weights(m, cfg))
+        self.ln_f = FinalLayerNorm(cfg)
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, (TokenEmbedding, PositionEmbedding)):
+            object.__setattr__(self, name, value)  # a part, not a child: its modules are registered above
+        else:
+            super().__setattr__(name, value)
+
+    def layers(self) -> list[nn.Module]:
+        """The parts that own parameters, in the order of :func:`parts` (the head reuses the token embedding)."""
+        return [self.tokens, self.positions, *self.blocks, self.ln_f]
+
+    def init_weights(self, seed: int | None = None, *, gathered: Callable | None = None) -> None:
+        """GPT-3's initialisation, part by part (see :func:`init_part`).
+
+        With ``seed``, part i draws from ``seed + i``: the weights do not depend
+        on how the parts are spread over stages or ranks. Without, they draw from
+        the current RNG stream in the same order.
+        """
+        for i, layer in enumerate(self.layers()):
+            init_part(layer, self.cfg, None if seed is None else seed + i, gathered=gathered)
 
     def embed(
         self,
@@ -140,16 +204,13 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Token plus position embeddings (B, T, C); ``inputs_embeds`` stands in for wte(idx)."""
         tok = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
-        if positions is None:
-            T = tok.shape[1]
-            if T > self.cfg.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
-            positions = torch.arange(T, device=tok.device)
-        return self.drop(tok + self.wpe(positions))  # (B, T, C)
+        if positions is None and tok.shape[1] > self.cfg.block_size:
+            raise ValueError(f"sequence length {tok.shape[1]} exceeds block_size {self.cfg.block_size}")
+        return self.positions(tok, positions)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        # Tied output head: logits = ln_f(x) @ wte^T, (B, T, C) -> (B, T, vocab)
-        return F.linear(self.ln_f(x), self.wte.weight)
+        """Logits (B, T, vocab) of final hidden states: ln_f, then the head tied to wte."""
+        return self.tokens.logits(self.ln_f(x))
 
     def hidden(
         self,
@@ -207,6 +268,7 @@ class GPT(nn.Module):
 
         The keyword arguments serve inference and p-tuning (see ``hidden``);
         training passes (idx, targets) only and takes the plain causal path.
+        The loss runs inside forward so ZeRO-3 has the head's weight gathered.
         """
         x = self.hidden(idx, inputs_embeds=inputs_embeds, cache=cache, valid=valid)
         if targets is None:
@@ -214,57 +276,36 @@ class GPT(nn.Module):
         return chunked_lm_loss(self.ln_f(x), self.wte.weight, targets)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+# Modules whose parameters init_part sets; under ZeRO-3 each is gathered once.
+INIT_UNITS = (CausalSelfAttention, MLP, nn.Embedding, nn.LayerNorm)
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of ``h @ weight^T`` computed a chunk of tokens at a time, gradients included.
+def init_part(
+    part: nn.Module,
+    cfg: ModelConfig,
+    seed: int | None = None,
+    *,
+    gathered: Callable[[nn.Module], AbstractContextManager[bool]] | None = None,
+) -> None:
+    """GPT-2/3 initialisation of one part: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
 
-    Each chunk's fp32 logits live only while the chunk is processed: the
-    forward pass also computes that chunk's share of d(loss)/dh and
-    d(loss)/d(weight) (softmax minus one-hot), so backward only scales them.
-    Memory is h and weight sized, not tokens x vocabulary.
+    ``seed`` reseeds the RNG first. ``gathered(unit)`` (ZeRO-3) is a context in
+    which the unit's parameters are whole; it yields whether this rank writes them.
     """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        n = h.shape[0]
-        grads = torch.is_grad_enabled() or h.requires_grad or weight.requires_grad
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if grads else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
-        for start in range(0, n, chunk):
-            hc, tc = h[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(hc, weight).float()  # (chunk, vocab)
-            total += F.cross_entropy(logits, tc, reduction="sum")
-            if grads:
-                g = torch.softmax(logits, dim=-1)
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g /= n
-                dh[start : start + chunk] = (g @ weight.float()).to(h.dtype)
-                dw += g.t() @ hc.float()
-        if grads:
-            ctx.save_for_backward(dh, dw.to(weight.dtype))
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        dh, dw = ctx.saved_tensors
-        return dh * grad_out.to(dh.dtype), dw * grad_out.to(dw.dtype), None, None
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in part.modules():
+        if not isinstance(module, INIT_UNITS):
+            continue
+        if gathered is None:
+            _init_unit(module, cfg)
+            continue
+        with gathered(module) as writer:
+            if writer:
+                _init_unit(module, cfg)
 
 
-def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
-    """The language-model loss of hidden states ``h`` (B, T, C) through the tied head ``weight`` (vocab, C), never holding (B*T, vocab) fp32 logits.
-
-    Equal to ``lm_loss(F.linear(h, weight), targets)`` up to float summation order.
-    """
-    flat = h.reshape(-1, h.shape[-1])  # (B*T, C)
-    return _ChunkedHeadLoss.apply(flat, weight, targets.reshape(-1), chunk_tokens)
-
-
-def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """GPT-2/3 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+def _init_unit(module: nn.Module, cfg: ModelConfig) -> None:
     if isinstance(module, (CausalSelfAttention, MLP)):
         nn.init.normal_(module.proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
         nn.init.zeros_(module.proj.bias)
@@ -276,3 +317,58 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+@functools.lru_cache(maxsize=32)
+def meta_model(cfg: ModelConfig) -> GPT:
+    """The model on the meta device: names and shapes, no memory (cached per config; do not modify it)."""
+    with torch.device("meta"):
+        return GPT(cfg)
+
+
+def part_names(cfg: ModelConfig) -> list[dict[str, str]]:
+    """For each part of :func:`parts`: its own parameter names -> GPT's names ({} for the tied head, which owns none)."""
+    model = meta_model(cfg)
+    ours = {id(p): n for n, p in model.named_parameters()}
+    names = [{n: ours[id(p)] for n, p in layer.named_parameters()} for layer in model.layers()]
+    return names + [{}] * (len(parts(cfg)) - len(names))
+
+
+def part_sizes(cfg: ModelConfig) -> list[int]:
+    """Parameters each part owns, in the order of :func:`parts` (the tied head owns none)."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in meta_model(cfg).layers()] + [0]
+
+
+def block_matrix_params(cfg: ModelConfig) -> int:
+    """Elements of one block's weight matrices: what its matmuls move, and what sizes ZeRO's buckets."""
+    return sum(p.numel() for p in meta_model(cfg).blocks[0].parameters() if p.dim() == 2)
+
+
+def largest_unit_params(cfg: ModelConfig) -> int:
+    """Parameters of the largest module that holds parameters itself (ZeRO-3 gathers one such at a time)."""
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in meta_model(cfg).modules())
+
+
+def num_params(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Exact parameter count, read off the model (the tied head counted once); without the embedding tables if asked."""
+    model = meta_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    if not embeddings:
+        n -= sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False))
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the dense matmuls plus attention scores.
+
+    N counts non-embedding parameters plus the output head (the tied table's
+    matmul); the attention term, per attention layer, is 12 * seq_len * width:
+    QK^T and AV cost 2 * 2 * seq_len * width per token forward, x3 with
+    backward, causal masking not discounted, as in PaLM's appendix B (6NT + 12LHQT).
+    """
+    model = meta_model(cfg)
+    head = model.tokens.wte.weight.numel()
+    attention = sum(
+        12.0 * seq_len * m.proj.in_features for m in model.modules() if isinstance(m, CausalSelfAttention)
+    )
+    return 6.0 * (num_params(cfg, embeddings=False) + head) + attention

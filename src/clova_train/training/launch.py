@@ -1,7 +1,6 @@
 """Starting the ranks of a training run: local workers, DeepSpeed's multi-node launcher, or Slurm tasks.
 
-Three ways in, one worker (:func:`worker_main` around the entry point the caller hands in;
-this module never imports the loop it starts):
+Three ways in, one worker module (``clova_train.training.worker``, which this module never imports):
 
 * ``clova train ... --nproc-per-node N``: this process checks the inputs once,
   writes RUN_DIR/launch.json and starts N local workers
@@ -31,15 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Callable
-
-from rich.markup import escape
-
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text
-from clova_train.core.progress import console
-from clova_train.training.checkpoint import newest_checkpoint
-from clova_train.training.distributed import CollectiveError, lost_peer_reason
 from clova_train.training.rundir import LAUNCH_FILE
 
 DEFAULT_PORT = 29500
@@ -216,17 +208,17 @@ def free_port() -> int:
 # ------------------------------------------------------------------ starting ranks
 
 
-def launch(spec, cfg: LaunchConfig, *, worker: Callable, module: str) -> int:
-    """Run ``worker(spec)`` on every rank; the exit code (0: finished or stopped cleanly, 2: a user error).
+def start(spec, cfg: LaunchConfig, *, module: str) -> int | None:
+    """Start the ranks of a run: the exit code (0: finished or stopped cleanly, 2: a user error), or None when
+    this process already is a rank (srun, torchrun), which then runs the worker itself.
 
-    In place when this process already is a rank; otherwise the ranks are new
-    processes running ``python -m MODULE RUN_DIR/launch.json``.
+    New ranks are processes running ``python -m MODULE RUN_DIR/launch.json``.
     """
     if under_launcher():
-        return worker_main(spec, worker)
+        return None
     if under_srun():
         os.environ.update(slurm_rank_env(master_addr=cfg.master_addr, master_port=cfg.master_port), CLOVA_LAUNCHER="slurm")
-        return worker_main(spec, worker)
+        return None
     spec_path = spec.run_dir / LAUNCH_FILE
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(spec_path, spec.to_json())
@@ -334,34 +326,3 @@ def spawn_local(spec_path: Path, cfg: LaunchConfig, module: str) -> int:
     # A user error (2) says more than the kills it caused; a signal death is reported as 128 + signal.
     first = 2 if 2 in failures else failures[0]
     return 128 - first if first < 0 else first
-
-
-def lost_peer_message(error: BaseException, run_dir: Path) -> str | None:
-    """One line for a collective that failed because another rank died or stopped answering; None for other errors."""
-    reason = lost_peer_reason(error)
-    if reason is None:
-        return None
-    marker = newest_checkpoint(Path(run_dir))
-    where = f"the last complete checkpoint is {marker['tag']}" if marker else "there is no complete checkpoint yet"
-    return f"{reason}. See that rank's log; {where}, and resubmitting the job continues from it"
-
-
-def worker_main(spec, worker: Callable) -> int:
-    """One rank: run ``worker(spec)``, print a user error once (rank 0 for collective ones), return the exit code."""
-    pin_cpu_threads()
-    rank = int(os.environ.get("RANK", 0))
-    try:
-        worker(spec)
-        return 0
-    except ClovaError as e:
-        if rank == 0 or not isinstance(e, CollectiveError):
-            who = "" if rank == 0 else f"[rank {rank}] "
-            # Messages quote paths and peers' errors, whose brackets are not markup.
-            console.print(f"[bold red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
-        return getattr(e, "exit_code", 2)
-    except RuntimeError as e:
-        lost = lost_peer_message(e, spec.run_dir)
-        if lost is None:
-            raise
-        console.print(f"[bold red]error:[/] {escape(f'[rank {rank}] ' + lost)}", highlight=False, soft_wrap=True)
-        return 1

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 
 from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
-from clova_train.training.ds_config import MODES, OFFLOADS
+from clova_train.training.parallel.ds_config import MODES, OFFLOADS
 from clova_train.model.config import PRESETS, ModelConfig, preset_name
+from clova_train.model.gpt import flops_per_token, largest_unit_params, num_params, part_sizes
 
 GB = 1024**3
 # Dense bf16 peak TFLOP/s per device, for MFU and time estimates.
@@ -100,11 +101,6 @@ def model_config(cfg: PlanConfig) -> ModelConfig:
     return ModelConfig.from_name(cfg.model, vocab_size=cfg.vocab_size, block_size=max(cfg.seq_len, 1))
 
 
-def largest_layer_params(m: ModelConfig) -> int:
-    """Parameters of the largest single module (ZeRO-3 gathers one such at a time)."""
-    return max(m.vocab_size * m.n_embd, 4 * m.n_embd * m.n_embd + 4 * m.n_embd)
-
-
 def activation_bytes(m: ModelConfig, layers: int, tokens: int, act_bytes: int, checkpointing: bool, head: bool) -> int:
     """Saved activations of ``layers`` blocks for ``tokens`` tokens (micro-batch x seq_len)."""
     th = tokens * m.n_embd
@@ -146,11 +142,11 @@ def _state_bytes_per_param(precision: str, parallel: str) -> tuple[int, int, int
 def estimate(cfg: PlanConfig) -> dict:
     """Per-GPU memory breakdown, whether it fits, and the time to train ``cfg.tokens``."""
     m = model_config(cfg)
-    n = m.num_params()
+    n = num_params(m)
     act_bytes = 4 if cfg.precision == "fp32" else 2
     w, g, o = _state_bytes_per_param(cfg.precision, cfg.parallel)
     tokens_micro = cfg.micro_batch * cfg.seq_len
-    largest = largest_layer_params(m)
+    largest = largest_unit_params(m)
     cpu_per_node = 0.0
     if cfg.parallel == "zero3":
         dp = cfg.world
@@ -179,7 +175,8 @@ def estimate(cfg: PlanConfig) -> dict:
         if s == 1:
             stage_params = n
         else:
-            stage_params = layers * _block_params(m) + m.vocab_size * m.n_embd + m.block_size * m.n_embd
+            sizes = part_sizes(m)  # embeddings, blocks..., final norm, head
+            stage_params = layers * sizes[2] + sizes[0] + sizes[1]
         # ZeRO-1: weights and gradients replicated in each replica, optimizer state
         # (fp32 master weights and Adam moments in mixed precision) sharded.
         params, grads = w * stage_params, g * stage_params
@@ -192,7 +189,7 @@ def estimate(cfg: PlanConfig) -> dict:
     total = params + grads + optim + acts
     usable = cfg.gpu_mem * GB * USABLE_FRACTION
     host_ok = cpu_per_node <= cfg.cpu_mem * GB * USABLE_FRACTION
-    flops_token = m.flops_per_token(cfg.seq_len)
+    flops_token = flops_per_token(m, cfg.seq_len)
     stages = cfg.pipeline_stages if cfg.parallel == "pipeline" else 1
     micro_batches = max(1, cfg.global_batch // (cfg.micro_batch * dp))
     # 1F1B: every stage idles (S-1) of the (M+S-1) slots of a step.
@@ -222,11 +219,6 @@ def estimate(cfg: PlanConfig) -> dict:
         "micro_batches_per_step": micro_batches,
         "pipeline_bubble": bubble,
     }
-
-
-def _block_params(m: ModelConfig) -> int:
-    d = m.n_embd
-    return 12 * d * d + 13 * d
 
 
 def suggest(cfg: PlanConfig) -> list[str]:
@@ -276,8 +268,8 @@ def deepspeed_model_states(cfg: PlanConfig) -> tuple[int, int]:
 
     m = model_config(cfg)
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        m.num_params(),
-        largest_layer_params(m),
+        num_params(m),
+        largest_unit_params(m),
         num_gpus_per_node=cfg.gpus,
         num_nodes=cfg.nodes,
         cpu_offload=cfg.offload != "none",

@@ -10,6 +10,7 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.gpt import GPT
+from clova_train.training.parallel.dims import ParallelDims
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -53,6 +54,8 @@ class Engine:
     ds: Any
     device: torch.device
     inject_nan: bool = False
+    dims: "ParallelDims"
+    """The layout this engine runs (see parallel.dims)."""
     data_rank: int
     """This rank's data-parallel replica, and how many there are: they split each global batch."""
     data_world: int

@@ -18,9 +18,10 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, atomic_write_text, fsync_path
-from clova_train.training.distributed import CollectiveError, lost_peer_reason
+from clova_train.training.parallel.distributed import CollectiveError, lost_peer_reason
+from clova_train.training.checkpoints.markers import complete_steps, read_marker, read_markers
 from clova_train.training.rundir import CHECKPOINT_DIR, LATEST_FILE, MARKER_FILE
-from clova_train.training.trust import check_checkpoint_files
+from clova_train.training.checkpoints.trust import check_checkpoint_files
 
 
 class Faults:
@@ -173,15 +174,8 @@ class Checkpointer:
     @staticmethod
     def markers(directory: Path) -> tuple[list[tuple[int, str]], set[str]]:
         """(step, tag) of every complete checkpoint, oldest first; and the tags whose marker exists but did not read."""
-        out, unread = [], set()
-        if directory.is_dir():
-            for marker in directory.glob(f"step_*/{MARKER_FILE}"):
-                try:
-                    info = json.loads(marker.read_text(encoding="utf-8"))
-                    out.append((int(info["step"]), marker.parent.name))
-                except (OSError, ValueError, KeyError, TypeError):
-                    unread.add(marker.parent.name)  # written atomically, so complete; only the read failed
-        return sorted(out), unread
+        markers, unread = read_markers(directory)
+        return complete_steps(markers), unread
 
     @classmethod
     def complete(cls, directory: Path) -> list[tuple[int, str]]:
@@ -189,7 +183,7 @@ class Checkpointer:
         return cls.markers(directory)[0]
 
     def marker(self, tag: str) -> dict:
-        return json.loads((self.dir / tag / MARKER_FILE).read_text(encoding="utf-8"))
+        return read_marker(self.dir, tag)
 
     def latest(self, resume_step: int | None = None) -> str | None:
         """The tag to resume from, as rank 0 decides it (every rank gets the same answer, or the same error).
@@ -335,11 +329,3 @@ class Checkpointer:
         elif isinstance(state["rng"], list):  # written before each rank kept its own
             state["rng"] = state["rng"][self.rank]
         return state
-
-
-def newest_checkpoint(run_dir: Path) -> dict | None:
-    """The completion marker of the newest complete checkpoint, or None."""
-    complete = Checkpointer.complete(run_dir / CHECKPOINT_DIR)
-    if not complete:
-        return None
-    return json.loads((run_dir / CHECKPOINT_DIR / complete[-1][1] / MARKER_FILE).read_text(encoding="utf-8"))

@@ -111,7 +111,7 @@ def validate_deepspeed(template: dict, path: str | Path) -> None:
     """Raise one ClovaError (one line per problem, each naming ``path`` and the key) unless DeepSpeed accepts ``template``."""
     if not template:
         return
-    from clova_train.training.distributed import quiet_deepspeed, select_accelerator
+    from clova_train.training.parallel.distributed import quiet_deepspeed, select_accelerator
 
     select_accelerator()
     import pydantic

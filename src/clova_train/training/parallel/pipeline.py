@@ -3,115 +3,56 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import init_weights
-from clova_train.training.distributed import Dist
-from clova_train.training.ds_config import ParallelConfig
-from clova_train.training.engine import Engine, compile_blocks, param_groups
+from clova_train.model.gpt import Part, init_part, part_names, parts
+from clova_train.model.loss import lm_loss
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.distributed import Dist
+from clova_train.training.parallel.ds_config import ParallelConfig
+from clova_train.training.parallel.engine import Engine, compile_blocks, param_groups
 
 
-class TokenEmbedding(torch.nn.Module):
-    """wte alone: the first stage embeds with it, the last stage's head reuses it (tied)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.wte = torch.nn.Embedding(cfg.vocab_size, cfg.n_embd)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.wte(idx)  # (B, T) -> (B, T, C)
-
-
-class PositionEmbedding(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.wpe = torch.nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = torch.nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
-
-
-def _tied_head(embedding: TokenEmbedding, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, embedding.wte.weight)  # (B, T, C) -> (B, T, vocab)
-
-
-@dataclass(frozen=True)
-class PipeLayer:
-    """One layer of the pipeline, and where its parameters live in GPT."""
-
-    module: type
-    args: tuple
-    ours: str | None
-    """Prefix of this layer's parameter names in GPT ("blocks.0."); None: it owns none (it reuses a tied layer's)."""
-    kwargs: dict = field(default_factory=dict)
-    tied: str | None = None
-    """Key shared by layers that use the same module (DeepSpeed's TiedLayerSpec)."""
-    forward_fn: Callable | None = None
-    """A tied layer's own forward, given the shared module."""
-
-    def param_names(self) -> list[str]:
-        return list(self.param_numels())
-
-    def param_numels(self) -> dict[str, int]:
-        """Parameter name -> element count, from a build on the meta device (no memory, no initialisation cost)."""
-        with torch.device("meta"):
-            return {n: p.numel() for n, p in self.module(*self.args, **self.kwargs).named_parameters()}
-
-
-def pipeline_plan(cfg: ModelConfig) -> list[PipeLayer]:
-    """GPT as a list of pipeline layers: token embedding, positions, blocks, final norm, head tied to the embedding.
-
-    Layer i of this list is layer i of the PipelineModule, and of its checkpoint.
-    """
-    from clova_train.model.gpt import Block
-
-    return [
-        PipeLayer(TokenEmbedding, (cfg,), ours="", tied="embed"),
-        PipeLayer(PositionEmbedding, (cfg,), ours=""),
-        *[PipeLayer(Block, (cfg,), ours=f"blocks.{i}.") for i in range(cfg.n_layer)],
-        PipeLayer(torch.nn.LayerNorm, (cfg.n_embd,), ours="ln_f.", kwargs={"eps": cfg.layer_norm_eps}),
-        PipeLayer(TokenEmbedding, (cfg,), ours=None, tied="embed", forward_fn=_tied_head),
-    ]
+def _own_names(part: Part, cfg: ModelConfig) -> dict[str, int]:
+    """A part's parameter name -> element count, from a build on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        return {n: p.numel() for n, p in part.module(cfg).named_parameters()}
 
 
 def pipeline_layers(cfg: ModelConfig) -> list:
-    """The pipeline plan as DeepSpeed layer specs."""
+    """The model's parts as DeepSpeed layer specs: layer i of the PipelineModule, and of its checkpoint, is part i."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     specs = []
-    for layer in pipeline_plan(cfg):
-        if layer.tied:
-            specs.append(TiedLayerSpec(layer.tied, layer.module, *layer.args, forward_fn=layer.forward_fn,
-                                       tied_weight_attr=layer.param_names(), **layer.kwargs))
+    for part in parts(cfg):
+        if part.tied:
+            specs.append(TiedLayerSpec(part.tied, part.module, cfg, forward_fn=part.forward_fn,
+                                       tied_weight_attr=list(_own_names(part, cfg))))
         else:
-            specs.append(LayerSpec(layer.module, *layer.args, **layer.kwargs))
+            specs.append(LayerSpec(part.module, cfg))
     return specs
 
 
 def pipeline_layer_names(cfg: ModelConfig) -> list[dict[str, str]]:
     """For each pipeline layer: its own parameter names (as in its checkpoint file) -> GPT names; {} if it owns none."""
-    return [{n: layer.ours + n for n in layer.param_names()} if layer.ours is not None else {} for layer in pipeline_plan(cfg)]
+    return part_names(cfg)
 
 
 def pipeline_names(cfg: ModelConfig) -> dict[str, str]:
     """PipelineModule parameter name -> GPT parameter name: layer i's under "i.", a tied layer's under "tied_modules.KEY."."""
     names = {}
-    for i, (layer, own) in enumerate(zip(pipeline_plan(cfg), pipeline_layer_names(cfg))):
-        prefix = f"tied_modules.{layer.tied}." if layer.tied else f"{i}."
+    for i, (part, own) in enumerate(zip(parts(cfg), pipeline_layer_names(cfg))):
+        prefix = f"tied_modules.{part.tied}." if part.tied else f"{i}."
         names.update({prefix + n: ours for n, ours in own.items()})
     return names
 
 
 def check_partition(cfg: ModelConfig, parallel: ParallelConfig, stages: int) -> None:
     """Refuse a stage count or partition DeepSpeed would fail on, or leave a stage empty with, before any rank starts."""
-    plan = pipeline_plan(cfg)
-    owning = sum(layer.ours is not None for layer in plan)  # a stage holding only the tied head would own no weights
+    plan = parts(cfg)
+    owning = sum(part.name is not None for part in plan)  # a stage holding only the tied head would own no weights
     if stages > owning:
         raise ClovaError(f"{stages} pipeline stages for {owning} layers with parameters; use fewer --pipeline-stages")
     kind, _, pattern = parallel.partition.partition(":")
@@ -129,7 +70,7 @@ def check_partition(cfg: ModelConfig, parallel: ParallelConfig, stages: int) -> 
 
 def layer_param_counts(cfg: ModelConfig) -> list[int]:
     """Trainable parameters of each pipeline layer, from the config alone (a tied layer counts where DeepSpeed counts it)."""
-    return [sum(layer.param_numels().values()) for layer in pipeline_plan(cfg)]
+    return [sum(_own_names(part, cfg).values()) for part in parts(cfg)]
 
 
 def _pipeline_module(cfg: ModelConfig):
@@ -153,10 +94,10 @@ def _pipeline_module(cfg: ModelConfig):
 
 
 class PipelineEngine(Engine):
-    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist):
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
         import deepspeed
 
-        stages = parallel.stages(dist.world)
+        stages = dims.pp
         module = _pipeline_module(model_cfg)(
             layers=pipeline_layers(model_cfg),
             num_stages=stages,
@@ -169,23 +110,23 @@ class PipelineEngine(Engine):
         )
         if parallel.compile:
             compile_blocks(module.forward_funcs)
-        # Layer i is drawn from seed + i, so the weights do not depend on how layers fall into stages;
-        # the tied embedding is drawn alike on the first and the last stage.
+        # Layer i is part i, drawn from seed + i as GPT.init_weights draws it, so the weights do not depend on
+        # how layers fall into stages; the tied embedding is drawn alike on the first and the last stage.
         for name, child in module.named_children():
             if name == "tied_modules":
-                torch.manual_seed(seed)
-                child.apply(lambda m: init_weights(m, model_cfg))
+                init_part(child, model_cfg, seed)
             elif name.isdigit():
-                torch.manual_seed(seed + int(name))
-                child.apply(lambda m: init_weights(m, model_cfg))
+                init_part(child, model_cfg, seed + int(name))
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay), config=ds_config)
         self.device = dist.device
+        self.dims = dims
         self.data_rank, self.data_world = self.ds.grid.get_data_parallel_rank(), self.ds.grid.get_data_parallel_world_size()
+        if (self.data_rank, self.data_world) != (dims.data_rank(dist.rank), dims.dp):
+            raise ClovaError(f"DeepSpeed's pipeline grid puts rank {dist.rank} in replica {self.data_rank} of {self.data_world}; "
+                             f"the layout ({dims.describe()}) says {dims.data_rank(dist.rank)} of {dims.dp}")
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from clova_train.model.gpt import lm_loss
-
         loss = lm_loss(logits, targets)
         return loss * float("nan") if self.inject_nan else loss
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clova_train.training.distributed import CollectiveError
+from clova_train.training.parallel.distributed import CollectiveError
 
 
 @dataclass

@@ -26,7 +26,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import GPT
 from clova_train.training.rundir import CHECKPOINT_DIR, CONFIG_FILE
-from clova_train.training.torchzip import OnDisk, TorchZip, _zero_stage
+from clova_train.training.checkpoints.torchzip import OnDisk, TorchZip, _zero_stage
 
 
 @dataclass(frozen=True)
@@ -86,26 +86,10 @@ class Consolidated(Protocol):
     def close(self) -> None: ...
 
 
-_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "ones_", "zeros_")
-
-
 def empty_model(cfg: ModelConfig) -> GPT:
-    """Our GPT on the meta device: names and shapes, no memory, no initialisation.
-
-    Initialising meta tensors still runs torch's Python reference kernels,
-    whose first use costs seconds, for values nobody reads; so, like
-    transformers' ``no_init_weights``, the ``torch.nn.init`` functions are
-    no-ops while the model is built (not thread-safe, and brief).
-    """
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return GPT(cfg)
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
+    """Our GPT on the meta device: names and shapes, no memory, no initialisation (building draws nothing; see GPT)."""
+    with torch.device("meta"):
+        return GPT(cfg)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -322,16 +306,16 @@ class PipelineCheckpoint(_RankFiles):
     holds, per parameter group, that replica's slice of the stage's flat fp32
     master weights, and ``param_slice_mappings`` says where each parameter's
     part of the slice lies, by PipelineModule name; a parameter's parts in
-    replica order make it whole. :func:`parallel.pipeline_names` turns those
+    replica order make it whole. :func:`~clova_train.training.parallel.pipeline.pipeline_names` turns those
     names into ours; the tied embedding appears on the first and the last
     stage alike, and the first stage's copy is read. Without such optimizer
     files (ZeRO-0 in fp32, or an older DeepSpeed) the weights come from the
     layer files (``layer_<i>-model_states.pt``, in the training precision),
-    named by :func:`parallel.pipeline_layer_names`.
+    named by :func:`~clova_train.training.parallel.pipeline.pipeline_layer_names`.
     """
 
     def __init__(self, ref: CheckpointRef):
-        from clova_train.training.pipeline import pipeline_layer_names, pipeline_names
+        from clova_train.training.parallel.pipeline import pipeline_layer_names, pipeline_names
 
         self.ref = ref
         self._files: list[TorchZip] = []

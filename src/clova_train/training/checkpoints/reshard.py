@@ -22,14 +22,16 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.training.rankfiles import CheckpointRef, open_checkpoint
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.checkpoints.rankfiles import CheckpointRef, open_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def layout(mode: str, world: int, stages: int, partition: str) -> dict:
+def layout(dims: ParallelDims, partition: str) -> dict:
     """How a run is cut across its ranks: what a checkpoint records, and what resuming compares."""
-    return {"world_size": world, "stages": stages, "replicas": world // stages, **({"partition": partition} if mode == "pipeline" else {})}
+    return {"world_size": dims.world, "stages": dims.pp, "replicas": dims.dp, **({"partition": partition} if dims.pipelined else {}),
+            **({"tensor_parallel": dims.tp} if dims.tp > 1 else {})}
 
 
 def describe_change(old: dict, new: dict, old_accum: int | None, new_accum: int, micro_batch: int) -> str:
@@ -43,7 +45,7 @@ def _local_params(engine, model: ModelConfig, mode: str) -> dict[str, list[torch
     """Our parameter name -> this rank's parameters holding it (a tied embedding: on the first and on the last stage)."""
     names = {}
     if mode == "pipeline":
-        from clova_train.training.pipeline import pipeline_names
+        from clova_train.training.parallel.pipeline import pipeline_names
 
         names = pipeline_names(model)
     out: dict[str, list] = {}

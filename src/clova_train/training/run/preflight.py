@@ -9,9 +9,9 @@ from typing import Any
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json
-from clova_train.training.config import RunSpec
-from clova_train.training.distributed import CollectiveError
-from clova_train.training.metrics import peak_tflops
+from clova_train.training.run.config import RunSpec
+from clova_train.training.parallel.distributed import CollectiveError
+from clova_train.training.trainer.metrics import peak_tflops
 from clova_train.training.rundir import CONFIG_FILE, VERIFIED_FILE
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from clova_train.core.config import read_json_object
 from clova_train.core import dtypes
 from clova_train.core.errors import ClovaError
+from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import block_matrix_params
 
 MODES = ("zero1", "zero2", "zero3", "pipeline")
 # The ZeRO stage of each data-parallel mode (pipeline mode takes the template's 0 or 1).
@@ -152,10 +154,10 @@ def template_defaults(template: dict) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: int, cuda: bool, tensorboard_dir: str | None,
-                     d_model: int | None = None) -> dict:
+                     model: ModelConfig | None = None) -> dict:
     """The DeepSpeed config of a run: the template, with every setting clova owns written from our configs.
 
-    ``d_model`` sizes the ZeRO buckets the template leaves unset or "auto".
+    ``model`` sizes the ZeRO buckets the template leaves unset or "auto".
     """
     ds = copy.deepcopy(template)
     replicas = world // parallel.stages(world)
@@ -180,10 +182,10 @@ def deepspeed_config(template: dict, train, parallel: ParallelConfig, *, world: 
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = zero_stage(template, parallel)
     ds.update(reduction_dtypes(precision, parallel.reduce_dtype, zero["stage"]))
-    for key, value in bucket_sizes(d_model or 0, zero["stage"]).items():
+    for key, value in bucket_sizes(model, zero["stage"]).items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
-            if not d_model:  # no width to size it by: DeepSpeed's own default
+            if value is None:  # no model to size it by: DeepSpeed's own default
                 del zero[key]
     for key in ("offload_optimizer", "offload_param"):
         if parallel.offload == "none":
@@ -230,24 +232,23 @@ PERSISTENCE_FLOOR = 100_000
 BUCKET_CAP = 500_000_000
 
 
-def bucket_sizes(d_model: int, stage: int) -> dict[str, int]:
-    """ZeRO bucket and prefetch sizes (elements) from the width, where the template leaves them "auto".
+def bucket_sizes(model: ModelConfig | None, stage: int) -> dict[str, int | None]:
+    """ZeRO bucket and prefetch sizes (elements) from the model's blocks, where the template leaves them "auto".
 
-    A block holds 12 d^2 parameters: prefetching one block lets the next
+    A GPT-3 block's matrices hold 12 d^2 parameters: prefetching one block lets the next
     block's gather overlap this block's compute, and a reduce bucket of two
     blocks lets block i's reduction overlap block i-1's backward, from 49K
     elements for the tiny preset to DeepSpeed's 5e8 cap for 82B (a fixed
     5e7 is a whole tiny model and a twentieth of an 82B block). Tensors
     under max(1e5, 10 d) elements (biases, LayerNorms) stay resident.
     """
-    block = 12 * d_model * d_model
-    sizes = {"reduce_bucket_size": min(2 * block, BUCKET_CAP)}
-    if stage == 3:
-        sizes["stage3_prefetch_bucket_size"] = min(block, BUCKET_CAP)
-        sizes["stage3_param_persistence_threshold"] = max(PERSISTENCE_FLOOR, 10 * d_model)
-    else:
-        sizes["allgather_bucket_size"] = min(2 * block, BUCKET_CAP)
-    return sizes
+    keys = ["reduce_bucket_size", *(["stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"] if stage == 3 else ["allgather_bucket_size"])]
+    if model is None:
+        return dict.fromkeys(keys)
+    block = block_matrix_params(model)
+    sizes = {"reduce_bucket_size": min(2 * block, BUCKET_CAP), "allgather_bucket_size": min(2 * block, BUCKET_CAP),
+             "stage3_prefetch_bucket_size": min(block, BUCKET_CAP), "stage3_param_persistence_threshold": max(PERSISTENCE_FLOOR, 10 * model.n_embd)}
+    return {k: sizes[k] for k in keys}
 
 
 def zero_stage(template: dict, parallel: ParallelConfig) -> int:

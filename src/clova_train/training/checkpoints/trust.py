@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.safe_pickle import check_torch_file
-from clova_train.training.distributed import CollectiveError
+from clova_train.training.parallel.distributed import CollectiveError
 
 
 def check_checkpoint_files(tag_dir: Path, *, rank: int, world: int) -> None:

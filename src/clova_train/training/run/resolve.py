@@ -8,13 +8,13 @@ from pathlib import Path
 from clova_train.core.config import from_dict, read_json_object
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig, pad_vocab
-from clova_train.training.config import RunSpec, TrainConfig, TrainRequest
-from clova_train.training.ds_config import ParallelConfig, template_defaults, zero_stage
-from clova_train.training.ds_validate import validate_deepspeed
-from clova_train.training.pipeline import check_partition
-from clova_train.training.preflight import check_inputs, check_run_dir
+from clova_train.training.run.config import RunSpec, TrainConfig, TrainRequest
+from clova_train.training.parallel.ds_config import ParallelConfig, template_defaults, zero_stage
+from clova_train.training.parallel.ds_validate import validate_deepspeed
+from clova_train.training.parallel.pipeline import check_partition
+from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
-from clova_train.training.sampler import DataConfig, data_config_from_specs, token_weights
+from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
 
 CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
 
@@ -27,13 +27,13 @@ def _read_config_file(path: Path) -> dict:
     return cfg
 
 
-def _layer(cls, where: str, *layers: dict, flags: dict):
+def _layer(cls, where: str, section: str, *layers: dict, flags: dict):
     """Build ``cls`` from dict layers (later wins), strictly, then the flags that were given."""
     merged: dict = {}
     for layer in layers:
         merged.update(layer)
     merged.update({k: v for k, v in flags.items() if v is not None})
-    return from_dict(cls, merged, where=where)
+    return from_dict(cls, merged, where=where, section=section)
 
 
 def _shard_fingerprint(manifest: dict) -> str:
@@ -56,7 +56,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     where = str(config_path) if config_path else "flags"
 
     # Data: flags replace the file's list; paths become absolute so the run dir is self-describing.
-    data = data_config_from_specs(req.data) if req.data else from_dict(DataConfig, file_cfg.get("data", {}), where=f"{where}: data")
+    data = data_config_from_specs(req.data) if req.data else from_dict(DataConfig, file_cfg.get("data", {}), where=where, section="data")
     if not data.paths:
         raise ClovaError("no training data: give --data SHARD_DIR[:WEIGHT]...")
     manifests = [read_manifest(p) for p in data.paths]
@@ -80,7 +80,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             )
 
     # DeepSpeed template: its settings sit between our defaults and the file/flags.
-    from clova_train.training.ds_config import load_template
+    from clova_train.training.parallel.ds_config import load_template
 
     template = load_template(req.deepspeed) if req.deepspeed else dict(file_cfg.get("deepspeed") or {})
     validate_deepspeed(template, req.deepspeed or f"{where}: deepspeed")  # here, not in every rank after they start
@@ -89,8 +89,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     if req.train.get("steps") is not None or req.train.get("train_tokens") is not None:
         # A length flag replaces the file's length, whichever way the file put it.
         file_train.pop("steps", None), file_train.pop("train_tokens", None)
-    train = _layer(TrainConfig, f"{where}: train", tmpl_train, file_train, flags=req.train)
-    parallel = _layer(ParallelConfig, f"{where}: parallel", tmpl_par, file_cfg.get("parallel", {}), flags=req.parallel)
+    train = _layer(TrainConfig, where, "train", tmpl_train, file_train, flags=req.train)
+    parallel = _layer(ParallelConfig, where, "parallel", tmpl_par, file_cfg.get("parallel", {}), flags=req.parallel)
 
     # Model: the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
     if req.model:
@@ -98,7 +98,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     elif "model" in file_cfg:
         fields = dict(file_cfg["model"])
         fields.setdefault("vocab_size", pad_vocab(tok.vocab_size))
-        model = from_dict(ModelConfig, fields, where=f"{where}: model")
+        model = from_dict(ModelConfig, fields, where=where, section="model")
     else:
         raise ClovaError("which model? give --model PRESET (e.g. tiny, 137m, 1.3b) or a --config with a model section")
     if tok.vocab_size > model.vocab_size:
@@ -135,7 +135,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "tokenizer": tok.hash,
         "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
         # The mode, not the layout: a checkpoint resumes on another world size, stage count or
-        # partition (training/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
+        # partition (training/checkpoints/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
         "parallel": {"mode": parallel.mode},
     }
     spec = RunSpec(

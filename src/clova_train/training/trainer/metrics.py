@@ -1,8 +1,7 @@
-"""What a run reports: metrics.jsonl, TensorBoard, loss.png, the live progress line, throughput and memory."""
+"""What a run reports: the metrics logger (its backends in loggers.py), loss.png, the live progress line, throughput and memory."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -11,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from clova_train.core.textfiles import iter_jsonl
-from clova_train.core.files import atomic_write_text, commit_file, tmp_name
+from clova_train.core.files import commit_file, tmp_name
 from clova_train.training.rundir import METRICS_FILE, PLOT_FILE
+from clova_train.training.trainer.loggers import JsonlBackend, MetricsBackend, TensorBoardBackend
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -21,58 +20,59 @@ def _finite_or_none(x: float) -> float | None:
 
 
 class MetricsLogger:
-    """RUN_DIR/metrics.jsonl (one object per optimizer step), TensorBoard events and loss.png; rank 0 only."""
+    """The run's metrics on rank 0: kept in memory for loss.png, handed to every backend (metrics.jsonl, TensorBoard)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, monitor=None):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, *, enabled: bool, monitor=None, backends: list[MetricsBackend] | None = None):
         self.plot_path = run_dir / PLOT_FILE
         self.enabled = enabled
-        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.records: list[dict] = []
+        self.backends: list[MetricsBackend] = [JsonlBackend(run_dir / METRICS_FILE)]
+        if monitor is not None and getattr(monitor, "enabled", False):
+            self.backends.append(TensorBoardBackend(monitor))
+        self.backends += backends or []
 
     def resume_at(self, step: int) -> None:
         """Keep what steps 1..step logged; later lines belong to the interrupted attempt."""
         if not self.enabled:
             return
-        logged = iter_jsonl(self.path, skip_bad=True) if self.path.is_file() else ()
-        self.records = [rec for _, rec in logged if rec.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+        for backend in self.backends:
+            kept = backend.resume_at(step)
+            if isinstance(backend, JsonlBackend):
+                self.records = kept
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
         self.records.append(clean)
-        with open(self.path, "a", encoding="utf-8") as f:
-            self._last_at = f.tell()
-            f.write(json.dumps(clean) + "\n")
-        if self.monitor is not None:
-            step = record["step"]
-            events = [(f"Train/{k}", record[k], step) for k in ("loss", "lr", "grad_norm", "tokens_per_s") if clean.get(k) is not None]
-            events += [(f"Valid/{k[6:]}", record[k], step) for k in ("valid_loss", "valid_ppl") if clean.get(k) is not None]
-            self.monitor.write_events(events)
+        for backend in self.backends:
+            backend.log(clean)
 
     def amend(self, fields: dict) -> None:
         """Add ``fields`` to the last step's record (a save's cost, known only after the step was logged)."""
         if not self.enabled or not self.records:
             return
         self.records[-1].update(fields)
-        with open(self.path, "r+", encoding="utf-8") as f:
-            f.truncate(self._last_at)  # rewriting one line, not the file: metrics.jsonl grows with the run
-            f.seek(self._last_at)
-            f.write(json.dumps(self.records[-1]) + "\n")
+        for backend in self.backends:
+            backend.amend(self.records[-1])
 
     def plot(self) -> None:
         """Redraw loss.png in the background: the other ranks would otherwise wait for matplotlib."""
         if self.enabled and self.records:
-            self.close()
+            self._join_plotter()
             self._plotter = threading.Thread(target=plot_losses, args=(list(self.records), self.plot_path), daemon=True)
             self._plotter.start()
 
-    def close(self) -> None:
+    def _join_plotter(self) -> None:
         if getattr(self, "_plotter", None) is not None:
             self._plotter.join()
             self._plotter = None
+
+    def close(self) -> None:
+        self._join_plotter()
+        if self.enabled:
+            for backend in self.backends:
+                backend.close()
 
 
 def loss_figure(records: list[dict], title: str):

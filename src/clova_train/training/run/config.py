@@ -11,8 +11,8 @@ from typing import Any
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.training.ds_config import PRECISIONS, ParallelConfig
-from clova_train.training.sampler import DataConfig
+from clova_train.training.parallel.ds_config import PRECISIONS, ParallelConfig
+from clova_train.training.data.sampler import DataConfig
 
 # GPT-3 warmed up over its first 375M tokens.
 GPT3_WARMUP_TOKENS = 375_000_000

@@ -1,0 +1,76 @@
+"""ZeRO data parallelism, stages 1-3: one engine; under stage 3 the model is built inside ``deepspeed.zero.Init`` so no rank holds it whole."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from clova_train.model.config import ModelConfig
+from clova_train.model.gpt import GPT
+from clova_train.training.parallel.dims import ParallelDims
+from clova_train.training.parallel.distributed import Dist
+from clova_train.training.parallel.ds_config import ParallelConfig
+from clova_train.training.parallel.engine import Engine, checkpoint_blocks, compile_blocks, param_groups
+
+
+def _gathered_on_rank0(rank: int):
+    """ZeRO-3: a unit's parameters gathered whole, written by rank 0 and broadcast, so the weights do not depend on the rank count."""
+    import deepspeed
+
+    @contextlib.contextmanager
+    def gathered(module: torch.nn.Module):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            yield rank == 0
+
+    return gathered
+
+
+class ZeroEngine(Engine):
+    """ZeRO data parallelism at the stage the DeepSpeed config names (1: optimizer state, 2: + gradients, 3: + parameters)."""
+
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
+        import deepspeed
+
+        stage = dims.zero_stage
+        torch.manual_seed(seed)
+        if stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = GPT(model_cfg)
+        else:
+            with torch.device(dist.device):
+                model = GPT(model_cfg)
+        # Part i draws from seed + i, as PipelineEngine draws it, so all modes start from the same weights.
+        model.init_weights(seed, gathered=_gathered_on_rank0(dist.rank) if stage == 3 else None)
+        if parallel.activation_checkpointing:
+            checkpoint_blocks(model)
+        if parallel.compile:
+            compile_blocks(model)
+        self.model = model
+        weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
+        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+        self.device = dist.device
+        self.dims = dims
+        self.data_rank, self.data_world = dims.data_rank(dist.rank), dims.dp
+
+    def train_batch(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in micro_batches:
+            mb = mb.to(self.device, non_blocking=True)
+            loss = self.ds(mb[:, :-1], mb[:, 1:])
+            if self.inject_nan:
+                loss = loss * float("nan")
+            self.ds.backward(loss)
+            self.ds.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        self.ds.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for mb in micro_batches:
+            mb = mb.to(self.device, non_blocking=True)
+            total += self.ds(mb[:, :-1], mb[:, 1:]).float()
+        self.ds.train()
+        return total
