@@ -234,6 +234,13 @@ def test_best_of_returns_the_likeliest_of_its_samples(client):
     assert got == 400 and data["error"]["param"] == "best_of"
 
 
+def test_tokenize_spells_partial_characters_as_bytes(server):
+    got, data = _post(server["url"] + "/v1/tokenize", {"text": "국회는 뷁"})  # a syllable the tiny tokenizer never merged
+    assert got == 200, data
+    shown = [t for m in data["morphemes"] for t in m["tokens"]]
+    assert "\ufffd" not in "".join(shown) and any(re.fullmatch(r"(\\x[89a-f][0-9a-f])+", t) for t in shown), shown
+
+
 def test_every_request_is_logged_on_one_line(client, server):
     client.completions.create(model=MODEL, prompt="국회는", max_tokens=2, temperature=0)
     _get(server["url"] + "/v1/nothing-here", KEY)
