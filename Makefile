@@ -12,15 +12,15 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# Comments sit here, outside the recipe, because make echoes every recipe line, comments included.
+# DeepSpeed builds from source against the torch already installed, so no build isolation (which
+# would fetch a second, CUDA, torch). With a CUDA toolkit and a CUDA build of torch, FusedAdam is
+# compiled at install, once, instead of JIT on every fresh node (where a stale lock in a shared
+# torch_extensions dir hangs the job); nvcc beside a CPU torch (as on CPU-only CI machines) builds nothing.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)" "setuptools>=68" wheel
-	# DeepSpeed builds from source against the torch already installed, so
-	# no build isolation (which would fetch a second, CUDA, torch).
 	$(BIN)/python -m pip install -q --no-build-isolation "$(TORCH)" -e ".[dev]"
-	# With a CUDA toolkit and a CUDA build of torch, FusedAdam is compiled now, once, instead of JIT on
-	# every fresh node (where a stale lock in a shared torch_extensions dir hangs the job). nvcc beside a
-	# CPU torch (as on CPU-only CI machines) builds nothing.
 	if command -v nvcc >/dev/null 2>&1 && $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is None)" \
 	   && ! $(BIN)/python -c "from deepspeed.git_version_info import installed_ops as o; assert o['fused_adam']" >/dev/null 2>&1; then \
 		DS_BUILD_FUSED_ADAM=1 $(BIN)/python -m pip install -q --no-build-isolation --no-cache-dir --force-reinstall --no-deps \
@@ -35,7 +35,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	for b in dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
+	for b in cli dedup tokenizer tokenize train_step export serve; do $(BIN)/python benchmarks/bench_$$b.py || exit 1; done
 
 # On a machine with the package registry: .gpu/, the wheels and pre-tokenized data a GPU node without
 # registry access lacks for gpu-check (under 60 MiB with the tree); gpu-bundle-full: .gpu-full/, every

@@ -32,7 +32,6 @@ import json
 import resource
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 

@@ -16,7 +16,6 @@ lid.176.ftz is a dependency of clova-train.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from clova_train.dedup.plant import distinct_documents
 from clova_train.dedup.realtext import code_mixed, help_pages, korean_pages, python_help_topics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def test_demo_runs_every_stage(demo):
     generated = r.stdout.split("generated")[1].split("\n")[0]
     assert "대한민국 헌법은" in generated and any("\uac00" <= ch <= "\ud7a3" for ch in generated.split("헌법은", 1)[1])
     assert "clova train --model" in r.stdout  # next steps for one's own corpus
+    assert re.search(r"\d[\d,]* read, \d[\d,]* written, \d[\d,]* skipped", r.stdout), r.stdout  # every count is a number
 
 
 def test_demo_rerun_reuses_finished_stages(demo):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -175,8 +176,9 @@ def test_template_without_ptune_query_is_refused(tiny_lm, separable, tmp_path):
         ptune(*tiny_lm, _cfg(separable, tmp_path / "p", template=str(plain)), show_progress=False)
 
 
-def test_cli_ptune_then_eval_with_the_prompt(tiny_lm_dir, separable, tmp_path):
+def test_cli_ptune_then_eval_with_the_prompt(tiny_lm_dir, separable, tmp_path, monkeypatch):
     runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "prompt"
     res = runner.invoke(app, [
         "ptune", str(tiny_lm_dir), "--task", "nsmc", "--train", str(separable["train"]), "--valid", str(separable["valid"]),
@@ -185,8 +187,12 @@ def test_cli_ptune_then_eval_with_the_prompt(tiny_lm_dir, separable, tmp_path):
     ])
     assert res.exit_code == 0, res.output
     assert "zero-shot" in res.output and "p-tuned" in res.output
-    res = runner.invoke(app, ["eval", str(tiny_lm_dir), "--task", "nsmc", "--data", str(separable["valid"]), "--ptune", str(out), "--out", str(tmp_path / "r.json"), "-q"])
+    assert re.search(rf"^prompt written to {re.escape(str(out))}: [\d,]+ trained parameters", res.output, re.M), res.output
+    assert re.search(r"p-tuned \(epoch \d\) +│ +\d+\.\d\d%", res.output), res.output  # percentages, as eval prints them
+    res = runner.invoke(app, ["eval", str(tiny_lm_dir), "--task", "nsmc", "--data", str(separable["valid"]), "--ptune", str(out), "-q"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "r.json").read_text())["config"]["ptune"] == str(out)
+    # Named as what it is, in its own file: a plain zero-shot result (eval-nsmc-0shot.json) is never overwritten.
+    assert "nsmc, p-tuned" in res.output and "0-shot" not in res.output and re.search(r"accuracy +│ \d+\.\d\d%", res.output)
+    assert json.loads((tmp_path / "eval-nsmc-ptuned.json").read_text())["config"]["ptune"] == str(out)
     res = runner.invoke(app, ["eval", str(tiny_lm_dir), "--task", "ynat", "--data", str(FIXTURES / "ynat_test.jsonl"), "--ptune", str(out)])
     assert res.exit_code == 2 and "trained for nsmc, not ynat" in res.output

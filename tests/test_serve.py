@@ -94,6 +94,56 @@ def test_logprobs_are_the_models_own(client, local, banned):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_logit_bias_steers_sampling_as_in_process(client, local, banned):
+    tok = local[1]
+    greedy = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=0, logprobs=0)
+    first = tok.encode(greedy.choices[0].text)[0]
+    # -100 all but bans the greedy first token; +100 on another token makes it every token.
+    for bias in ({first: -100}, {tok.encode("국회")[0]: 100}):
+        r = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=0, logit_bias={str(k): v for k, v in bias.items()})
+        want = reference(local, PROMPTS[4], [banned], max_new_tokens=6, temperature=0, logit_bias=bias)[0]
+        assert r.choices[0].text == want and want != greedy.choices[0].text
+    got, data = _post(server_url(client) + "/completions", {"prompt": "국회는", "logit_bias": {"abc": 1}})
+    assert got == 400 and data["error"]["param"] == "logit_bias"
+
+
+def server_url(client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
+def test_best_of_returns_the_likeliest_of_its_samples(client):
+    kw = dict(model=MODEL, prompt=PROMPTS[5], max_tokens=12, temperature=1.0, seed=11)
+    all4 = client.completions.create(**kw, n=4, logprobs=0).choices
+    score = {c.text: sum(lp for lp in c.logprobs.token_logprobs if lp is not None) for c in all4}
+    assert len(score) > 1, "the four samples should differ"
+    best = client.completions.create(**kw, n=1, extra_body={"best_of": 4}).choices
+    assert [c.text for c in best] == [max(score, key=score.get)] and best[0].logprobs is None
+    two = client.completions.create(**kw, n=2, extra_body={"best_of": 4}).choices
+    assert [c.text for c in two] == sorted(score, key=score.get, reverse=True)[:2]
+    got, data = _post(server_url(client) + "/completions", {"prompt": "국회는", "n": 2, "best_of": 1})
+    assert got == 400 and data["error"]["param"] == "best_of"
+
+
+def test_tokenize_spells_partial_characters_as_bytes(server):
+    got, data = _post(server["url"] + "/v1/tokenize", {"text": "국회는 뷁"})  # a syllable the tiny tokenizer never merged
+    assert got == 200, data
+    shown = [t for m in data["morphemes"] for t in m["tokens"]]
+    assert "\ufffd" not in "".join(shown) and any(re.fullmatch(r"(\\x[89a-f][0-9a-f])+", t) for t in shown), shown
+
+
+def test_every_request_is_logged_on_one_line(client, server):
+    client.completions.create(model=MODEL, prompt="국회는", max_tokens=2, temperature=0)
+    _get(server["url"] + "/v1/nothing-here", KEY)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = server["log"].read_text()
+        if '"GET /v1/nothing-here" 404' in log:
+            break
+        time.sleep(0.1)
+    assert re.search(r'^\S+ \S+ 127\.0\.0\.1 "POST /v1/completions" 200 \d+\.\d{3}s$', log, re.M), log
+    assert re.search(r'127\.0\.0\.1 "GET /v1/nothing-here" 404 \d+\.\d{3}s$', log, re.M), log
+
+
 # ---------------------------------------------------------------- filters
 
 
@@ -281,9 +331,19 @@ def test_playground_in_headless_chromium(server, client, local, tmp_path, capsys
         )
         page = browser.new_page()
         page.goto(server["url"] + "/")
+        # The server wants a key: the page asks for it beside the field, with no error before the user did anything.
+        page.wait_for_function("document.getElementById('key-hint').textContent !== ''")
+        assert "--api-key" in page.text_content("#key-hint") and "needs-key" in page.get_attribute("#api-key", "class")
+        assert page.text_content("#status") == "" and page.text_content("#model") == ""
+        page.fill("#api-key", "sk-wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('key-hint').textContent.includes('not accepted')")
+        assert page.text_content("#status") == ""
         page.fill("#api-key", KEY)
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.querySelectorAll('#preset option').length >= 4")
+        assert page.text_content("#key-hint") == "" and MODEL in page.text_content("#model")
+        assert "needs-key" not in page.get_attribute("#api-key", "class")
         names = page.eval_on_selector_all("#preset option", "os => os.map(o => o.value)")
         assert {"character_bot", "intent_utterances", "event_title"} <= set(names)
         page.select_option("#preset", "character_bot")
@@ -297,7 +357,8 @@ def test_playground_in_headless_chromium(server, client, local, tmp_path, capsys
         page.click("#generate")
         page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
         shown = page.text_content("#completion")
-        pieces = local[1].segment(prompt)
+        pieces = [p.replace(" ", "\u2423") for p in local[1].segment(prompt)]  # spaces shown as ␣
+        assert any(p.startswith("\u2423") for p in pieces)
         page.wait_for_function(
             "want => JSON.stringify([...document.querySelectorAll('#tokens tbody tr td:first-child')].map(t => t.textContent)) === want",
             arg=json.dumps(pieces, ensure_ascii=False, separators=(",", ":")),
@@ -337,8 +398,13 @@ def test_start_up_errors_are_one_line(tiny_hf_dir, server, tmp_path):
         (["--presets", presets], ["mine.json", "prompt"]),
         (["--port", port], [f"127.0.0.1:{port}", "--port"]),
     ]
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    # A busy port is named before the model loads: here no model would load at all.
+    r = CliRunner().invoke(app, ["serve", str(not_a_model), "--device", "cpu", "--port", port])
+    assert r.exit_code == 2 and r.output.startswith("error: cannot listen on") and len(r.output.strip().splitlines()) == 1, r.output
     for args, fragments in cases:
-        r = CliRunner().invoke(app, ["serve", str(tiny_hf_dir), "--device", "cpu", *map(str, args)])
+        r = CliRunner().invoke(app, ["serve", str(tiny_hf_dir), "--device", "cpu", "--port", "0", *map(str, args)])
         assert r.exit_code == 2, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and all(f in lines[0] for f in fragments), r.output

@@ -8,9 +8,15 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from clova_train.cli import data, dedup, demo, evaluation, export, inference, serve, tokenizer, train
+
+
+# Typer labels every on/off flag `<bool>` in --help, which reads as if `--stream` took a value; a
+# flag's type column stays empty, as in click's own help. The one place Typer lets us say so.
+_typed_label = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _typed_label(self, ctx)
 
 
 class _PipelineOrder(TyperGroup):

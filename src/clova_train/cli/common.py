@@ -42,6 +42,14 @@ def _skip_rows(table: Table, skipped: dict) -> None:
 _MODEL_HELP = "An exported Hugging Face dir, a run dir, or a dir with model.pt + config.json + tokenizer/."
 _DEVICE_HELP = "cpu, cuda, cuda:1, ... (auto: cuda when available)."
 _DTYPE_HELP = "float32, bfloat16 or float16."
+_SAVED_DTYPE_HELP = "auto (the dtype the export was saved in; float32 for a run dir), float32, bfloat16 or float16."
+
+
+def existing_dir(path: Path, what: str) -> Path:
+    """Answer a mistyped directory at once, before the command loads torch (a second or more)."""
+    if not path.is_dir():
+        raise ClovaError(f"{path}: no such {what}")
+    return path
 
 
 def _str(path: Optional[Path]) -> Optional[str]:

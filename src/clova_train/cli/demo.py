@@ -38,8 +38,9 @@ def demo_cmd(
     table.add_row("dedup", f"{d['documents_read']:,} read, {d['documents_kept']:,} kept; removed "
                   + ", ".join(f"{n:,} {reason}" for reason, n in d["removed"].items()))
     t = s["tokens"]
+    reasons = ", ".join(f"{n:,} {reason}" for reason, n in s["skipped"].items())
     table.add_row("documents", f"{t.get('documents_read', 0):,} read, {t.get('documents_written', 0):,} written, "
-                  + ", ".join(f"{n:,} {reason}" for reason, n in s["skipped"].items()) + " skipped")
+                  f"{sum(s['skipped'].values()):,} skipped" + (f" ({reasons})" if reasons else ""))
     table.add_row("tokens", f"{t.get('tokens', 0):,} in {t.get('shards', 0)} shards")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     table.add_row("train loss", f"{fmt(s['first_loss'])} -> {fmt(s['final_loss'])}")

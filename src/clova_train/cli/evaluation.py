@@ -8,7 +8,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, existing_dir, friendly, out
+
+
+def _metric(name: str, value: float) -> str:
+    """Scores are percentages (0-100) except BLEU, which has its own 0-100 scale."""
+    return f"{value:.2f}" if name == "bleu" else f"{value:.2f}%"
 
 
 @friendly
@@ -25,7 +30,7 @@ def eval_cmd(
     score: Optional[str] = typer.Option(None, "--score", help="Compare label log-likelihoods by 'sum' or per-token 'mean'."),
     batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per scoring batch, padding included."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch (QA, translation)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default eval-TASK-Kshot.json)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON (default eval-TASK-Kshot.json, or eval-TASK-ptuned.json with --ptune)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -38,6 +43,7 @@ def eval_cmd(
 
     Example: [bold]clova eval hf/ --task nsmc --data ratings_test.txt --train ratings_train.txt --shots 10[/]
     """
+    existing_dir(model_dir, "model directory")
     from clova_train.core.config import override
     from clova_train.evaluation.evaluate import EvalConfig, evaluate
     from clova_train.inference.generate import load_model
@@ -49,13 +55,13 @@ def eval_cmd(
     )
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     result = evaluate(model, tok, cfg, model_name=str(model_dir), show_progress=not quiet)
-    table = Table(title=f"{result['task']}, {cfg.shots}-shot", show_header=False)
+    table = Table(title=f"{result['task']}, {cfg.setting}", show_header=False)
     table.add_row("task family", result["family"])
     table.add_row("examples", f"{result['examples_scored']:,}")
     for name, value in result["metrics"].items():
-        table.add_row(name.replace("_", " "), f"{value:.2f}")
+        table.add_row(name.replace("_", " "), _metric(name, value))
     out.print(table)
-    out.print(f"every prompt, score and prediction: {result['out']}", highlight=False)
+    out.print(f"every prompt, score and prediction: {result['out']}", highlight=False, soft_wrap=True)
 
 
 @friendly
@@ -84,6 +90,7 @@ def ptune_cmd(
     Example: [bold]clova ptune hf/ --task nsmc --train ratings_train.txt --valid ratings_valid.txt --out nsmc-ptune/[/]
     then [bold]clova eval hf/ --task nsmc --data ratings_test.txt --ptune nsmc-ptune/[/]
     """
+    existing_dir(model_dir, "model directory")
     from clova_train.core.config import override
     from clova_train.inference.generate import load_model
     from clova_train.evaluation.ptune import PTuneConfig, ptune
@@ -95,11 +102,12 @@ def ptune_cmd(
     )
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     report = ptune(model, tok, cfg, model_name=str(model_dir), show_progress=not quiet)
-    table = Table(title=f"p-tuned {cfg.task}: prompt written to {report['out']}")
+    table = Table(title=f"p-tuned {cfg.task} (validation set)")
     table.add_column("")
     for name in report["best"]:
         table.add_column(name.replace("_", " "), justify="right")
-    table.add_row("zero-shot", *(f"{v:.2f}" for v in report["zero_shot"].values()))
-    table.add_row(f"p-tuned (epoch {report['best_epoch']})", *(f"{v:.2f}" for v in report["best"].values()))
+    table.add_row("zero-shot", *(_metric(k, v) for k, v in report["zero_shot"].items()))
+    table.add_row(f"p-tuned (epoch {report['best_epoch']})", *(_metric(k, v) for k, v in report["best"].items()))
     out.print(table)
-    out.print(f"{report['parameters']:,} trained parameters, {report['bytes'] / 1e6:.2f} MB", highlight=False)
+    out.print(f"prompt written to {report['out']}: {report['parameters']:,} trained parameters, {report['bytes'] / 1e6:.2f} MB",
+              highlight=False, soft_wrap=True)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from clova_train.cli.common import err, friendly, out
+from clova_train.cli.common import err, existing_dir, friendly, out
 
 
 @friendly
@@ -27,6 +27,7 @@ def export_cmd(
 
     Example: [bold]clova export runs/350m --out hf/350m --dtype bf16[/]
     """
+    existing_dir(run_dir, "run directory; pass the directory `clova train` wrote")
     from clova_train.export.hf import ExportConfig, export_hf
 
     cfg = ExportConfig(dtype=dtype, max_shard_size=max_shard_size, verify=verify, overwrite=overwrite)

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _unescape, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _MODEL_HELP, _SAVED_DTYPE_HELP, _unescape, existing_dir, friendly, out
 from clova_train.core.errors import ClovaError
 
 
@@ -28,7 +28,7 @@ def generate_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts decoded together.", rich_help_panel="Batch"),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute every step without the key/value cache (slow; for checks)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
-    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=_SAVED_DTYPE_HELP),
 ) -> None:
     """Complete a prompt (greedy or sampled, with a key/value cache), or every prompt of a jsonl file.
 
@@ -36,6 +36,7 @@ def generate_cmd(
     """
     import sys
 
+    existing_dir(model_dir, "model directory")
     from clova_train.core.config import override
     from clova_train.core.textfiles import read_lines
     from clova_train.inference.generate import GenerateConfig, generate, generate_file, load_model

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, friendly, out
+from clova_train.cli.common import _DEVICE_HELP, _MODEL_HELP, _SAVED_DTYPE_HELP, _str, existing_dir, friendly, out
 from clova_train.core.errors import ClovaError
 
 
@@ -25,7 +25,7 @@ def serve_cmd(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's name in the API (default: the directory's name)."),
     public_metrics: bool = typer.Option(False, "--public-metrics", help="Serve /metrics without the API key (default: it needs the key, like /v1)."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
-    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=_SAVED_DTYPE_HELP),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) with a prompt playground at /.
 
@@ -33,13 +33,17 @@ def serve_cmd(
     """
     import sys
 
+    existing_dir(model_dir, "model directory")
+    import logging
+
     from clova_train.inference.generate import load_model
-    from clova_train.inference.server import ServeConfig, serve
+    from clova_train.inference.server import ServeConfig, listen, serve
 
     cfg = ServeConfig(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
         presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name, public_metrics=public_metrics,
     )  # fmt: skip
+    sock = listen(cfg)  # a busy port answers now, not after the model loads
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     embed = encode = None
     if ptune is not None:
@@ -48,7 +52,13 @@ def serve_cmd(
         out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
-    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready)
+    requests = logging.getLogger("clova.serve.requests")
+    if not requests.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        requests.addHandler(handler)
+        requests.setLevel(logging.INFO)
+    serve(model, tok, cfg, sock=sock, embed=embed, encode=encode, on_ready=ready)
 
 
 def _ptuned(model, tok, path: Path):

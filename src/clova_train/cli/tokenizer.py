@@ -64,6 +64,8 @@ def tokenizer_train(
     table.add_row("seconds (read, segment, bpe)", ", ".join(f"{report['seconds'][k]:.2f}" for k in ("read", "segment", "bpe")))
     _skip_rows(table, report["skipped"])
     out.print(table)
+    for warning in report["warnings"]:
+        err.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 @app.command("show")
@@ -76,7 +78,7 @@ def tokenizer_show(
 
     Example: [bold]clova tokenizer show tok/ "대한민국 헌법은 국민의 자유를 보장한다."[/]
     """
-    from clova_train.tokenizer.bpe import ClovaTokenizer
+    from clova_train.tokenizer.bpe import ClovaTokenizer, token_repr
 
     tok = ClovaTokenizer.load(tokenizer_dir)
     pieces = tok.segment(text)
@@ -86,9 +88,13 @@ def tokenizer_show(
     table.add_column("ids", justify="right")
     for piece in pieces:
         ids = tok.encode(piece)
-        shown = " | ".join(repr(tok.token_bytes(i).decode("utf-8", "replace"))[1:-1] for i in ids)
+        shown = " | ".join(token_repr(tok.token_bytes(i)) for i in ids)
         table.add_row(repr(piece)[1:-1], shown, " ".join(map(str, ids)))
     out.print(table)
+
+
+# The report's keys as a reader says them (the JSON keeps the keys).
+_STAT_LABELS = {"encode_mb_per_s": "encode speed (MB/s)", "crossing_tokens": "tokens crossing a morpheme (must be 0)"}
 
 
 @app.command("stats")
@@ -107,13 +113,16 @@ def tokenizer_stats(
     from clova_train.tokenizer.bpe import ClovaTokenizer
     from clova_train.tokenizer.training import tokenizer_stats as stats
 
-    report = stats(ClovaTokenizer.load(tokenizer_dir), inputs, text_key=text_key, limit=limit)
+    from clova_train.core.progress import progress_bar
+
+    with progress_bar("checking documents", None, enabled=not as_json) as advance:
+        report = stats(ClovaTokenizer.load(tokenizer_dir), inputs, text_key=text_key, limit=limit, advance=advance)
     if as_json:
         out.print_json(json.dumps(report))
         return
     table = Table(title=f"tokenizer {tokenizer_dir}", show_header=False)
     for k, v in report.items():
-        table.add_row(k.replace("_", " "), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}")
+        table.add_row(_STAT_LABELS.get(k, k.replace("_", " ")), f"{v:,.4f}" if isinstance(v, float) else f"{v:,}")
     out.print(table)
     if report["crossing_tokens"]:
         err.print("[bold red]tokens cross morpheme boundaries: the tokenizer is broken[/]")

@@ -22,7 +22,7 @@ def plan_cmd(
     parallel: str = typer.Option("zero3", "--parallel", help="zero1, zero2, zero3 or pipeline (ZeRO-1 across replicas)."),
     pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
     offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
-    seq_len: int = typer.Option(2048, "--seq-len", help="Tokens per sequence."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the preset's context, 2048 for the paper's sizes)."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per step."),
     vocab_size: int = typer.Option(51200, "--vocab-size", help="Padded vocabulary size."),
     precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
@@ -38,6 +38,9 @@ def plan_cmd(
 
     Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
     """
+    from clova_train.model.config import preset_name
+
+    model = preset_name(model)  # a typo answers now, not after the planner's imports (torch) load
     from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest, suggest_layout
 
     if peak_tflops is None:
@@ -70,7 +73,7 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest complete checkpoint, taking its config.json (flags override); without one, start it."),
     reverify: bool = typer.Option(False, "--reverify", help="Re-hash every shard file before step 1 (by default a restart re-hashes every .idx and a seeded sample of .bin blocks, and fully checks files that changed)."),
     force: bool = typer.Option(False, "--force", help="Start even if the memory plan (printed before step 1) says the run cannot fit."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048).", rich_help_panel="Batch"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context, 2048 for the paper's sizes).", rich_help_panel="Batch"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the preset's GPT-3 value).", rich_help_panel="Optimizer"),
@@ -112,6 +115,10 @@ def train_cmd(
 
     Example: [bold]clova train --model 1.3b --data shards/ --out runs/1.3b --train-tokens 150e9 --nproc-per-node 8[/]
     """
+    from clova_train.model.config import preset_name
+
+    if model:
+        model = preset_name(model)  # a typo answers now, not after torch and DeepSpeed load
     from clova_train.training.launch import LaunchConfig
     from clova_train.training.run.config import TrainRequest
     from clova_train.training.train import train

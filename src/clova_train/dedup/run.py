@@ -124,6 +124,16 @@ def fingerprint(paths: list[Path], cfg: DedupConfig, recipe: QualityRecipe) -> d
     }
 
 
+def _differences(old: dict, new: dict) -> str:
+    """The settings two fingerprints differ in, each with both values."""
+    diffs = []
+    for section in ("config", "recipe"):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        diffs += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diffs += [k for k in ("inputs", "clova_version") if old.get(k) != new.get(k)]
+    return ", ".join(diffs[:4]) or "settings"
+
+
 def _prepare(out_dir: Path, fp: dict) -> dict | None:
     """The finished manifest when ``out_dir`` already holds this run; else make the work dir ready."""
     manifest = out_dir / MANIFEST_NAME
@@ -132,15 +142,18 @@ def _prepare(out_dir: Path, fp: dict) -> dict | None:
         done = json.loads(manifest.read_text(encoding="utf-8"))
         if done.get("fingerprint") == fp:
             return done
-        raise ClovaError(f"{out_dir}: holds a finished dedup of other inputs or settings; choose another --out or delete it")
+        raise ClovaError(f"{out_dir}: holds a finished dedup of other inputs or settings ({_differences(done.get('fingerprint') or {}, fp)}); "
+                         "choose another --out or delete it")
     if (work / "fingerprint.json").is_file():
         old = json.loads((work / "fingerprint.json").read_text(encoding="utf-8"))
-        if old != fp:
-            diff = ", ".join(k for k in fp if old.get(k) != fp[k])
+        if old == fp:
+            return None
+        if any((work / "logs").glob("*/completions/*")):
             raise ClovaError(
-                f"{out_dir}: holds an unfinished dedup with other {diff}; rerun that command to finish it, or delete {out_dir}"
+                f"{out_dir}: holds an unfinished dedup with other settings ({_differences(old, fp)}); "
+                f"rerun that command to finish it, or delete {out_dir}"
             )
-        return None
+        shutil.rmtree(work)  # no task of it finished (it failed at once): nothing to keep, start over
     if out_dir.exists() and any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         raise ClovaError(f"{out_dir}: exists and is not a `clova dedup` output; choose another --out")
     work.mkdir(parents=True, exist_ok=True)

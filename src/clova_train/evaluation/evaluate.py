@@ -169,7 +169,7 @@ class EvalConfig:
     batch_size: int = 32
     """Prompts per generation batch (QA and translation)."""
     out: str = ""
-    """The JSON results file; empty: eval-TASK-Kshot.json in the working directory."""
+    """The JSON results file; empty: eval-TASK-Kshot.json (eval-TASK-ptuned.json with ``ptune``) in the working directory."""
 
     def __post_init__(self) -> None:
         get_task(self.task)
@@ -189,8 +189,14 @@ class EvalConfig:
             raise ClovaError("--ptune brings the template it was trained with; drop --template")
 
     @property
+    def setting(self) -> str:
+        """How the model was prompted, for titles and file names: "p-tuned" or "K-shot"."""
+        return "p-tuned" if self.ptune else f"{self.shots}-shot"
+
+    @property
     def out_path(self) -> Path:
-        return Path(self.out or f"eval-{self.task}-{self.shots}shot.json")
+        # A p-tuned result gets its own name, so it never overwrites the plain zero-shot one.
+        return Path(self.out or f"eval-{self.task}-{self.setting.replace('-', '')}.json")
 
 
 def evaluate(model: GPT, tok, cfg: EvalConfig, *, model_name: str = "", show_progress: bool = True) -> dict:
@@ -209,7 +215,7 @@ def evaluate(model: GPT, tok, cfg: EvalConfig, *, model_name: str = "", show_pro
     examples = read_examples(task, cfg.data, limit=cfg.limit)
     train = read_examples(task, cfg.train) if cfg.shots else []
     steps = len(examples) * (len(task.labels) or 1)
-    with progress_bar(f"{task.name} {cfg.shots}-shot", steps, enabled=show_progress) as advance:
+    with progress_bar(f"{task.name} {cfg.setting}", steps, enabled=show_progress) as advance:
         metrics, records = run_task(
             model, tok, task, template, examples, train, shots=cfg.shots, seed=cfg.seed, score=cfg.score,
             batch_tokens=cfg.batch_tokens, batch_size=cfg.batch_size, vectors=vectors, advance=advance,

@@ -66,6 +66,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    """Token id (as a string, OpenAI's form) -> bias added to its logit before sampling, -100..100."""
     # Accepted so that clients that always send them work; only 0 (off) is implemented.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -79,6 +81,8 @@ class CompletionRequest(_Sampling):
     max_tokens: int = Field(16, ge=1)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
+    """Sample this many per prompt and return the ``n`` with the highest total log-probability (vLLM's ranking)."""
 
 
 class TextPart(_Strict):
@@ -163,6 +167,14 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
     stops = req.stops()
     if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
         raise ApiError(400, f"stop: at most {MAX_STOPS} sequences of at most {MAX_STOP_CHARS} characters", param="stop")
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None and best_of < req.n:
+        raise ApiError(400, f"best_of {best_of} must be at least n ({req.n})", param="best_of")
+    if best_of is not None and best_of > req.n and req.stream:
+        raise ApiError(400, "best_of above n picks among finished completions, so it cannot stream; ask without stream", param="best_of")
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or not -100 <= bias <= 100:
+            raise ApiError(400, f"logit_bias: {key!r}: {bias} must map a token id to a bias in -100..100", param="logit_bias")
     wants_logprobs = getattr(req, "logprobs", None)
     if req.stream and wants_logprobs is not None and wants_logprobs is not False:
         raise ApiError(400, "logprobs are not streamed by this server; ask without stream", param="logprobs")

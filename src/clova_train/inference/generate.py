@@ -53,6 +53,8 @@ class GenerateConfig:
     banned_words: list[str] = field(default_factory=list)
     """Strings never generated, not even across the end of the prompt; a token that would complete one is masked
     and resampled."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Token id -> bias added to its logit before sampling (OpenAI's ``logit_bias``; -100 all but bans it)."""
     batch_size: int = 16
     """Prompts decoded together (left-padded)."""
     use_cache: bool = True
@@ -111,11 +113,13 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
     fields, or a run config with a ``model`` section) and ``tokenizer/`` is
     read here: the simplest way to hand over a model trained in a notebook.
     """
-    if dtype not in BY_LONG_NAME:
-        raise ClovaError(f"dtype must be one of {', '.join(BY_LONG_NAME)}, not {dtype!r}")
+    if dtype not in (*BY_LONG_NAME, "auto"):
+        raise ClovaError(f"dtype must be auto or one of {', '.join(BY_LONG_NAME)}, not {dtype!r}")
     path = Path(path)
     if not path.is_dir():
         raise ClovaError(f"{path}: no such model directory")
+    if dtype == "auto":
+        dtype = saved_dtype(path)
     if (path / MODEL_FILE).is_file():
         model, tok = _load_plain(path)
     else:
@@ -126,6 +130,17 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: str = "float32"
         tok = HFTokenizer(tok)
     model = model.to(device=resolve_device(device), dtype=BY_LONG_NAME[dtype])
     return model.eval(), tok
+
+
+def saved_dtype(path: Path) -> str:
+    """The dtype an export's weights were written in (its config.json, as transformers' ``dtype="auto"`` reads it);
+    float32 for run dirs and plain dirs, whose weights are fp32 masters."""
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    saved = cfg.get("torch_dtype") or cfg.get("dtype") if isinstance(cfg, dict) and "model_type" in cfg else None
+    return saved if saved in BY_LONG_NAME else "float32"
 
 
 class HFTokenizer:
@@ -370,11 +385,16 @@ def _decode_batch(model, prompts, rows, cfg, tok, text_of, embed, generator, on_
 
     logits = last_logits(ids, valid)
     seq, seq_valid = ids, valid
+    bias = None
+    if cfg.logit_bias:
+        bias = (torch.tensor(list(cfg.logit_bias), device=device), torch.tensor(list(cfg.logit_bias.values()), device=device))
     for _ in range(cfg.max_new_tokens):
         if on_step is not None:
             on_step()
         # Padding rows of the embedding matrix were never trained: never sample them.
         logits[:, vocab:] = float("-inf")
+        if bias is not None:
+            logits[:, bias[0]] += bias[1]
         nxt = _choose(logits, rows, cfg, generator, text_of, tok.eod_id)
         for r, row in enumerate(rows):
             if row.finish is None:

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -39,6 +39,7 @@ from clova_train.inference.generate import GenerateConfig, model_text
 from clova_train.inference.metrics import Metrics
 from clova_train.inference.presets import load_presets
 from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
+from clova_train.tokenizer.bpe import token_repr
 
 PLAYGROUND = Path(__file__).parent / "playground"
 STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
@@ -50,6 +51,9 @@ CHAT_MAX_TOKENS = 256
 BYTES_PER_TOKEN = 16
 MIN_BODY_BYTES, MAX_BODY_BYTES = 1 << 20, 8 << 20
 log = logging.getLogger("clova.serve")
+# One line per request (client, method, path, status, seconds to the last byte), as uvicorn's and
+# vLLM's access logs print; `clova serve` shows it on stderr.
+request_log = logging.getLogger("clova.serve.requests")
 
 
 @dataclass
@@ -194,11 +198,14 @@ class Server:
                 f"context of {self.context} tokens; lower max_tokens to {self.context - longest} or less",
                 param="max_tokens", code="context_length_exceeded",
             )  # fmt: skip
+        if any(not 0 <= int(t) < self.vocab for t in req.logit_bias or {}):
+            raise ApiError(400, f"logit_bias: token ids must be in 0..{self.vocab - 1}", param="logit_bias")
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         try:
             return GenerateConfig(
                 max_new_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=seed,
-                stop=req.stops() + extra_stop, banned_words=list(filters.output_banned_words), batch_size=len(ids) * req.n,
+                stop=req.stops() + extra_stop, banned_words=list(filters.output_banned_words), batch_size=len(ids) * self.copies(req),
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
             )  # fmt: skip
         except ClovaError as e:
             raise ApiError(400, str(e)) from None
@@ -212,6 +219,11 @@ class Server:
         64 completions with log-probabilities is megabytes of JSON)."""
         body = await self.off_loop(lambda: _dumps(build()).encode())
         return Response(body, media_type="application/json")
+
+    @staticmethod
+    def copies(req) -> int:
+        """Completions sampled per prompt: ``best_of`` when asked, else ``n``."""
+        return getattr(req, "best_of", None) or req.n
 
     async def run(self, job: Job, request: Request):
         """The job's result; a client that disconnects first has its job cancelled, freeing the worker."""
@@ -233,7 +245,7 @@ class Server:
     def prepare_completion(self, raw: bytes):
         req: CompletionRequest = api.parse(CompletionRequest, api.load_json(raw))
         _check_model(self, req.model)
-        ids, texts = self.prompt_ids(req.prompt, n=req.n)
+        ids, texts = self.prompt_ids(req.prompt, n=self.copies(req))
         if req.echo:
             self.check_echo(texts)
         return req, ids, texts, self.generate_config(req, ids, req.max_tokens, [])
@@ -264,7 +276,9 @@ class Server:
         pieces = tok.segment(text) if hasattr(tok, "segment") else [text]
         rows = []
         for piece, ids in zip(pieces, tok.encode_batch(pieces) if pieces else []):
-            rows.append({"morpheme": piece, "ids": ids, "tokens": [self.scheduler.token_text(i) for i in ids]})
+            # Shown as `clova tokenizer show` shows them: escaped, a partial character as its bytes.
+            shown = [token_repr(tok.token_bytes(i)) if hasattr(tok, "token_bytes") else repr(self.scheduler.token_text(i))[1:-1] for i in ids]
+            rows.append({"morpheme": piece, "ids": ids, "tokens": shown})
         return {"morphemes": rows, "tokens": len(tok.encode(text)) if text else 0}
 
 
@@ -346,15 +360,31 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
     return [(p * n + j, p) for p in range(n_prompts) for j in range(n)]
 
 
+def _best_of(result, n_prompts: int, k: int, n: int, *, keep_logprobs: bool):
+    """The ``n`` of each prompt's ``k`` completions with the highest total log-probability, in that order."""
+    completions, tokens = [], []
+    for p in range(n_prompts):
+        mine = range(p * k, (p + 1) * k)
+        score = {i: sum(t.logprob for t in result.tokens[i] if t.logprob is not None) for i in mine}
+        for i in sorted(mine, key=lambda i: -score[i])[:n]:
+            completions.append(result.completions[i])
+            tokens.append(result.tokens[i])
+    return replace(result, completions=completions, tokens=tokens if keep_logprobs else None)
+
+
 @_route
 async def completions(server: Server, request: Request) -> Response:
     req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(server, request))
-    job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
+    k = server.copies(req)
+    ranked = k > req.n  # best_of: the sampled tokens' log-probabilities rank the candidates
+    job = Job([p for p in ids for _ in range(k)], cfg, logprobs=req.logprobs if not ranked else req.logprobs or 0, echo=req.echo)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
         return _stream(server, job, req, "text_completion", rid, n_prompt, first, lambda i, t: {"text": t, "index": i, "logprobs": None})
     result = await server.run(job, request)
+    if ranked:
+        result = _best_of(result, len(ids), k, req.n, keep_logprobs=req.logprobs is not None)
 
     def body() -> dict:
         choices = []
@@ -505,9 +535,12 @@ class _Observe:
         finally:
             path = scope.get("path", "")
             endpoint = path if path in ENDPOINTS else "/playground" if path.startswith("/playground/") else "other"
+            seconds = time.perf_counter() - t0
             m = self.server.metrics
             m.inc("clova_requests_total", endpoint=endpoint, code=str(status[0]))
-            m.observe("clova_request_seconds", time.perf_counter() - t0, endpoint=endpoint)
+            m.observe("clova_request_seconds", seconds, endpoint=endpoint)
+            client = scope.get("client") or ("-", 0)
+            request_log.info('%s "%s %s" %d %.3fs', client[0], scope.get("method", "-"), path, status[0], seconds)
 
 
 def create_app(server: Server):
@@ -528,14 +561,11 @@ def create_app(server: Server):
     return _Observe(app, server)
 
 
-def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` once the port is bound (port 0: a free one)."""
+def listen(cfg: ServeConfig):
+    """The server's bound socket. Bound by us rather than by uvicorn, and before the model loads, so a
+    busy port is one clear line at once and port 0 reports its number."""
     import socket
 
-    import uvicorn
-
-    server = Server(model, tok, cfg, embed=embed, encode=encode)
-    # Bound here rather than by uvicorn, so a busy port is one clear line and port 0 reports its number.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -544,8 +574,16 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
-        server.scheduler.close()
         raise ClovaError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; choose another --port or --host") from None
+    return sock
+
+
+def serve(model, tok, cfg: ServeConfig, *, sock=None, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (Ctrl-C) on ``sock`` (default: :func:`listen`); ``on_ready(url)`` once bound."""
+    import uvicorn
+
+    sock = sock or listen(cfg)
+    server = Server(model, tok, cfg, embed=embed, encode=encode)
     port = sock.getsockname()[1]
     if on_ready:
         on_ready(f"http://{cfg.host}:{port}/")

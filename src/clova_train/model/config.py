@@ -6,6 +6,9 @@ Learning rates follow GPT-3's table by size (6e-4 at 125M down to 0.6e-4 at
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
 from dataclasses import dataclass, fields, replace
 
 from clova_train.core.errors import ClovaError
@@ -47,8 +50,7 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ClovaError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        name = preset_name(name)
         known = {f.name for f in fields(cls)}
         bad = sorted(set(overrides) - known)
         if bad:
@@ -81,3 +83,25 @@ PRESETS: dict[str, ModelConfig] = {
         ModelConfig(name="82b", n_layer=64, n_embd=10240, n_head=80, lr=0.6e-4),
     ]
 }
+
+
+def preset_name(name: str) -> str:
+    """The preset ``name`` means (``1.3B`` is ``1.3b``), or an error that names the nearest one."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return key
+    hint = _nearest_preset(key)
+    hint = f"did you mean {hint}? " if hint else ""
+    raise ClovaError(f"unknown model preset {name!r}; {hint}choose one of {', '.join(PRESETS)}")
+
+
+def _nearest_preset(key: str) -> str | None:
+    """A size like ``7b`` maps to the preset nearest in parameters (6.9b); other typos by spelling."""
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)([mb])", key)
+    if size:
+        want = float(size[1]) * (1e9 if size[2] == "b" else 1e6)
+        sized = {n: float(n[:-1]) * (1e9 if n[-1] == "b" else 1e6) for n in PRESETS if n[-1] in "mb"}
+        best = min(sized, key=lambda n: abs(math.log(sized[n] / want)))
+        return best if abs(math.log(sized[best] / want)) < math.log(2) else None
+    close = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.6)
+    return close[0] if close else None

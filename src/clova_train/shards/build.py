@@ -367,6 +367,13 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, stats: list) -> tuple[dic
     if not (out_dir / PROGRESS).is_file():
         raise ClovaError(f"{out_dir}: exists, is not empty and is not a shard dir; choose another --out")
     state = json.loads((out_dir / PROGRESS).read_text(encoding="utf-8"))
+    if not state.get("shards"):
+        # No shard of that run finished (it failed before its first, e.g. on a wrong --text-key): nothing
+        # to resume, so start over with these arguments, whatever that run's were.
+        for f in out_dir.iterdir():
+            if f.name == PROGRESS or _is_ours(f.name):
+                f.unlink()
+        return None, []
     if state.get("fingerprint") != fingerprint:
         diff = _differences(state.get("fingerprint", {}).get("config", {}), fingerprint["config"])
         raise ClovaError(

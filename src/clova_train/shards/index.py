@@ -234,6 +234,7 @@ def build_indices(paths: Sequence[str | Path], cache: str | Path, *, seq_len: in
     if valid:  # one unshuffled set over all dirs, the same for every seed
         jobs.append((list(paths), manifests, "valid", VALID_SEED, 0, False, range(1)))
     built = kept = 0
+    parts: list[str] = []
     t0 = time.perf_counter()
     for dirs, mans, split, job_seed, stream, shuffle, todo in jobs:
         spec = spec_for_manifests(mans, split, seq_len, job_seed, stream, shuffle)
@@ -248,10 +249,13 @@ def build_indices(paths: Sequence[str | Path], cache: str | Path, *, seq_len: in
         for e, k in missing:
             store.build(k, sizes, n_tokens, spec, e)
             built += 1
-            if note:
-                note(f"sample index: {split} of {dirs[0] if len(dirs) == 1 else f'{len(dirs)} dirs'}, epoch {e}: "
-                     f"{len(sizes):,} documents ({time.perf_counter() - t0:.1f} s)")
+        done = [e for e, _ in missing]
+        contiguous = done == list(range(done[0], done[-1] + 1))
+        epochs_built = f"epoch {done[0]}" if len(done) == 1 else f"epochs {done[0]}-{done[-1]}" if contiguous else f"epochs {', '.join(map(str, done))}"
+        parts.append(f"{split} of {dirs[0] if len(dirs) == 1 else f'{len(dirs)} dirs'}, {epochs_built} ({len(sizes):,} documents)")
         del sizes
+    if note and parts:  # one line per start, however many epochs and dirs
+        note(f"sample index: {'; '.join(parts)} ({time.perf_counter() - t0:.1f} s)")
     return {"cache": str(store.root), "built": built, "kept": kept, "seconds": time.perf_counter() - t0}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -180,6 +181,13 @@ class ClovaTokenizer:
 
 
 _BYTE_DECODER = _byte_decoder()
+
+
+def token_repr(b: bytes) -> str:
+    """A token's bytes as a reader sees them: text escaped as ``repr`` escapes it (``\\n``), and the bytes
+    of a partial character as ``\\xec\\x95``, never the "\ufffd" every such token would share."""
+    text = repr(b.decode("utf-8", "surrogateescape"))[1:-1]
+    return re.sub(r"\\udc([89a-f][0-9a-f])", r"\\x\1", text)
 
 
 def count_crossing(piece_lengths: Iterable[int], token_lengths: Iterable[int]) -> int:

@@ -11,7 +11,7 @@ import multiprocessing as mp
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from clova_train import __version__
 from clova_train.tokenizer.bpe import BYTE_ALPHABET, FORMAT_VERSION, META_FILE, TOKENIZER_FILE, ClovaTokenizer, crossing_tokens
@@ -36,6 +36,8 @@ from clova_train.core.files import atomic_write_json, file_sha256, replace_dir, 
 # Joins repeated morphemes into one string while training, so Rust does the
 # counting; a noncharacter, so real text essentially never contains it.
 _TRAIN_SEP = "\uffff"
+# A vocabulary under this share of the requested size is reported as a warning with its fix.
+SHORT_VOCAB = 0.5
 
 
 @dataclass
@@ -263,6 +265,7 @@ def train_tokenizer(
     return {
         "out": str(out_dir),
         "vocab_size": meta["vocab_size"],
+        "warnings": _vocab_warnings(meta["vocab_size"], cfg, docs_used),
         "documents_read": docs_read,
         "documents_used": docs_used,
         "skipped": skips.to_dict(),
@@ -273,8 +276,24 @@ def train_tokenizer(
     }
 
 
-def tokenizer_stats(tok: ClovaTokenizer, inputs: Sequence[str | Path], *, text_key: str = "text", limit: int = 0) -> dict:
-    """Encode throughput and compression on ``inputs``, plus the morpheme-crossing check."""
+def _vocab_warnings(got: int, cfg: TokenizerConfig, docs_used: int) -> list[str]:
+    """A vocabulary far below the one asked for: the text learned from was too small to fill it (BPE
+    stops when no pair occurs ``min_frequency`` times), which a user must hear about, with the fix."""
+    if got >= cfg.vocab_size * SHORT_VOCAB:
+        return []
+    fix = (f"a larger --sample-fraction (it was {cfg.sample_fraction:g}; 1 learns on every document), more text"
+           if cfg.sample_fraction < 1 else "more text")
+    return [f"the vocabulary has {got:,} tokens where {cfg.vocab_size:,} were asked: {docs_used:,} documents were "
+            f"learned from, too few to fill it; use {fix}, or a smaller --vocab-size"]
+
+
+def tokenizer_stats(tok: ClovaTokenizer, inputs: Sequence[str | Path], *, text_key: str = "text", limit: int = 0,
+                    advance: Callable[[int], None] | None = None) -> dict:
+    """Encode throughput and compression on ``inputs``, plus the morpheme-crossing check.
+
+    ``advance(n)`` is called as documents are checked (the slow part: each is
+    segmented and encoded again morpheme by morpheme).
+    """
     texts: list[str] = []
     for path in check_inputs(list(inputs)):
         for doc in iter_documents(path, text_key=text_key):
@@ -292,8 +311,12 @@ def tokenizer_stats(tok: ClovaTokenizer, inputs: Sequence[str | Path], *, text_k
     n_tokens = sum(map(len, ids))
     chars = sum(len(t) for t in texts)
     words = sum(len(t.split()) for t in texts)
-    crossing = sum(crossing_tokens(tok, t)[1] for t in texts)
-    roundtrip_failures = sum(tok.decode(i) != tok.normalize(t) for i, t in zip(ids, texts))
+    crossing = roundtrip_failures = 0
+    for i, t in zip(ids, texts):
+        crossing += crossing_tokens(tok, t)[1]
+        roundtrip_failures += tok.decode(i) != tok.normalize(t)
+        if advance:
+            advance(1)
     return {
         "documents": len(texts),
         "bytes": nbytes,

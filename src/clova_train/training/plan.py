@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
 from clova_train.training.parallel.ds_config import MODES, OFFLOADS
-from clova_train.model.config import ModelConfig
+from clova_train.model.config import PRESETS, ModelConfig, preset_name
 from clova_train.model.gpt import flops_per_token, largest_unit_params, num_params, part_sizes
 
 GB = 1024**3
@@ -53,8 +53,8 @@ class PlanConfig:
     """Pipeline stages (pipeline mode)."""
     offload: str = "none"
     """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
-    seq_len: int = 2048
-    """Tokens per sequence."""
+    seq_len: int | None = None
+    """Tokens per sequence (None: the preset's own context, as `clova train` defaults to)."""
     micro_batch: int = 1
     """Sequences per GPU per forward pass."""
     vocab_size: int = 51200
@@ -73,6 +73,9 @@ class PlanConfig:
     """Peak dense TFLOP/s of one GPU at this precision."""
 
     def __post_init__(self) -> None:
+        self.model = preset_name(self.model)
+        if self.seq_len is None:
+            self.seq_len = PRESETS[self.model].block_size
         if self.parallel not in MODES:
             raise ClovaError(f"parallel must be one of {', '.join(MODES)}, not {self.parallel!r}")
         if self.offload not in OFFLOADS:
@@ -281,25 +284,27 @@ def format_duration(seconds: float) -> str:
     return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.1f} hours"
 
 
-def plan_table(est: dict, fixes: list[str], *, devices: str = "GPUs", time: bool = True):
+def plan_table(est: dict, fixes: list[str], *, devices: str = "GPUs", per: str = "GPU", time: bool = True):
     """The plan as a rich Table: `clova plan` prints it, and `clova train` before step 1.
 
-    ``devices`` names what one rank runs on in the title; ``time`` adds the
-    training-time row (off when the device's peak TFLOP/s is unknown).
+    ``devices`` names what one rank runs on in the title and ``per`` the unit of the
+    per-device rows ("rank" on CPU ranks); ``time`` adds the training-time row (off
+    when the device's peak TFLOP/s is unknown).
     """
     from rich.table import Table
 
     c, b = est["config"], est["bytes"]
     mode = c["parallel"] + (f", {c['pipeline_stages']} stages" if c["parallel"] == "pipeline" else "")
     mode += f", offload {c['offload']}" if c["offload"] != "none" else ""
-    title = f"plan: {c['model']} on {c['nodes']} x {c['gpus']} {devices} of {c['gpu_mem']:g} GB ({mode}, {c['precision']})"
+    memory = f"{c['gpu_mem']:,.1f}".removesuffix(".0")
+    title = f"plan: {c['model']} on {c['nodes']} x {c['gpus']} {devices} of {memory} GB ({mode}, {c['precision']})"
     table = Table(title=title, show_header=False)
     table.add_row("parameters", f"{est['parameters']:,}")
     table.add_row("data-parallel ranks", f"{est['data_parallel']}")
     for k in ("parameters", "gradients", "optimizer"):
-        table.add_row(f"{k} per GPU", f"{b[k] / GB:,.2f} GB")
-    table.add_row("activations per GPU", f"{b['activations'] / GB:,.2f} GB (checkpointing: {b['activations_with_checkpointing'] / GB:,.2f} GB, none: {b['activations_without_checkpointing'] / GB:,.2f} GB)")
-    table.add_row("total per GPU", f"{b['total'] / GB:,.2f} GB of {b['usable'] / GB:,.2f} GB usable")
+        table.add_row(f"{k} per {per}", f"{b[k] / GB:,.2f} GB")
+    table.add_row(f"activations per {per}", f"{b['activations'] / GB:,.2f} GB (checkpointing: {b['activations_with_checkpointing'] / GB:,.2f} GB, none: {b['activations_without_checkpointing'] / GB:,.2f} GB)")
+    table.add_row(f"total per {per}", f"{b['total'] / GB:,.2f} GB of {b['usable'] / GB:,.2f} GB usable")
     if b["cpu_per_node"]:
         table.add_row("host memory per node", f"{b['cpu_per_node'] / GB:,.1f} GB of {c['cpu_mem']:g} GB" + ("" if est["host_fits"] else " [red](too much)[/]"))
     table.add_row("fits", "[green]yes[/]" if est["fits"] else "[red]no[/]")

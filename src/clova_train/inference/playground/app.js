@@ -19,8 +19,15 @@ function setStatus(text, isError) {
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? { headers: headers() } : { method: "POST", headers: headers(), body: JSON.stringify(body) });
   const data = await r.json();
-  if (!r.ok) throw new Error((data.error && data.error.message) || r.statusText);
+  if (!r.ok) throw Object.assign(new Error((data.error && data.error.message) || r.statusText), { status: r.status });
   return data;
+}
+
+// A server started with --api-key answers 401 until a key is typed: ask for it beside the field, not as an error.
+function askForKey(wrong) {
+  $("api-key").classList.add("needs-key");
+  $("key-hint").textContent = wrong ? "this key is not accepted; type the server's --api-key" : "this server needs its --api-key: type it here";
+  $("api-key").focus();
 }
 
 function unescape(s) { return s.replace(/\\n/g, "\n").replace(/\\t/g, "\t"); }
@@ -31,7 +38,13 @@ async function loadPresets() {
     const models = await api("/v1/models");
     $("model").textContent = models.data.map((m) => `${m.id} (context ${m.context_length})`).join(", ");
     presets = (await api("/v1/presets")).data;
-  } catch (e) { setStatus(e.message, true); return; }
+  } catch (e) {
+    if (e.status === 401) askForKey($("api-key").value.trim() !== ""); else setStatus(e.message, true);
+    return;
+  }
+  $("api-key").classList.remove("needs-key");
+  $("key-hint").textContent = "";
+  while ($("preset").options.length > 1) $("preset").remove(1);
   for (const p of presets) {
     const o = document.createElement("option");
     o.value = p.id; o.textContent = p.name;
@@ -57,12 +70,14 @@ async function showTokens() {
   const body = $("tokens").querySelector("tbody");
   const mine = ++tokenRequests;
   let data;
-  try { data = await api("/v1/tokenize", { text: $("prompt").value }); } catch (e) { $("token-count").textContent = e.message; return; }
+  try { data = await api("/v1/tokenize", { text: $("prompt").value }); } catch (e) { $("token-count").textContent = e.status === 401 ? "" : e.message; return; }
   if (mine !== tokenRequests) return; // a newer edit's answer is on its way
   body.replaceChildren();
   for (const m of data.morphemes) {
     const tr = document.createElement("tr");
-    for (const [text, cls] of [[JSON.stringify(m.morpheme).slice(1, -1), ""], [m.tokens.map((t) => JSON.stringify(t).slice(1, -1)).join(" | "), ""], [m.ids.join(" "), "ids"]]) {
+    // Spaces as ␣: " 학교" and "학교" are different morphemes with different ids. Tokens come escaped.
+    const morpheme = JSON.stringify(m.morpheme).slice(1, -1).replace(/ /g, "\u2423");
+    for (const [text, cls] of [[morpheme, ""], [m.tokens.map((t) => t.replace(/ /g, "\u2423")).join(" | "), ""], [m.ids.join(" "), "ids"]]) {
       const td = document.createElement("td");
       td.textContent = text; if (cls) td.className = cls;
       tr.appendChild(td);

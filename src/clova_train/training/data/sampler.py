@@ -265,14 +265,27 @@ def eval_batches(valid: PackedDataset, samples: int, *, micro_batch: int, rank: 
     micro-batches on every rank.
 
     Every rank gets the same number of micro-batches (ZeRO-3 forwards are
-    collective). Empty when the valid split is too small.
+    collective). Fewer windows than a micro-batch per rank are scored in
+    smaller micro-batches; empty only with fewer windows than ranks.
     """
     picks = eval_windows(len(valid), samples, micro_batch * world)
+    if len(picks) == 0 and min(samples, len(valid)) >= world:
+        picks = eval_windows(len(valid), samples, world)
+        micro_batch = len(picks) // world
     if len(picks) == 0:
         return []
     per = len(picks) // world
     rows = [valid[int(k)] for k in picks[rank * per : (rank + 1) * per]]
     return list(torch.from_numpy(np.stack(rows)).split(micro_batch))
+
+
+def no_validation_reason(n_valid: int, eval_every: int, samples: int, world: int) -> str:
+    """Why a run scores no validation windows, in the words of the flag or data that decide it."""
+    if not eval_every or not samples:
+        return "--eval-every 0" if not eval_every else "--eval-samples 0"
+    if n_valid == 0:
+        return "the shards' valid split is empty: tokenize with --valid-fraction above 0"
+    return f"the valid split has {n_valid} windows, fewer than the {world} data-parallel ranks: tokenize with a larger --valid-fraction"
 
 
 def _open(paths: Sequence[str | Path], split: str, seq_len: int, seed: int, stream: int, shuffle: bool, name: str, cache) -> PackedDataset:

@@ -134,7 +134,8 @@ def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: flo
     est = estimate(pc)
     fixes = [] if est["fits"] else suggest(pc)
     if show is not None:
-        show(plan_table(est, fixes, devices=f"{device_name} ranks", time=peak is not None))
+        per = "rank" if device_name == "cpu" else "GPU"  # device_memory names CPU ranks "cpu"
+        show(plan_table(est, fixes, devices=f"{device_name} ranks", per=per, time=peak is not None))
     if not est["fits"] and not spec.force:
         hint = f"try {fixes[0]}" if fixes else "use more devices or a smaller --micro-batch"
         raise CollectiveError(

@@ -108,6 +108,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             f"the tokenizer has {tok.vocab_size} tokens but the model only {model.vocab_size} embeddings; "
             f"set model.vocab_size to at least {pad_vocab(tok.vocab_size)} or drop it to take the tokenizer's"
         )
+    if req.train.get("seq_len") is None and "seq_len" not in {**tmpl_train, **file_train}:
+        train = replace(train, seq_len=model.block_size)  # a preset's own context is the default
     if train.seq_len > model.block_size:
         raise ClovaError(
             f"--seq-len {train.seq_len} exceeds the model's {model.block_size} positions; "

@@ -34,7 +34,7 @@ from clova_train.training.checkpoints.reshard import check_structure, describe_c
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
 from clova_train.shards.index import ORDER_VERSION
-from clova_train.training.data.sampler import TrainStream, check_order_version, eval_batches, prepare_indices
+from clova_train.training.data.sampler import TrainStream, check_order_version, eval_batches, no_validation_reason, prepare_indices
 from clova_train.training.trainer.step import BadStepGuard, Evaluator, StopSignal, train_step
 from clova_train.training.parallel.zero import ZeroEngine
 
@@ -78,7 +78,8 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
     }
 
 
-def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str, estimate: dict | None, eval_sequences: int) -> str:
+def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str, estimate: dict | None, eval_sequences: int,
+                 no_eval: str = "") -> str:
     """The opening line: what is trained, where, and how the global batch is made."""
     m = spec.model
     accum = ds_config["gradient_accumulation_steps"]
@@ -86,7 +87,7 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     layout = f"{stages} stages x {replicas} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
     layout += f"tensor parallel {tp} (each block split over {tp} ranks), " if tp > 1 else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
-    valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
+    valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else f"no validation ({no_eval})"
     return (
         f"{m.name}: {num_params(m):,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
@@ -145,6 +146,7 @@ class Trainer:
                                                build=self.rank0, note=console.print if dist.local_rank == 0 else None)
         self.stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share), pin=dist.is_cuda)
         self.valid = eval_batches(valid_data, train.eval_samples if train.eval_every else 0, **share)
+        self.no_eval = no_validation_reason(len(valid_data), train.eval_every, train.eval_samples, engine.data_world)
         self.ckpt = Checkpointer(self.run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last,
                                  keep_every=train.keep_every, faults=self.faults)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, monitor=engine.monitor if self.rank0 else None)
@@ -242,8 +244,9 @@ class Trainer:
         spec, train, run_dir = self.spec, self.train, self.run_dir
         tag, changed = self.resume()
         self.progress = progress = ProgressLine(enabled=self.rank0, total_steps=train.steps, log_every=train.log_every)
-        eval_sequences = len(self.valid) * train.micro_batch * self.engine.data_world
-        progress.note(describe_run(spec, train, self.ds_config, self.device_name, self.estimate, eval_sequences=eval_sequences))
+        eval_sequences = sum(map(len, self.valid)) * self.engine.data_world  # eval micro-batches may be smaller
+        progress.note(describe_run(spec, train, self.ds_config, self.device_name, self.estimate, eval_sequences=eval_sequences,
+                                   no_eval=self.no_eval))
         progress.note(self.kernel)
         if self.step_no >= train.steps:
             progress.note(f"{run_dir}: already trained to step {self.step_no} of {train.steps}; nothing to do")

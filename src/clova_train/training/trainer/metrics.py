@@ -75,13 +75,14 @@ class MetricsLogger:
                 backend.close()
 
 
-def plot_losses(records: list[dict], path: Path) -> None:
-    """Train and valid loss against tokens seen (matplotlib's Agg canvas, no pyplot state), written atomically."""
+def loss_figure(records: list[dict], title: str):
+    """Train and valid loss against tokens seen, the learning rate on a second axis (matplotlib's Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
     valid = [(r["tokens"], r["valid_loss"]) for r in records if r.get("valid_loss") is not None]
+    lr = [(r["tokens"], r["lr"]) for r in records if r.get("lr") is not None]
     fig = Figure(figsize=(7, 4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -92,8 +93,23 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    lines = ax.get_lines()
+    if lr:  # warm-up and decay explain most bends of the loss curve
+        ax_lr = ax.twinx()
+        ax_lr.plot(*zip(*lr), "--", color="0.5", linewidth=1, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        lines += ax_lr.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines])
+    last = records[-1]
+    ax.set_title(f"{title}: step {last.get('step', '?'):,}, {last.get('tokens', 0):,} tokens")
     fig.tight_layout()
+    return fig
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """loss.png of the run in ``path``'s dir (titled with its name), written atomically."""
+    fig = loss_figure(records, Path(path).resolve().parent.name)
     tmp = tmp_name(path, ".png")  # savefig picks the format from the suffix
     fig.savefig(tmp, dpi=100)
     commit_file(tmp, path)
