@@ -172,3 +172,10 @@ def test_tensor_parallel_splits_the_block_matrices_and_the_activations_inside_a_
     assert eight["bytes"]["activations"] < one["bytes"]["activations"]
     with pytest.raises(ClovaError, match="must divide the 8 GPUs of a node"):
         PlanConfig(model="13b", gpus=8, tensor_parallel=3)
+
+
+def test_the_plan_counts_the_parameters_of_the_model_the_run_builds():
+    """One count: the plan's equals the model's at any --seq-len up to the preset's context (issue 23, point 9)."""
+    for seq_len in (64, 128, 256):
+        est = estimate(PlanConfig(model="tiny", gpus=1, vocab_size=2048, seq_len=seq_len))
+        assert est["parameters"] == num_params(ModelConfig.from_name("tiny", vocab_size=2048))

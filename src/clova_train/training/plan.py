@@ -113,7 +113,9 @@ def tensor_parallel_params(m: ModelConfig) -> int:
 
 
 def model_config(cfg: PlanConfig) -> ModelConfig:
-    return ModelConfig.from_name(cfg.model, vocab_size=cfg.vocab_size, block_size=max(cfg.seq_len, 1))
+    """The preset as `clova train` builds it: its own position table, longer only for a longer --seq-len (so the
+    plan's parameter count is the model's)."""
+    return ModelConfig.from_name(cfg.model, vocab_size=cfg.vocab_size, block_size=max(cfg.seq_len, PRESETS[cfg.model].block_size))
 
 
 def activation_bytes(m: ModelConfig, layers: int, tokens: int, act_bytes: int, checkpointing: bool, head: bool, tp: int = 1) -> int:
