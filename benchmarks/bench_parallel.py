@@ -5,8 +5,8 @@ with gloo here, or the GPUs where there are some) on the Korean text shipped
 with konlpy; the figures are rank 0's median tokens/s over the steps after the
 first two (warm-up, compilation) and its peak memory. ZeRO-3 plain is the
 reference every ratio is taken against. By default a small grid runs
-(every mode; activation checkpointing and --compile on a subset); ``--all``
-runs every mode x checkpointing x compile.
+(every mode; activation checkpointing, --compile and --tensor-parallel 2 on a subset); ``--all``
+runs every mode x checkpointing x compile x tensor parallel 1 or 2.
 
     python benchmarks/bench_parallel.py [--model tiny] [--seq-len 128] [--steps 6] [--all]
 """
@@ -23,8 +23,10 @@ import tempfile
 from pathlib import Path
 
 MODES = ("zero1", "zero2", "zero3", "pipeline")
-DEFAULT_GRID = [("zero1", False, False), ("zero2", False, False), ("zero3", False, False), ("pipeline", False, False),
-                ("zero3", True, False), ("pipeline", True, False), ("zero1", False, True)]
+# (mode, activation checkpointing, --compile, --tensor-parallel)
+DEFAULT_GRID = [("zero1", False, False, 1), ("zero2", False, False, 1), ("zero3", False, False, 1), ("pipeline", False, False, 1),
+                ("zero3", True, False, 1), ("pipeline", True, False, 1), ("zero1", False, True, 1),
+                ("zero1", False, False, 2), ("zero3", False, False, 2), ("pipeline", False, False, 2)]
 
 
 def make_shards(work: Path) -> Path:
@@ -41,14 +43,15 @@ def make_shards(work: Path) -> Path:
     return work / "shards"
 
 
-def run_one(work: Path, shards: Path, mode: str, ckpt: bool, compiled: bool, args) -> dict:
-    out = work / f"{mode}-{int(ckpt)}-{int(compiled)}"
+def run_one(work: Path, shards: Path, mode: str, ckpt: bool, compiled: bool, tp: int, args) -> dict:
+    out = work / f"{mode}-{int(ckpt)}-{int(compiled)}-tp{tp}"
     cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "train", "--model", args.model, "--data", str(shards),
            "--out", str(out), "--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch), "--micro-batch", str(args.micro_batch),
            "--steps", str(args.steps), "--save-every", str(10**6), "--eval-every", "0", "--no-tensorboard", "--nproc-per-node", "2",
-           "--parallel", mode, "--activation-checkpointing" if ckpt else "--no-activation-checkpointing", "--compile" if compiled else "--no-compile"]
+           "--parallel", mode, "--activation-checkpointing" if ckpt else "--no-activation-checkpointing", "--compile" if compiled else "--no-compile",
+           "--tensor-parallel", str(tp)]
     if mode == "pipeline":
-        cmd += ["--pipeline-stages", "2"]
+        cmd += ["--pipeline-stages", str(2 // tp)]  # the 2 ranks: 2 stages, or 1 stage of a tensor-parallel pair
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
@@ -67,16 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--all", action="store_true", help="every mode x activation checkpointing x --compile")
     args = p.parse_args(argv)
-    grid = list(itertools.product(MODES, (False, True), (False, True))) if args.all else DEFAULT_GRID
+    grid = list(itertools.product(MODES, (False, True), (False, True), (1, 2))) if args.all else DEFAULT_GRID
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = make_shards(work)
         results = {cfg: run_one(work, shards, *cfg, args) for cfg in grid}
-    ref = results[("zero3", False, False)]["tokens_per_s"]
+    ref = results[("zero3", False, False, 1)]["tokens_per_s"]
     print(f"{args.model}, 2 ranks, {args.global_batch} x {args.seq_len} tokens per step, micro-batch {args.micro_batch}, {args.steps} steps")
-    print(f"{'mode':<9} {'ckpt':<5} {'compile':<8} {'tokens/s':>10} {'vs zero3':>9} {'peak GiB':>9} {'loss@1':>8}")
-    for (mode, ckpt, compiled), r in results.items():
-        print(f"{mode:<9} {'on' if ckpt else 'off':<5} {'on' if compiled else 'off':<8} {r['tokens_per_s']:>10,.0f} "
+    print(f"{'mode':<9} {'tp':<3} {'ckpt':<5} {'compile':<8} {'tokens/s':>10} {'vs zero3':>9} {'peak GiB':>9} {'loss@1':>8}")
+    for (mode, ckpt, compiled, tp), r in results.items():
+        print(f"{mode:<9} {tp:<3} {'on' if ckpt else 'off':<5} {'on' if compiled else 'off':<8} {r['tokens_per_s']:>10,.0f} "
               f"{r['tokens_per_s'] / ref:>8.2f}x {r['peak_gb']:>9.2f} {r['loss_1']:>8.4f}")
 
 
