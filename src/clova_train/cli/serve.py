@@ -47,7 +47,12 @@ def serve_cmd(
         out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
         sys.stdout.flush()
 
-    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready)
+    def extend(server):
+        from clova_train.studio.routes import studio_routes
+
+        return studio_routes(server), lambda: None
+
+    serve(model, tok, cfg, embed=embed, encode=encode, on_ready=ready, extend=extend)
 
 
 def _ptuned(model, tok, path: Path):

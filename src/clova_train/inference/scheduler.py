@@ -57,6 +57,8 @@ class Job:
     """None: no log-probabilities; k: those of the sampled tokens plus the k likeliest alternatives."""
     echo: bool = False
     """Log-probabilities of the prompt tokens too (with ``logprobs``)."""
+    embed: Callable | None = None
+    """Input embeddings of this job's prompts (a trained prompt's vectors); None: the server's own."""
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -65,7 +67,20 @@ class Job:
         """Jobs with equal keys may share a batch; None: this job runs alone."""
         if self.on_text is not None or self.cfg.temperature != 0:
             return None
-        return replace(self.cfg, seed=0, batch_size=1)
+        return replace(self.cfg, seed=0, batch_size=1), id(self.embed)
+
+
+@dataclass
+class Work:
+    """Other work on the model (an input-gradient request): ``call()`` runs alone on a worker thread."""
+
+    call: Callable[[], object]
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self):
+        return None
 
 
 @dataclass
@@ -99,7 +114,7 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job | Work) -> Future:
         with self._cond:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
@@ -134,7 +149,7 @@ class Scheduler:
             if key is not None:
                 room = MAX_BATCH - len(first.prompts)
                 for other in list(self._pending):
-                    if room >= len(other.prompts) and other.batch_key() == key:
+                    if other.batch_key() == key and room >= len(other.prompts):
                         self._pending.remove(other)
                         jobs.append(other)
                         room -= len(other.prompts)
@@ -160,6 +175,13 @@ class Scheduler:
                 jobs = [j for j in jobs if j is not job]
         if not jobs:
             return
+        if isinstance(jobs[0], Work):
+            try:
+                jobs[0].future.set_result(jobs[0].call())
+            except Exception as e:  # noqa: BLE001 - the request fails, the worker lives on
+                jobs[0].future.set_exception(e)
+            return
+        embed = jobs[0].embed or self.embed
         prompts = [p for job in jobs for p in job.prompts]
         cfg = replace(jobs[0].cfg, batch_size=min(len(prompts), MAX_BATCH))
         on_text = None
@@ -172,7 +194,7 @@ class Scheduler:
                 job.on_text(i, text)
 
         try:
-            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text)
+            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=embed, on_text=on_text)
         except Cancelled:
             self.cancelled += 1
             jobs[0].future.set_exception(Cancelled())
@@ -189,17 +211,17 @@ class Scheduler:
             try:
                 tokens = None
                 if job.logprobs is not None:
-                    tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo) for p, c in zip(job.prompts, mine)]
+                    tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo, embed) for p, c in zip(job.prompts, mine)]
                 job.future.set_result(JobResult(mine, tokens, started - job.queued_at))
             except Exception as e:  # noqa: BLE001
                 job.future.set_exception(e)
 
     @torch.no_grad()
-    def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool) -> list[TokenInfo]:
+    def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool, embed=None) -> list[TokenInfo]:
         """The model's own log-probabilities (temperature 1, before any filter) of each token."""
         ids = torch.tensor([prompt + sampled], device=model_device(self.model))
-        if self.embed is not None:
-            logits = self.model(None, inputs_embeds=self.embed(ids))
+        if embed is not None:
+            logits = self.model(None, inputs_embeds=embed(ids))
         else:
             logits = self.model(ids)
         vocab = getattr(self.tok, "vocab_size", self.model.cfg.vocab_size)

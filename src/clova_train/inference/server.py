@@ -76,6 +76,10 @@ class Server:
 
     def __init__(self, model, tok, cfg: ServeConfig, *, embed=None, encode: Callable[[list[str]], list[list[int]]] | None = None):
         self.model, self.tok, self.cfg = model, tok, cfg
+        # Frozen: input gradients and p-tuning jobs differentiate through it, never into its weights.
+        model.requires_grad_(False)
+        # Set by the studio (p-tuned prompts served under their own model names); None: the base model only.
+        self.studio = None
         self.name = cfg.model_name or "clova"
         self.context = model.cfg.block_size
         self.vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
@@ -113,7 +117,7 @@ class Server:
         self.metrics.inc("clova_filter_rejections_total", reason=reason)
         return ApiError(400, message, param=param, code=code or ("prompt_too_long" if reason.startswith("prompt_") else "input_filtered"))
 
-    def prompt_ids(self, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
+    def prompt_ids(self, prompt, param: str = "prompt", encode=None) -> tuple[list[list[int]], list[str]]:
         """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it."""
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -133,7 +137,7 @@ class Server:
             if hit:
                 raise self.reject(hit[0], hit[1], param)
         if ids is None:
-            ids = [p or [self.tok.eod_id] for p in self.encode(texts)]
+            ids = [p or [self.tok.eod_id] for p in (encode or self.encode)(texts)]
         limit = filters.max_prompt_tokens
         for p in ids:
             if limit and len(p) > limit:
@@ -239,12 +243,12 @@ def _choices(n_prompts: int, n: int) -> list[tuple[int, int]]:
 @_route
 async def completions(server: Server, request: Request) -> Response:
     req: CompletionRequest = api.parse(CompletionRequest, await _body(request))
-    _check_model(server, req.model)
-    ids, texts = server.prompt_ids(req.prompt)
+    embed, encode = _check_model(server, req.model, prompts=True)
+    ids, texts = server.prompt_ids(req.prompt, encode=encode)
     if len(ids) * req.n > api.MAX_CHOICES:
         raise ApiError(400, f"{len(ids)} prompts with n={req.n} make more than {api.MAX_CHOICES} completions; split the request", param="n")
     cfg = server.generate_config(req, ids, req.max_tokens, [])
-    job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo)
+    job = Job([p for p in ids for _ in range(req.n)], cfg, logprobs=req.logprobs, echo=req.echo, embed=embed)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
@@ -301,9 +305,14 @@ async def chat_completions(server: Server, request: Request) -> Response:
     return JSONResponse(api.envelope("chat.completion", rid, server.name, choices, api.usage(len(ids[0]), used)))
 
 
-def _check_model(server: Server, model: str | None) -> None:
+def _check_model(server: Server, model: str | None, prompts: bool = False):
+    """(embed, encode) of a trained prompt the studio serves as ``model`` (completions only), else (None, None)."""
+    found = server.studio.resolve(model) if prompts and server.studio and model else None
+    if found:
+        return found
     if model not in (None, "", server.name):
         raise ApiError(404, f"model {model!r} is not served here; this server serves {server.name!r}", param="model", code="model_not_found")
+    return None, None
 
 
 def _stream(server: Server, job: Job, req, kind: str, rid: str, n_prompt: int, first: list[dict], piece) -> Response:
@@ -344,7 +353,7 @@ def _stream(server: Server, job: Job, req, kind: str, rid: str, n_prompt: int, f
 @_route
 async def models(server: Server, request: Request) -> Response:
     card = {"id": server.name, "object": "model", "created": int(time.time()), "owned_by": "clova-train", "context_length": server.context}
-    return JSONResponse({"object": "list", "data": [card]})
+    return JSONResponse({"object": "list", "data": [card, *(server.studio.model_cards() if server.studio else [])]})
 
 
 @_route
@@ -414,8 +423,8 @@ class _Observe:
             m.observe("clova_request_seconds", time.perf_counter() - t0, endpoint=endpoint)
 
 
-def create_app(server: Server):
-    """The ASGI application serving ``server``."""
+def create_app(server: Server, extra_routes=()):
+    """The ASGI application serving ``server``; ``extra_routes`` come from the studio."""
     routes = [
         Route("/", _static("index.html")),
         *[Route(f"/playground/{n}", _static(n)) for n in STATIC if n != "index.html"],
@@ -426,19 +435,24 @@ def create_app(server: Server):
         Route("/v1/tokenize", tokenize, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.server = server
     return _Observe(app, server)
 
 
-def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` once the port is bound (port 0: a free one)."""
+def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Callable[[str], None] | None = None, extend=None) -> None:
+    """Serve until interrupted (Ctrl-C); ``on_ready(url)`` once the port is bound (port 0: a free one).
+
+    ``extend(server)`` returns more routes and a ``close()`` for shutdown (the studio's).
+    """
     import socket
 
     import uvicorn
 
     server = Server(model, tok, cfg, embed=embed, encode=encode)
+    extra, close = extend(server) if extend else ((), lambda: None)
     # Bound here rather than by uvicorn, so a busy port is one clear line and port 0 reports its number.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -448,14 +462,16 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
         sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
+        close()
         server.scheduler.close()
         raise ClovaError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; choose another --port or --host") from None
     port = sock.getsockname()[1]
     if on_ready:
         on_ready(f"http://{cfg.host}:{port}/")
-    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(server, extra), log_level="warning", access_log=False)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        close()
         server.scheduler.close()
         sock.close()

@@ -1,0 +1,120 @@
+"""The studio on `clova serve`: the input-gradient API against transformers' autograd, `clova ptune --server`
+against local p-tuning, and no-code p-tuning jobs and presets in the playground (real Chromium)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_serve import KEY, _get, _post, start_server, stop_server
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_hf_dir, tmp_path_factory):
+    """`clova serve` with a state dir; yields {"url", "state", "log"}."""
+    d = tmp_path_factory.mktemp("studio")
+    proc, url = start_server([tiny_hf_dir], d / "server.log")
+    yield {"url": url, "state": d / "state", "log": d / "server.log"}
+    stop_server(proc)
+
+
+# ---------------------------------------------------------------- /v1/ptune/gradients
+
+
+def _hf_reference(hf, tok, vectors: torch.Tensor, examples: list[dict], score: str) -> tuple[float, torch.Tensor]:
+    """Loss and d loss / d vectors by transformers' autograd: each text encoded on its own, the vectors
+    written into the input embeddings where the segments put them."""
+    vectors = vectors.clone().requires_grad_(True)
+    wte = hf.get_input_embeddings()
+    losses = []
+    for ex in examples:
+        rows = []
+        for seg in ex["segments"]:
+            rows += [vectors[seg][None]] if isinstance(seg, int) else [wte(torch.tensor(tok.encode(seg)))]
+        context = torch.cat(rows)  # (T, C)
+        conts = [ex["target"]] if "target" in ex else ex["choices"]
+        scores = []
+        for cont in conts:
+            ids = tok.encode(cont)
+            x = torch.cat([context, wte(torch.tensor(ids))])[None]  # (1, T + n, C)
+            logp = hf(inputs_embeds=x).logits[0].float().log_softmax(-1)  # (T + n, vocab)
+            picked = logp[len(context) - 1 : len(context) - 1 + len(ids)].gather(1, torch.tensor(ids)[:, None]).sum()
+            scores.append(picked / len(ids) if score == "mean" else picked)
+        scores = torch.stack(scores)
+        losses.append(-scores[0] if "target" in ex else torch.nn.functional.cross_entropy(scores[None], torch.tensor([ex["gold"]])))
+    loss = torch.stack(losses).mean()
+    (grad,) = torch.autograd.grad(loss, vectors)
+    return loss.item(), grad
+
+
+EXAMPLES = [
+    {"segments": [0, "대한민국의 국회는", 1, 2], "target": " 법률을 제정한다"},
+    {"segments": ["모든 국민은", 3, " 자유를 가진다.", 0], "choices": [" 부정", " 긍정"], "gold": 1},
+    {"segments": [1, 1, "대통령은 국가의 원수이다.", 2, 3], "choices": [" 정치", " 경제", " 사회"], "gold": 0},
+    {"segments": ["헌법", 3], "target": " 제1조"},
+]
+
+
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_gradients_match_transformers_autograd(studio, tiny_hf_dir, score):
+    from transformers import AutoModelForCausalLM
+
+    from clova_train.inference.generate import load_model
+
+    tok = load_model(tiny_hf_dir, device="cpu")[1]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir), torch_dtype=torch.float32).eval()
+    hf.requires_grad_(False)
+    width = hf.config.n_embd
+    vectors = 0.05 * torch.randn(4, width, generator=torch.Generator().manual_seed(1))
+    for examples in (EXAMPLES[:1], EXAMPLES[1:3], EXAMPLES):  # target only, choices only, both
+        status, r = _post(studio["url"] + "/v1/ptune/gradients", {"vectors": vectors.tolist(), "examples": examples, "score": score})
+        assert status == 200, r
+        loss, grad = _hf_reference(hf, tok, vectors, examples, score)
+        assert r["loss"] == pytest.approx(loss, abs=1e-5)
+        got = torch.tensor(r["grad"])
+        assert got.shape == (4, width) and grad.abs().max() > 0
+        assert (got - grad).abs().max() <= 1e-4 * grad.abs().max()
+        assert r["tokens"] == sum(
+            len([t for s in ex["segments"] for t in (tok.encode(s) if isinstance(s, str) else [s])]) * len(ex.get("choices", [0]))
+            + sum(len(tok.encode(c)) for c in ex.get("choices", [ex.get("target")]))
+            for ex in examples
+        )
+
+
+def _bad_cases(width: int) -> list:
+    ok = {"segments": ["국회는", 0], "choices": [" 부정", " 긍정"], "gold": 0}
+    vec = [[0.0] * width]
+    return [
+        ("wrong vector width", {"vectors": [[0.0] * (width - 1)], "examples": [ok]}, "wrong_vector_width", f"width (d_model) is {width}"),
+        ("index out of range", {"vectors": vec, "examples": [{**ok, "segments": ["국회는", 1]}]}, "index_out_of_range", "has 1 vectors"),
+        ("too many examples", {"vectors": vec, "examples": [ok] * 65}, "too_many_examples", "at most 64"),
+        ("empty choices", {"vectors": vec, "examples": [{**ok, "choices": []}]}, "empty_choices", "non-empty list"),
+        ("gold out of range", {"vectors": vec, "examples": [{**ok, "gold": 2}]}, "gold_out_of_range", "(0..1)"),
+        ("non-finite number", {"vectors": [[math.nan] + [0.0] * (width - 1)], "examples": [ok]}, "non_finite", "finite"),
+        ("infinite number", {"vectors": [[0.0] * (width - 1) + [math.inf]], "examples": [ok]}, "non_finite", "finite"),
+        ("too many tokens", {"vectors": vec, "examples": [{**ok, "segments": ["대한민국 국민 " * 120, 0]}] * 64}, "too_many_tokens", "at most 16384"),
+        ("context too long", {"vectors": vec, "examples": [{**ok, "segments": ["대한민국 국민 " * 600, 0]}]}, "context_length_exceeded", "context of 1024"),
+        ("target and choices", {"vectors": vec, "examples": [{**ok, "target": "x"}]}, None, "either a target or choices"),
+        ("unknown field", {"vectors": vec, "examples": [ok], "lr": 1}, "unknown_field", "'lr'"),
+    ]
+
+
+def test_bad_gradient_requests_are_400s_with_the_reason(studio, tiny_hf_dir):
+    width = json.loads((tiny_hf_dir / "config.json").read_text())["n_embd"]
+    for name, body, code, fragment in _bad_cases(width):
+        status, r = _post(studio["url"] + "/v1/ptune/gradients", json.dumps(body).encode())
+        assert status == 400, (name, r)
+        assert fragment in r["error"]["message"], (name, r)
+        if code:
+            assert r["error"]["code"] == code, (name, r)
+    assert _post(studio["url"] + "/v1/ptune/gradients", {"vectors": [], "examples": EXAMPLES[1:2]}, key="sk-wrong")[0] == 401
+    # The server serves on: a good request after the bad ones.
+    status, r = _post(studio["url"] + "/v1/ptune/gradients", {"vectors": [], "examples": [{"segments": ["모든 국민은"], "choices": [" 부정", " 긍정"], "gold": 1}]})
+    assert status == 200 and r["grad"] == [] and len(r["scores"][0]) == 2 and r["loss"] > 0
+    assert _get(studio["url"] + "/health")[0] == 200
