@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clova_train.evaluation.prompts import META_FILE, VECTORS_FILE
+from test_ptune import _cfg, separable  # noqa: F401 (a fixture)
 from test_serve import KEY, _get, _post, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -118,3 +120,47 @@ def test_bad_gradient_requests_are_400s_with_the_reason(studio, tiny_hf_dir):
     status, r = _post(studio["url"] + "/v1/ptune/gradients", {"vectors": [], "examples": [{"segments": ["모든 국민은"], "choices": [" 부정", " 긍정"], "gold": 1}]})
     assert status == 200 and r["grad"] == [] and len(r["scores"][0]) == 2 and r["loss"] > 0
     assert _get(studio["url"] + "/health")[0] == 200
+
+
+# ---------------------------------------------------------------- clova ptune --server
+
+
+def test_ptune_with_server_gradients_matches_local_ptune(studio, tiny_hf_dir, separable, tmp_path):
+    from typer.testing import CliRunner
+
+    from clova_train.cli import app
+    from clova_train.evaluation.evaluate import EvalConfig, evaluate
+    from clova_train.evaluation.ptune import ptune
+    from clova_train.inference.generate import load_model
+    from clova_train.studio.remote import ptune_remote
+    from safetensors.torch import load_file
+
+    model, tok = load_model(tiny_hf_dir, device="cpu")
+    # Settings under which this tiny model's accuracy moves from epoch to epoch (68.75% after the first).
+    kw = dict(encoder="mlp", batch_size=4, lr=1e-2)
+    # One epoch: the vectors themselves agree.
+    local = ptune(model, tok, _cfg(separable, tmp_path / "local1", epochs=1, **kw), show_progress=False)
+    remote = ptune_remote(studio["url"], KEY, _cfg(separable, tmp_path / "remote1", epochs=1, **kw), show_progress=False)
+    mine, theirs = (load_file(str(tmp_path / d / VECTORS_FILE))["vectors"] for d in ("local1", "remote1"))
+    assert mine.abs().max() > 1e-3  # trained away from the zero start
+    assert (mine - theirs).abs().max() <= 1e-4
+    assert remote["zero_shot"] == local["zero_shot"] and remote["history"][0]["valid"] == local["history"][0]["valid"]
+    assert remote["history"][0]["train_loss"] == pytest.approx(local["history"][0]["train_loss"], abs=1e-5)
+
+    # Several epochs through the command line: the same accuracy every epoch, and the prompt works with `clova eval`.
+    local = ptune(model, tok, _cfg(separable, tmp_path / "local", epochs=3, **kw), show_progress=False)
+    assert len({h["valid"]["accuracy"] for h in local["history"]} | {local["zero_shot"]["accuracy"]}) > 1
+    args = ["--task", "nsmc", "--train", separable["train"], "--valid", separable["valid"], "--template", separable["template"],
+            "--prompt-tokens", "4", "--hidden-size", "32", "--epochs", "3", "--lr", "1e-2", "--encoder", "mlp", "--batch-size", "4", "-q"]  # fmt: skip
+    r = CliRunner().invoke(app, ["ptune", "--server", studio["url"], "--api-key", KEY, "--out", str(tmp_path / "remote"), *map(str, args)])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "remote" / META_FILE).read_text())
+    assert [h["valid"] for h in meta["history"]] == [h["valid"] for h in local["history"]]
+    assert meta["best"] == local["best"] and meta["base_model"]["server"] == studio["url"]
+    tuned = evaluate(model, tok, EvalConfig(task="nsmc", data=str(separable["valid"]), ptune=str(tmp_path / "remote"), out=str(tmp_path / "r.json")), show_progress=False)
+    assert tuned["metrics"] == local["best"]
+
+    r = CliRunner().invoke(app, ["ptune", "--server", studio["url"], "--api-key", "sk-wrong", "--out", str(tmp_path / "x"), *map(str, args)])
+    assert r.exit_code == 2 and "401" in r.output and "API key" in r.output
+    r = CliRunner().invoke(app, ["ptune", "--task", "nsmc", "--train", "a", "--valid", "b", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "MODEL" in r.output and "--server" in r.output
