@@ -12,17 +12,17 @@ import torch
 
 from clova_train.evaluation.prompts import META_FILE, VECTORS_FILE
 from test_ptune import _cfg, separable  # noqa: F401 (a fixture)
-from test_serve import KEY, _get, _post, start_server, stop_server
+from test_serve import CHROMIUM, HANGUL, KEY, MODEL, _get, _post, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
 def studio(tiny_hf_dir, tmp_path_factory):
-    """`clova serve` with a state dir; yields {"url", "state", "log"}."""
+    """`clova serve` without a state dir (gradients need none); yields {"url", "log"}."""
     d = tmp_path_factory.mktemp("studio")
     proc, url = start_server([tiny_hf_dir], d / "server.log")
-    yield {"url": url, "state": d / "state", "log": d / "server.log"}
+    yield {"url": url, "log": d / "server.log"}
     stop_server(proc)
 
 
@@ -164,3 +164,125 @@ def test_ptune_with_server_gradients_matches_local_ptune(studio, tiny_hf_dir, se
     assert r.exit_code == 2 and "401" in r.output and "API key" in r.output
     r = CliRunner().invoke(app, ["ptune", "--task", "nsmc", "--train", "a", "--valid", "b", "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "MODEL" in r.output and "--server" in r.output
+
+
+
+# ---------------------------------------------------------------- no-code p-tuning jobs and presets
+
+
+def test_jobs_need_a_state_dir(studio):
+    status, text = _get(studio["url"] + "/v1/ptune/jobs", KEY)
+    for status, r in ((status, json.loads(text)), _post(studio["url"] + "/v1/presets", {"name": "x", "prompt": "y"})):
+        assert status == 404 and r["error"]["code"] == "no_state_dir" and "--state-dir" in r["error"]["message"]
+
+
+def _job_errors(url: str, separable) -> None:
+    """Bad jobs are 400s naming the file line or the setting; nothing is left behind."""
+    train = separable["train"].read_text(encoding="utf-8")
+    base = {"task": "nsmc", "train": train, "valid": train}
+    cases = [
+        ({**base, "train": train + "99\t좋은 영화\t7\n"}, "the train file:34: unknown label '7'"),
+        ({**base, "valid": "document\tlabel\n"}, "the valid file: columns are"),
+        ({**base, "template": {"query": "{document}", "verbalizers": {"0": "a", "1": "b"}}}, "ptune_query"),
+        ({**base, "template": {"query": "{review}", "ptune_query": "{prompt}{review}", "verbalizers": {"0": "a", "1": "b"}}}, "unknown field(s) review"),
+        ({**base, "encoder": "gru"}, "encoder must be one of lstm, mlp"),
+        ({**base, "epochs": 0}, "epochs"),
+        ({**base, "task": "nli"}, "unknown task"),
+    ]
+    for body, fragment in cases:
+        status, r = _post(url + "/v1/ptune/jobs", body)
+        assert status == 400 and fragment in r["error"]["message"], (fragment, r)
+    assert json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"] == []
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium fonts-noto-cjk)")
+def test_ptuning_job_in_the_playground_survives_a_restart(tiny_hf_dir, separable, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from clova_train.evaluation.ptune import ptune
+    from clova_train.inference.generate import GenerateConfig, generate_ids, load_model
+    from clova_train.studio.codec import prompt_codec
+
+    state = tmp_path / "state"
+    proc, url = start_server([tiny_hf_dir, "--state-dir", state], tmp_path / "server.log")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]  # fmt: skip
+    template = separable["template"].read_text(encoding="utf-8")
+    text = "자유 권리 평등"
+    try:
+        _job_errors(url, separable)
+        with sync_playwright() as p:
+            browser = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=flags, viewport={"width": 1200, "height": 900}
+            )
+            page = browser.new_page()
+            page.goto(url + "/playground/ptune.html")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.querySelectorAll('#task option').length >= 5")
+            page.select_option("#task", "nsmc")
+            assert "ptune_query" in page.input_value("#template")  # the shipped template, to edit
+            page.fill("#job-name", "감정 분류")
+            page.set_input_files("#train-file", str(separable["train"]))
+            page.set_input_files("#valid-file", str(separable["valid"]))
+            page.fill("#template", template)
+            for field, value in (("prompt_tokens", "4"), ("hidden_size", "32"), ("epochs", "2"), ("lr", "0.01"), ("batch_size", "4")):
+                page.fill(f"#{field}", value)
+            page.select_option("#encoder", "mlp")
+            page.click("#start")
+            page.wait_for_function("document.getElementById('job-status').textContent.includes('queued')")
+            page.wait_for_selector("#jobs tr[data-status=done]", timeout=120000)
+            row = page.text_content("#jobs tr[data-status=done]")
+            page.screenshot(path=str(tmp_path / "ptune.png"), full_page=True)
+            jobs = json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"]
+            assert len(jobs) == 1 and jobs[0]["status"] == "done" and [h["epoch"] for h in jobs[0]["history"]] == [1, 2]
+            job = jobs[0]
+            assert job["name"] == "감정 분류" and job["examples"] == {"train": 32, "valid": 16}
+            assert all(f"{h['epoch']}: accuracy {h['valid']['accuracy']:.2f}" in row for h in job["history"])
+
+            # Use the trained prompt in the playground: the page links to it by model name.
+            page.click(f"#jobs tr[data-job='{job['id']}'] a.use")
+            page.wait_for_function("want => document.getElementById('model-select').value === want", arg=job["model"])
+            page.fill("#prompt", text)
+            page.dispatch_event("#prompt", "input")
+            page.fill("#max_tokens", "16")
+            page.fill("#temperature", "0.9")
+            page.fill("#seed", "4")
+            page.fill("#stop-strings", "")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
+            shown = page.text_content("#completion")
+            page.fill("#preset-name", "내 프리셋")
+            page.click("#save-preset")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('saved preset')")
+            assert page.eval_on_selector("#preset", "s => s.options[s.selectedIndex].textContent") == "내 프리셋"
+            browser.close()
+    finally:
+        stop_server(proc)
+
+    # The job trained as `clova ptune` does with the same settings, on the uploaded template.
+    model, tok = load_model(tiny_hf_dir, device="cpu")
+    assert json.loads((state / "jobs" / job["id"] / "template.json").read_text())["ptune_query"] == json.loads(template)["ptune_query"]
+    local = ptune(model, tok, _cfg(separable, tmp_path / "local", epochs=2, encoder="mlp", batch_size=4, lr=1e-2), show_progress=False)
+    assert [h["valid"] for h in job["history"]] == [h["valid"] for h in local["history"]] and job["best"] == local["best"]
+    assert job["history"][0]["train_loss"] == pytest.approx(local["history"][0]["train_loss"], abs=1e-5)
+    embed, encode = prompt_codec(model, tok, state / "jobs" / job["id"] / "prompt")
+    want = generate_ids(model, tok, encode([text]), GenerateConfig(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=4), embed=embed)[0].text
+    plain = generate_ids(model, tok, [tok.encode(text)], GenerateConfig(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=4))[0].text
+    assert shown == want and want != plain and HANGUL.search(want)
+
+    # After a restart the job, its prompt and the preset are still there, and the prompt still serves.
+    proc, url = start_server([tiny_hf_dir, "--state-dir", state], tmp_path / "server2.log")
+    try:
+        jobs = json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"]
+        assert [(j["id"], j["status"], j["history"]) for j in jobs] == [(job["id"], "done", job["history"])]
+        assert job["model"] in [m["id"] for m in json.loads(_get(url + "/v1/models", KEY)[1])["data"]]
+        presets = json.loads(_get(url + "/v1/presets", KEY)[1])["data"]
+        mine = [p for p in presets if p["name"] == "내 프리셋"]
+        assert len(mine) == 1 and mine[0]["prompt"] == text and mine[0]["max_tokens"] == 16 and mine[0]["temperature"] == 0.9
+        assert {"character_bot", "intent_utterances", "event_title"} <= {p["id"] for p in presets}
+        status, r = _post(url + "/v1/completions", {"model": job["model"], "prompt": text, "max_tokens": 16, "temperature": 0.9, "top_p": 0.9, "seed": 4})
+        assert status == 200 and r["choices"][0]["text"] == want
+        assert _post(url + "/v1/completions", {"model": f"{MODEL}/ptune/nope", "prompt": text})[0] == 404
+    finally:
+        stop_server(proc)

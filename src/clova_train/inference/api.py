@@ -115,10 +115,10 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
             raise ApiError(400, f"unknown field {param!r}; this server accepts {known}", param=param, code="unknown_field") from None
         raise ApiError(400, f"{param}: {err['msg']}", param=param) from None
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
+        if getattr(req, name, 0):  # bodies other than the sampling ones have none
             raise ApiError(400, f"{name} is not supported by this server (only 0)", param=name)
     wants_logprobs = getattr(req, "logprobs", None)
-    if req.stream and wants_logprobs is not None and wants_logprobs is not False:
+    if getattr(req, "stream", False) and wants_logprobs is not None and wants_logprobs is not False:
         raise ApiError(400, "logprobs are not streamed by this server; ask without stream", param="logprobs")
     return req
 

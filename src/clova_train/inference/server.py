@@ -35,8 +35,10 @@ from clova_train.inference.presets import load_presets
 from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
 
 PLAYGROUND = Path(__file__).parent / "playground"
-STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions")
+STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "ptune.html": "text/html; charset=utf-8", "ptune.js": "text/javascript; charset=utf-8"}
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions",
+             "/v1/ptune", "/v1/ptune/gradients", "/v1/ptune/templates", "/v1/ptune/jobs")
 CHAT_MAX_TOKENS = 256
 # Request bodies above this are refused before they are read whole (a prompt of 1M characters is 4 MiB at most).
 MAX_BODY_BYTES = 8 << 20
@@ -452,7 +454,11 @@ def serve(model, tok, cfg: ServeConfig, *, embed=None, encode=None, on_ready: Ca
     import uvicorn
 
     server = Server(model, tok, cfg, embed=embed, encode=encode)
-    extra, close = extend(server) if extend else ((), lambda: None)
+    try:
+        extra, close = extend(server) if extend else ((), lambda: None)
+    except BaseException:
+        server.scheduler.close()
+        raise
     # Bound here rather than by uvicorn, so a busy port is one clear line and port 0 reports its number.
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -6,10 +6,19 @@ errors, the body size limit) and its generation workers for model work.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Optional
+
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from clova_train.core.errors import ClovaError
+from clova_train.evaluation.prompts import load_template
+from clova_train.evaluation.tasks import FORMATS, TASKS
+from clova_train.inference import api
+from clova_train.inference.api import ApiError, _Strict
 from clova_train.inference.scheduler import Work
 from clova_train.inference.server import Server, _body, _route
 from clova_train.studio import gradients as limits
@@ -37,9 +46,96 @@ async def ptune_info(server: Server, request: Request) -> Response:
     })  # fmt: skip
 
 
-def studio_routes(server: Server, studio=None) -> list[Route]:
-    """The routes; ``studio`` (a :class:`~clova_train.studio.jobs.Studio`) adds jobs and presets."""
-    routes = [Route("/v1/ptune", ptune_info), Route("/v1/ptune/gradients", gradients, methods=["POST"])]
-    if studio is not None:
-        routes += studio.routes()
-    return routes
+# ---------------------------------------------------------------- jobs and presets (with --state-dir)
+
+
+class JobBody(_Strict):
+    """POST /v1/ptune/jobs: the uploaded files' text, a template (None: the task's shipped one), settings."""
+
+    task: str
+    train: str
+    valid: str
+    name: str = Field("", max_length=200)
+    template: Optional[dict] = None
+    prompt_tokens: Optional[int] = Field(None, ge=1, le=256)
+    encoder: Optional[str] = None
+    hidden_size: Optional[int] = Field(None, ge=2, le=4096)
+    epochs: Optional[int] = Field(None, ge=1, le=100)
+    lr: Optional[float] = Field(None, gt=0, le=1)
+    batch_size: Optional[int] = Field(None, ge=1, le=64)
+    seed: Optional[int] = Field(None, ge=0, le=2**31)
+    score: Optional[str] = None
+
+
+class PresetBody(_Strict):
+    """POST /v1/presets: the playground's prompt and sampling settings, under a name."""
+
+    name: str = Field(max_length=200)
+    prompt: str
+    description: str = ""
+    max_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    stop: list[str] = []
+
+
+def _studio(server: Server):
+    if server.studio is None:
+        raise ApiError(404, "p-tuning jobs and saved presets need a state directory: start `clova serve` with --state-dir DIR", code="no_state_dir")
+    return server.studio
+
+
+@_route
+async def list_jobs(server: Server, request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": _studio(server).list()})
+
+
+@_route
+async def create_job(server: Server, request: Request) -> Response:
+    body: JobBody = api.parse(JobBody, await _body(request))
+    try:
+        job = _studio(server).create(body.model_dump())
+    except ClovaError as e:
+        raise ApiError(400, str(e), code="invalid_job") from None
+    return JSONResponse(job)
+
+
+@_route
+async def get_job(server: Server, request: Request) -> Response:
+    job = _studio(server).get(request.path_params["job"])
+    if job is None:
+        raise ApiError(404, f"no p-tuning job {request.path_params['job']!r} here; GET /v1/ptune/jobs lists them", code="not_found")
+    return JSONResponse(job)
+
+
+@_route
+async def templates(server: Server, request: Request) -> Response:
+    """Each task's shipped template, file format and labels: what the playground's job form starts from."""
+    data = [
+        {"task": t.name, "description": t.description, "format": FORMATS[t.name], "labels": list(t.labels), "template": asdict(load_template(t))}
+        for t in TASKS.values()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@_route
+async def save_preset(server: Server, request: Request) -> Response:
+    body: PresetBody = api.parse(PresetBody, await _body(request))
+    try:
+        return JSONResponse(_studio(server).save_preset(body.model_dump()))
+    except ClovaError as e:
+        raise ApiError(400, str(e), code="invalid_preset") from None
+
+
+def studio_routes(server: Server) -> list[Route]:
+    """The studio's routes; jobs and saving presets answer 404 unless the server has a state directory."""
+    return [
+        Route("/v1/ptune", ptune_info),
+        Route("/v1/ptune/gradients", gradients, methods=["POST"]),
+        Route("/v1/ptune/templates", templates),
+        Route("/v1/ptune/jobs", list_jobs),
+        Route("/v1/ptune/jobs", create_job, methods=["POST"]),
+        Route("/v1/ptune/jobs/{job}", get_job),
+        Route("/v1/presets", save_preset, methods=["POST"]),
+    ]
