@@ -12,16 +12,17 @@ import torch
 
 from clova_train.evaluation.prompts import META_FILE, VECTORS_FILE
 from test_ptune import _cfg, separable  # noqa: F401 (a fixture)
-from test_serve import CHROMIUM, HANGUL, KEY, MODEL, _get, _post, start_server, stop_server
+from test_serve import CHROMIUM, HANGUL, KEY, MODEL, _get, _post, generate_in_playground, start_server, stop_server
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
 def studio(tiny_hf_dir, tmp_path_factory):
-    """`clova serve` without a state dir (gradients need none); yields {"url", "log"}."""
+    """`clova serve` with an input filter and no state dir (gradients need none); yields {"url", "log"}."""
     d = tmp_path_factory.mktemp("studio")
-    proc, url = start_server([tiny_hf_dir], d / "server.log")
+    (d / "filters.json").write_text(json.dumps({"input_banned_words": ["금지어"]}), encoding="utf-8")
+    proc, url = start_server([tiny_hf_dir, "--filters", d / "filters.json"], d / "server.log")
     yield {"url": url, "log": d / "server.log"}
     stop_server(proc)
 
@@ -104,6 +105,7 @@ def _bad_cases(width: int) -> list:
         ("context too long", {"vectors": vec, "examples": [{**ok, "segments": ["대한민국 국민 " * 600, 0]}]}, "context_length_exceeded", "context of 1024"),
         ("target and choices", {"vectors": vec, "examples": [{**ok, "target": "x"}]}, None, "either a target or choices"),
         ("unknown field", {"vectors": vec, "examples": [ok], "lr": 1}, "unknown_field", "'lr'"),
+        ("input filter", {"vectors": vec, "examples": [{**ok, "segments": [0, "금지어가 있다"]}]}, "input_filtered", "금지어"),
     ]
 
 
@@ -176,8 +178,8 @@ def test_jobs_need_a_state_dir(studio):
         assert status == 404 and r["error"]["code"] == "no_state_dir" and "--state-dir" in r["error"]["message"]
 
 
-def _job_errors(url: str, separable) -> None:
-    """Bad jobs are 400s naming the file line or the setting; nothing is left behind."""
+def _job_errors(url: str, state: Path, separable) -> None:
+    """Bad jobs and presets are 400s naming the file line, the field or the setting; nothing is left behind."""
     train = separable["train"].read_text(encoding="utf-8")
     base = {"task": "nsmc", "train": train, "valid": train}
     cases = [
@@ -192,7 +194,15 @@ def _job_errors(url: str, separable) -> None:
     for body, fragment in cases:
         status, r = _post(url + "/v1/ptune/jobs", body)
         assert status == 400 and fragment in r["error"]["message"], (fragment, r)
-    assert json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"] == []
+    assert json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"] == [] and not any((state / "jobs").iterdir())
+    for body, fragment in (
+        ({"name": 3, "prompt": "x"}, "name: Input should be a valid string"),
+        ({"name": "a", "prompt": "b", "seed": 1}, "unknown field 'seed'"),
+        ({"name": " ", "prompt": "b"}, "a preset needs a name and a prompt"),
+        ({"name": "a", "prompt": "b", "top_p": 0}, "0 < top_p <= 1"),
+    ):
+        status, r = _post(url + "/v1/presets", body)
+        assert status == 400 and fragment in r["error"]["message"], (body, r)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium fonts-noto-cjk)")
@@ -210,7 +220,7 @@ def test_ptuning_job_in_the_playground_survives_a_restart(tiny_hf_dir, separable
     template = separable["template"].read_text(encoding="utf-8")
     text = "자유 권리 평등"
     try:
-        _job_errors(url, separable)
+        _job_errors(url, state, separable)
         with sync_playwright() as p:
             browser = p.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=flags, viewport={"width": 1200, "height": 900}
@@ -243,15 +253,7 @@ def test_ptuning_job_in_the_playground_survives_a_restart(tiny_hf_dir, separable
             # Use the trained prompt in the playground: the page links to it by model name.
             page.click(f"#jobs tr[data-job='{job['id']}'] a.use")
             page.wait_for_function("want => document.getElementById('model-select').value === want", arg=job["model"])
-            page.fill("#prompt", text)
-            page.dispatch_event("#prompt", "input")
-            page.fill("#max_tokens", "16")
-            page.fill("#temperature", "0.9")
-            page.fill("#seed", "4")
-            page.fill("#stop-strings", "")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
-            shown = page.text_content("#completion")
+            shown = generate_in_playground(page, text, max_tokens=16, temperature=0.9, seed=4)
             page.fill("#preset-name", "내 프리셋")
             page.click("#save-preset")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('saved preset')")

@@ -84,11 +84,12 @@ def _vectors(value, width: int) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64).reshape(len(value), width)
 
 
-def parse_request(body, *, width: int, base: int, context: int, encode) -> GradientRequest:
+def parse_request(body, *, width: int, base: int, context: int, encode, check=None) -> GradientRequest:
     """The request checked and encoded, or a 400 naming what is wrong and the limit.
 
     ``base`` is the model's vocabulary size (vector j becomes id base + j), ``encode``
-    the tokenizer's batch encoder, ``context`` the longest sequence the model reads.
+    the tokenizer's batch encoder, ``context`` the longest sequence the model reads,
+    ``check(text, param)`` the server's input filter.
     """
     if not isinstance(body, dict):
         raise _bad(f"the request body must be a JSON object, not {type(body).__name__}")
@@ -126,6 +127,8 @@ def parse_request(body, *, width: int, base: int, context: int, encode) -> Gradi
         pieces = []
         for s, seg in enumerate(segments):
             if isinstance(seg, str):
+                if check:
+                    check(seg, f"{where}.segments.{s}")
                 pieces.append(("text", len(texts)))
                 texts.append(seg)
             elif isinstance(seg, int) and not isinstance(seg, bool):

@@ -203,9 +203,8 @@ class Studio:
 
     # ------------------------------------------------------------ presets
 
-    def save_preset(self, fields: dict) -> dict:
+    def save_preset(self, preset: Preset) -> dict:
         """A playground prompt and its settings, saved as DIR/presets/ID.json and listed with the shipped ones."""
-        preset = Preset(**fields)
         preset_id = re.sub(r"[^\w-]+", "-", preset.name.strip()).strip("-")[:64] or "preset"
         shipped = {p["id"] for p in self.presets if not p.get("saved")}
         if preset_id in shipped:

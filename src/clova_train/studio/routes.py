@@ -6,10 +6,11 @@ errors, the body size limit) and its generation workers for model work.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,6 +20,7 @@ from clova_train.evaluation.prompts import load_template
 from clova_train.evaluation.tasks import FORMATS, TASKS
 from clova_train.inference import api
 from clova_train.inference.api import ApiError, _Strict
+from clova_train.inference.presets import Preset
 from clova_train.inference.scheduler import Work
 from clova_train.inference.server import Server, _body, _route
 from clova_train.studio import gradients as limits
@@ -28,7 +30,15 @@ from clova_train.studio.gradients import input_gradients, parse_request
 @_route
 async def gradients(server: Server, request: Request) -> Response:
     body = await _body(request)
-    req = parse_request(body, width=server.model.cfg.n_embd, base=server.model.cfg.vocab_size, context=server.context, encode=server.tok.encode_batch)
+    filters = server.filters.current()
+
+    def check(text: str, param: str) -> None:
+        hit = filters.check_input(text)
+        if hit:
+            raise server.reject(hit[0], hit[1], param)
+
+    cfg = server.model.cfg
+    req = parse_request(body, width=cfg.n_embd, base=cfg.vocab_size, context=server.context, encode=server.tok.encode_batch, check=check)
     result = await server.run(Work(lambda: input_gradients(server.model, req)))
     return JSONResponse(result)
 
@@ -67,17 +77,23 @@ class JobBody(_Strict):
     score: Optional[str] = None
 
 
-class PresetBody(_Strict):
-    """POST /v1/presets: the playground's prompt and sampling settings, under a name."""
-
-    name: str = Field(max_length=200)
-    prompt: str
-    description: str = ""
-    max_tokens: int = 64
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    stop: list[str] = []
+def _typed(cls, body):
+    """``body`` as the dataclass ``cls``: unknown keys and wrong types are 400s naming the field, then the
+    dataclass's own checks (a ClovaError) too."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; this endpoint accepts {', '.join(known)}", param=unknown[0], code="unknown_field")
+    try:
+        return TypeAdapter(cls).validate_python(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise ApiError(400, f"{param}: {err['msg']}", param=param) from None
+    except ClovaError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _studio(server: Server):
@@ -121,11 +137,8 @@ async def templates(server: Server, request: Request) -> Response:
 
 @_route
 async def save_preset(server: Server, request: Request) -> Response:
-    body: PresetBody = api.parse(PresetBody, await _body(request))
-    try:
-        return JSONResponse(_studio(server).save_preset(body.model_dump()))
-    except ClovaError as e:
-        raise ApiError(400, str(e), code="invalid_preset") from None
+    studio = _studio(server)
+    return JSONResponse(studio.save_preset(_typed(Preset, await _body(request))))
 
 
 def studio_routes(server: Server) -> list[Route]:

@@ -36,12 +36,14 @@ async function loadPresets() {
     if (models.data.some((m) => m.id === want)) $("model-select").value = want;
     presets = (await api("/v1/presets")).data;
   } catch (e) { setStatus(e.message, true); return; }
+  const chosen = $("preset").value;
   $("preset").replaceChildren($("preset").options[0]);
   for (const p of presets) {
     const o = document.createElement("option");
     o.value = p.id; o.textContent = p.name;
     $("preset").appendChild(o);
   }
+  $("preset").value = presets.some((p) => p.id === chosen) ? chosen : "";
 }
 
 function applyPreset() {
