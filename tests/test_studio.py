@@ -90,6 +90,49 @@ def test_gradients_match_transformers_autograd(studio, tiny_hf_dir, score):
         )
 
 
+def test_gradient_requests_waiting_together_share_a_batch(tiny_hf_dir):
+    from clova_train.inference.generate import GenerateConfig, load_model
+    from clova_train.inference.scheduler import Job, Scheduler, Work
+    from clova_train.studio.gradients import MAX_TOKENS, input_gradients, parse_request
+
+    model, tok = load_model(tiny_hf_dir, device="cpu")
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(2)
+
+    def request(examples, k, **kw):
+        body = {"vectors": (0.05 * torch.randn(k, model.cfg.n_embd, generator=gen)).tolist(), "examples": examples, **kw}
+        return parse_request(body, width=model.cfg.n_embd, base=model.cfg.vocab_size, context=model.cfg.block_size, encode=tok.encode_batch)
+
+    reqs = [request(EXAMPLES, 4), request(EXAMPLES[1:3], 4, score="mean"), request(EXAMPLES[:1], 4, grad=False), request([{"segments": ["국회는"], "target": " 법률"}], 0)]
+    sched = Scheduler(model, tok, workers=0)  # the test takes and runs the batches itself
+    works = [Work(input_gradients, r, args=(model,), size=r.tokens, capacity=MAX_TOKENS) for r in reqs]
+    sched.submit(works[0])
+    sched.submit(Job([tok.encode("국회는")], GenerateConfig(max_new_tokens=2, temperature=0)))
+    for w in works[1:]:
+        sched.submit(w)
+    sched.submit(Work(input_gradients, reqs[0], args=(model,), size=MAX_TOKENS, capacity=MAX_TOKENS))  # no room left
+    batch = sched._take()
+    assert batch == works and sched.batched == len(works) - 1
+    sched._run(batch)
+
+    def flat(scores: list) -> list[float]:
+        return [x for s in scores for x in (s if isinstance(s, list) else [s])]
+
+    for req, work in zip(reqs, works):
+        alone = input_gradients(model, [req])[0]
+        got = work.future.result()
+        assert got["loss"] == pytest.approx(alone["loss"], abs=1e-6)
+        assert flat(got["scores"]) == pytest.approx(flat(alone["scores"]), abs=1e-5)
+        if not req.grad:
+            assert got["grad"] is None
+        elif len(req.vectors):
+            want = torch.tensor(alone["grad"])
+            assert want.abs().max() > 0 and (torch.tensor(got["grad"]) - want).abs().max() <= 1e-5 * want.abs().max()
+        else:
+            assert got["grad"] == alone["grad"] == []
+    assert sched.queued == 2  # the generation job and the request that did not fit
+
+
 def _bad_cases(width: int) -> list:
     ok = {"segments": ["국회는", 0], "choices": [" 부정", " 긍정"], "gold": 0}
     vec = [[0.0] * width]

@@ -69,18 +69,30 @@ class Job:
             return None
         return replace(self.cfg, seed=0, batch_size=1), id(self.embed)
 
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+    capacity = MAX_BATCH
+
 
 @dataclass
 class Work:
-    """Other work on the model (an input-gradient request): ``call()`` runs alone on a worker thread."""
+    """Other work on the model (input-gradient requests): queued items with the same ``fn`` and ``args``
+    run together as ``fn(*args, items)``, which returns one result per item, while their ``size``
+    adds up to no more than the first one's ``capacity``."""
 
-    call: Callable[[], object]
+    fn: Callable[..., list]
+    item: object
+    args: tuple = ()
+    size: int = 1
+    capacity: int = 1
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
     def batch_key(self):
-        return None
+        return "work", self.fn, self.args
 
 
 @dataclass
@@ -147,12 +159,12 @@ class Scheduler:
             jobs = [first]
             key = first.batch_key()
             if key is not None:
-                room = MAX_BATCH - len(first.prompts)
+                room = first.capacity - first.size
                 for other in list(self._pending):
-                    if other.batch_key() == key and room >= len(other.prompts):
+                    if other.batch_key() == key and room >= other.size:
                         self._pending.remove(other)
                         jobs.append(other)
-                        room -= len(other.prompts)
+                        room -= other.size
             self.batched += len(jobs) - 1
             self.busy += 1
             return jobs
@@ -177,9 +189,13 @@ class Scheduler:
             return
         if isinstance(jobs[0], Work):
             try:
-                jobs[0].future.set_result(jobs[0].call())
-            except Exception as e:  # noqa: BLE001 - the request fails, the worker lives on
-                jobs[0].future.set_exception(e)
+                results = jobs[0].fn(*jobs[0].args, [w.item for w in jobs])
+            except Exception as e:  # noqa: BLE001 - the requests fail, the worker lives on
+                for w in jobs:
+                    w.future.set_exception(e)
+                return
+            for w, r in zip(jobs, results):
+                w.future.set_result(r)
             return
         embed = jobs[0].embed or self.embed
         prompts = [p for job in jobs for p in job.prompts]

@@ -179,36 +179,51 @@ def parse_request(body, *, width: int, base: int, context: int, encode, check=No
     return GradientRequest(vectors, parsed, score, grad, tokens)
 
 
-def input_gradients(model, req: GradientRequest) -> dict:
-    """``{"loss", "grad", "scores", "tokens"}`` of a parsed request; the model stays frozen (no weight gradient)."""
-    device = model_device(model)
-    vectors = req.vectors.to(device=device, dtype=model.wte.weight.dtype).requires_grad_(req.grad)
-    embed = prompt_embedder(model, vectors) if len(vectors) else None
-    flat = [(ex.context, cont) for ex in req.examples for cont in ex.continuations]
-    logp: list[torch.Tensor | None] = [None] * len(flat)
-    with torch.enable_grad() if req.grad else torch.no_grad():
+def input_gradients(model, reqs: list[GradientRequest]) -> list[dict]:
+    """``{"loss", "grad", "scores", "tokens"}`` of each parsed request; the model stays frozen.
+
+    Requests queued together share the forward passes and one backward pass: their vectors are
+    stacked in one table (request r's vector j is row offset_r + j), and since no request's rows read
+    another's vectors, the gradient of the summed losses with respect to a request's vectors is
+    the gradient of its own loss.
+    """
+    device, base = model_device(model), model.cfg.vocab_size
+    vectors = [r.vectors.to(device=device, dtype=model.wte.weight.dtype).requires_grad_(r.grad and len(r.vectors) > 0) for r in reqs]
+    flat: list[tuple[list[int], list[int]]] = []
+    offset = 0
+    for req, v in zip(reqs, vectors):
+        for ex in req.examples:
+            context = [i + offset if i >= base else i for i in ex.context]
+            flat += [(context, cont) for cont in ex.continuations]
+        offset += len(v)
+    embed = prompt_embedder(model, torch.cat(vectors)) if offset else None
+    logp: list[torch.Tensor] = [None] * len(flat)  # type: ignore[list-item]
+    with torch.enable_grad() if any(v.requires_grad for v in vectors) else torch.no_grad():
         for batch in token_batches([len(c) + len(x) for c, x in flat], BATCH_TOKENS):
             for i, lp in zip(batch, sequence_logprobs(model, [flat[i] for i in batch], embed)):
                 logp[i] = lp
         losses, scores, at = [], [], 0
-        for ex in req.examples:
-            mine = torch.stack(logp[at : at + len(ex.continuations)])  # type: ignore[arg-type]
-            at += len(ex.continuations)
-            if req.score == "mean":
-                mine = mine / torch.tensor([len(c) for c in ex.continuations], device=device)
-            scores.append(mine)
-            if ex.gold is None:
-                losses.append(-mine[0])
-            else:
-                losses.append(F.cross_entropy(mine[None], torch.tensor([ex.gold], device=device)))
-        loss = torch.stack(losses).mean()
-        if req.grad and len(vectors) and loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss, vectors)
-        else:
-            grad = torch.zeros_like(vectors)
-    return {
-        "loss": loss.item(),
-        "grad": grad.float().cpu().tolist() if req.grad else None,
-        "scores": [s.tolist() if ex.gold is not None else s[0].item() for s, ex in zip(scores, req.examples)],
-        "tokens": req.tokens,
-    }
+        for req in reqs:
+            mine_losses, mine_scores = [], []
+            for ex in req.examples:
+                mine = torch.stack(logp[at : at + len(ex.continuations)])
+                at += len(ex.continuations)
+                if req.score == "mean":
+                    mine = mine / torch.tensor([len(c) for c in ex.continuations], device=device)
+                mine_scores.append(mine)
+                mine_losses.append(-mine[0] if ex.gold is None else F.cross_entropy(mine[None], torch.tensor([ex.gold], device=device)))
+            losses.append(torch.stack(mine_losses).mean())
+            scores.append(mine_scores)
+        wanted = [v for v in vectors if v.requires_grad]
+        total = sum(loss for loss in losses if loss.requires_grad)
+        grads = iter(torch.autograd.grad(total, wanted) if wanted else [])
+    out = []
+    for req, v, loss, mine in zip(reqs, vectors, losses, scores):
+        grad = next(grads) if v.requires_grad else torch.zeros_like(v)
+        out.append({
+            "loss": loss.item(),
+            "grad": grad.float().cpu().tolist() if req.grad else None,
+            "scores": [s.tolist() if ex.gold is not None else s[0].item() for s, ex in zip(mine, req.examples)],
+            "tokens": req.tokens,
+        })  # fmt: skip
+    return out

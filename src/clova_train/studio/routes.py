@@ -39,8 +39,9 @@ async def gradients(server: Server, request: Request) -> Response:
 
     cfg = server.model.cfg
     req = parse_request(body, width=cfg.n_embd, base=cfg.vocab_size, context=server.context, encode=server.tok.encode_batch, check=check)
-    result = await server.run(Work(lambda: input_gradients(server.model, req)))
-    return JSONResponse(result)
+    # Requests waiting together run as one batch, up to one full request's worth of tokens.
+    work = Work(input_gradients, req, args=(server.model,), size=req.tokens, capacity=limits.MAX_TOKENS)
+    return JSONResponse(await server.run(work))
 
 
 @_route
