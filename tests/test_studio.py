@@ -331,3 +331,30 @@ def test_ptuning_job_in_the_playground_survives_a_restart(tiny_hf_dir, separable
         assert _post(url + "/v1/completions", {"model": f"{MODEL}/ptune/nope", "prompt": text})[0] == 404
     finally:
         stop_server(proc)
+
+
+def test_state_dir_has_one_server_and_a_stopped_job_says_so(tiny_lm, tmp_path, caplog):
+    from clova_train.core.errors import ClovaError
+    from clova_train.studio.jobs import Studio
+
+    model, tok = tiny_lm
+    state = tmp_path / "state"
+    first = Studio(state, model, tok, MODEL, [])
+    job = first.create({"task": "nsmc", "train": "id\tdocument\tlabel\n1\t좋다\t1\n", "valid": "id\tdocument\tlabel\n2\t싫다\t0\n", "epochs": 1, "prompt_tokens": 2, "hidden_size": 8, "encoder": "mlp"})
+    with pytest.raises(ClovaError, match="clova serve --state-dir"):
+        Studio(state, model, tok, MODEL, [])
+    first.close()
+    first._threads[0].join(60)  # the queued job ran (or failed with its reason) before the sentinel
+    # As if the server had stopped mid-job: the record says running; a second record is unreadable.
+    record = json.loads((state / "jobs" / job["id"] / "job.json").read_text())
+    (state / "jobs" / job["id"] / "job.json").write_text(json.dumps({**record, "status": "running"}))
+    (state / "jobs" / "broken").mkdir()
+    (state / "jobs" / "broken" / "job.json").write_text("{not json")
+    again = Studio(state, model, tok, "other-name", [])
+    try:
+        (reloaded,) = again.list()
+        assert reloaded["status"] == "failed" and "stopped while this job ran" in reloaded["error"]
+        assert reloaded["model"] == f"other-name/ptune/{job['id']}" and again.resolve(reloaded["model"]) is None
+        assert "broken/job.json: skipped" in caplog.text
+    finally:
+        again.close()
