@@ -54,7 +54,8 @@ def build_model(d: Path, preset: str) -> Path:
 
     from clova_train.model.config import ModelConfig, pad_vocab
     from clova_train.model.gpt import GPT
-    from clova_train.tokenizer.bpe import ClovaTokenizer, TokenizerConfig, train_tokenizer
+    from clova_train.tokenizer.bpe import ClovaTokenizer
+    from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 
     corpus = Path(konlpy.__file__).parent / "data" / "corpus"
     files = [corpus / "kolaw" / "constitution.txt", *sorted((corpus / "kobill").glob("*.txt"))]
