@@ -215,7 +215,13 @@ def test_ptune_with_server_gradients_matches_local_ptune(studio, tiny_hf_dir, se
 # ---------------------------------------------------------------- no-code p-tuning jobs and presets
 
 
-def test_jobs_need_a_state_dir(studio):
+def test_jobs_need_a_state_dir(studio, tiny_hf_dir):
+    from typer.testing import CliRunner
+
+    from clova_train.cli import app
+
+    r = CliRunner().invoke(app, ["serve", str(tiny_hf_dir), "--ptune-jobs", "2"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--state-dir" in r.output, r.output
     status, text = _get(studio["url"] + "/v1/ptune/jobs", KEY)
     for status, r in ((status, json.loads(text)), _post(studio["url"] + "/v1/presets", {"name": "x", "prompt": "y"})):
         assert status == 404 and r["error"]["code"] == "no_state_dir" and "--state-dir" in r["error"]["message"]

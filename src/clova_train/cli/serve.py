@@ -41,6 +41,8 @@ def serve_cmd(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
         presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name,
     )  # fmt: skip
+    if ptune_jobs != 1 and state_dir is None:
+        raise ClovaError("--ptune-jobs sets how many p-tuning jobs train at once; jobs need --state-dir DIR")
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     embed = encode = None
     if ptune is not None:

@@ -133,7 +133,8 @@ def parse_request(body, *, width: int, base: int, context: int, encode, check=No
                 texts.append(seg)
             elif isinstance(seg, int) and not isinstance(seg, bool):
                 if not 0 <= seg < len(vectors):
-                    raise _bad(f"{where}.segments.{s} is vector {seg}, but the request has {len(vectors)} vectors (0..{len(vectors) - 1})", f"{where}.segments.{s}", "index_out_of_range")
+                    have = f"has {len(vectors)} vectors (0..{len(vectors) - 1})" if len(vectors) else "has no vectors"
+                    raise _bad(f"{where}.segments.{s} is vector {seg}, but the request {have}", f"{where}.segments.{s}", "index_out_of_range")
                 pieces.append(("vector", seg))
             else:
                 raise _bad(f"{where}.segments.{s} must be a text or a vector index, not {seg!r}", f"{where}.segments.{s}")
