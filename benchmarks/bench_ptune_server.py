@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_serve import build_model  # noqa: E402
+from bench_serve import build_model, start_server  # noqa: E402
 from clova_train.evaluation.prompts import VECTORS_FILE  # noqa: E402
 from clova_train.evaluation.ptune import PTuneConfig, ptune  # noqa: E402
 from clova_train.inference.generate import load_model  # noqa: E402
@@ -75,23 +72,15 @@ def main() -> None:
         base = dict(task="nsmc", train=write_task(d / "train.tsv", args.train, rng), valid=write_task(d / "valid.tsv", 32, rng),
                     template=str(template), prompt_tokens=8, hidden_size=64, epochs=1, batch_size=args.batch_size)  # fmt: skip
 
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        log = d / "server.log"
-        cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", str(model_dir), "--port", "0", "--device", "cpu"]
-        proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        while not (m := re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())):
-            if proc.poll() is not None:
-                sys.exit(f"clova serve failed:\n{log.read_text()}")
-            time.sleep(0.2)
-        url = m[1]
+        proc, url = start_server(model_dir, d / "server.log")
         local_s = remote_s = float("inf")
-        for r in range(args.rounds):
+        for r in range(args.rounds + 1):  # round 0 warms both sides up and is not timed
             t = time.perf_counter()
             ptune(model, tok, PTuneConfig(**base, out=str(d / f"local{r}")), show_progress=False)
-            local_s = min(local_s, time.perf_counter() - t)
+            local_s = min(local_s, time.perf_counter() - t) if r else local_s
             t = time.perf_counter()
             ptune_remote(url, "", PTuneConfig(**base, out=str(d / f"remote{r}")), show_progress=False)
-            remote_s = min(remote_s, time.perf_counter() - t)
+            remote_s = min(remote_s, time.perf_counter() - t) if r else remote_s
         from safetensors.torch import load_file
 
         mine, theirs = (load_file(str(d / name / VECTORS_FILE))["vectors"] for name in ("local0", "remote0"))
