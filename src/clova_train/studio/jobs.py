@@ -41,6 +41,7 @@ from clova_train.studio.codec import prompt_codec
 JOB_FILE = "job.json"
 SETTINGS = ("prompt_tokens", "encoder", "hidden_size", "epochs", "lr", "batch_size", "seed", "score")
 """The PTuneConfig fields a job's request may set."""
+RECORD_KEYS = {"id", "name", "task", "status", "created", "finished", "config", "history", "served"}
 log = logging.getLogger("clova.studio")
 
 
@@ -66,8 +67,8 @@ class Studio:
         for path in sorted((self.dir / "jobs").glob(f"*/{JOB_FILE}")):
             try:
                 job = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(job, dict) or job.get("id") != path.parent.name:
-                    raise ValueError("not a job record")
+                if not isinstance(job, dict) or job.get("id") != path.parent.name or not RECORD_KEYS <= set(job):
+                    raise ValueError(f"not a job record (needs {', '.join(sorted(RECORD_KEYS))})")
             except (ValueError, OSError) as e:
                 log.warning("%s: skipped, unreadable (%s)", path, e)
                 continue
@@ -119,6 +120,8 @@ class Studio:
             "name": spec.get("name") or f"{task.name} {job_id}",
             "task": task.name,
             "model": f"{self.model_name}/ptune/{job_id}",
+            # A served prompt wraps a request's text, so only one-input tasks (not sts) are served by name.
+            "served": len(task.inputs) == 1,
             "status": "queued",
             "created": time.time(),
             "started": None,
@@ -187,7 +190,7 @@ class Studio:
         """(embed, encode) of the finished job whose prompt ``model`` names, else None."""
         prefix = f"{self.model_name}/ptune/"
         job = self.get(model[len(prefix) :]) if model.startswith(prefix) else None
-        if job is None or job["status"] != "done":
+        if job is None or job["status"] != "done" or not job["served"]:
             return None
         with self._mutex:
             if job["id"] not in self._codecs:
@@ -198,7 +201,7 @@ class Studio:
         return [
             {"id": j["model"], "object": "model", "created": int(j["finished"]), "owned_by": "clova-train studio",
              "context_length": self.model.cfg.block_size, "task": j["task"], "job": j["id"], "name": j["name"]}
-            for j in self.list() if j["status"] == "done" and len(get_task(j["task"]).inputs) == 1
+            for j in self.list() if j["status"] == "done" and j["served"]
         ]  # fmt: skip
 
     # ------------------------------------------------------------ presets

@@ -84,7 +84,7 @@ async function refreshJobs() {
       const td = document.createElement("td"); td.textContent = text; tr.appendChild(td);
     }
     const td = document.createElement("td");
-    if (j.status === "done") {
+    if (j.status === "done" && j.served) {
       const a = document.createElement("a");
       a.href = "/?model=" + encodeURIComponent(j.model); a.textContent = j.model; a.className = "use";
       td.appendChild(a);
