@@ -39,7 +39,8 @@ def serve_cmd(
     import logging
 
     from clova_train.inference.generate import load_model
-    from clova_train.inference.server import ServeConfig, listen, serve
+    from clova_train.inference.server import ServeConfig
+    from clova_train.inference.serving import listen, serve
 
     cfg = ServeConfig(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
@@ -52,6 +53,7 @@ def serve_cmd(
     embed = encode = None
     if ptune is not None:
         embed, encode = _ptuned(model, tok, ptune)
+
     def ready(url: str) -> None:
         out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
         sys.stdout.flush()
