@@ -155,3 +155,20 @@ def test_cli_plan_table_and_json():
     assert data["fits"] is True and data["parameters"] == num_params(ModelConfig.from_name("1.3b"))
     r = runner.invoke(app, ["plan", "--model", "1.3b", "--gpu-type", "tpu"])
     assert r.exit_code == 2 and "unknown --gpu-type" in r.output
+
+
+def test_tensor_parallel_splits_the_block_matrices_and_the_activations_inside_a_node():
+    import dataclasses
+
+    from clova_train.training.plan import tensor_parallel_params
+
+    base = PlanConfig(model="13b", gpus=8, nodes=4, parallel="zero1", micro_batch=1)
+    one, eight = estimate(base), estimate(dataclasses.replace(base, tensor_parallel=8))
+    m = ModelConfig.from_name("13b", vocab_size=base.vocab_size)
+    split = tensor_parallel_params(m)
+    assert 0.9 * num_params(m) < split < num_params(m)  # the block matrices are nearly all of a GPT-3
+    assert eight["bytes"]["parameters"] == pytest.approx(one["bytes"]["parameters"] * (num_params(m) - split * 7 / 8) / num_params(m))
+    assert eight["data_parallel"] == 4 and one["data_parallel"] == 32
+    assert eight["bytes"]["activations"] < one["bytes"]["activations"]
+    with pytest.raises(ClovaError, match="must divide the 8 GPUs of a node"):
+        PlanConfig(model="13b", gpus=8, tensor_parallel=3)

@@ -95,7 +95,10 @@ def test_a_tensor_parallel_change_on_resume_reshards(tp_zero3, trained_run, tmp_
     shutil.copytree(tp_zero3["run"], run)
     args = [a if a != tp_zero3["run"] else run for a in tp_zero3["args"]]
     args[args.index("--tensor-parallel") + 1] = "1"
-    r = clova_cli(*args, "--resume-step", "8")
+    for later in ("step_00000012", "step_00000016"):  # as if the TP=2 job had stopped at step 8
+        shutil.rmtree(run / "checkpoints" / later)
+    (run / "checkpoints" / "latest").write_text("step_00000008")
+    r = clova_cli(*args)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tensor parallel 2 -> 1" in r.stderr and "replicas 1 -> 2" in r.stderr
     ours, reference = compared(metrics(run)), compared(metrics(trained_run))

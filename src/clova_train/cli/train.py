@@ -21,6 +21,7 @@ def plan_cmd(
     cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload)."),
     parallel: str = typer.Option("zero3", "--parallel", help="zero1, zero2, zero3 or pipeline (ZeRO-1 across replicas)."),
     pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="GPUs of a node splitting each block's matrices (any mode)."),
     offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the preset's context, 2048 for the paper's sizes)."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per step."),
@@ -49,7 +50,7 @@ def plan_cmd(
         peak_tflops = ACCELERATOR_PEAK_TFLOPS[gpu_type.lower()]
     cfg = PlanConfig(
         model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
-        offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
+        tensor_parallel=tensor_parallel, offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
         activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, global_batch=global_batch,
     )
     est = estimate(cfg)

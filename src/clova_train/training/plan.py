@@ -15,6 +15,7 @@ recomputed at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,7 +23,7 @@ from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
 from clova_train.training.parallel.ds_config import MODES, OFFLOADS
 from clova_train.model.config import PRESETS, ModelConfig, preset_name
-from clova_train.model.gpt import flops_per_token, largest_unit_params, num_params, part_sizes
+from clova_train.model.gpt import flops_per_token, largest_unit_params, meta_model, num_params, part_sizes
 
 GB = 1024**3
 # Dense bf16 peak TFLOP/s per device, for MFU and time estimates.
@@ -31,6 +32,9 @@ ACCELERATOR_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0, "a10g": 
 USABLE_FRACTION = 0.9
 ACT_VALUES_PER_LAYER = 16  # x hidden x tokens, measured for model.Block
 ACT_VALUES_OUTSIDE = 2  # embedding output and final LayerNorm input, x hidden x tokens
+# With tensor parallelism the values inside attention and the MLP are split and the block's input, LayerNorm outputs and
+# residuals are not: 24 of the 34 bytes per token per hidden unit Megatron-LM counts (Korthikanti et al. 2022, eq. 2).
+ACT_SPLIT_FRACTION = 24 / 34
 
 
 @dataclass
@@ -51,6 +55,8 @@ class PlanConfig:
     """zero3 (everything sharded over data-parallel ranks) or pipeline (layers in stages, ZeRO-1)."""
     pipeline_stages: int = 1
     """Pipeline stages (pipeline mode)."""
+    tensor_parallel: int = 1
+    """GPUs of one node that split each block's matrices (any mode)."""
     offload: str = "none"
     """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
     seq_len: int | None = None
@@ -89,25 +95,35 @@ class PlanConfig:
                 raise ClovaError(f"{f} must be >= 1, not {getattr(self, f)}")
         if self.gpu_mem <= 0 or not 0 < self.mfu <= 1 or self.peak_tflops <= 0:
             raise ClovaError("gpu_mem and peak_tflops must be positive and mfu in (0, 1]")
-        if self.parallel == "pipeline" and self.world % self.pipeline_stages:
-            raise ClovaError(f"{self.world} GPUs cannot be split into {self.pipeline_stages} pipeline stages evenly")
+        if self.tensor_parallel < 1 or self.gpus % self.tensor_parallel:
+            raise ClovaError(f"--tensor-parallel {self.tensor_parallel} must divide the {self.gpus} GPUs of a node (a tensor-parallel group stays inside one)")
+        if self.parallel == "pipeline" and (self.world // self.tensor_parallel) % self.pipeline_stages:
+            raise ClovaError(f"{self.world} GPUs cannot be split into {self.pipeline_stages} pipeline stages of {self.tensor_parallel}-GPU tensor-parallel groups evenly")
 
     @property
     def world(self) -> int:
         return self.gpus * self.nodes
 
 
+def tensor_parallel_params(m: ModelConfig) -> int:
+    """Parameters tensor parallelism splits (the block matrices and their column biases), read off the model."""
+    from clova_train.training.parallel.tensor import split_of
+
+    return sum(p.numel() for name, p in meta_model(m).named_parameters() if split_of(name)[0] is not None)
+
+
 def model_config(cfg: PlanConfig) -> ModelConfig:
     return ModelConfig.from_name(cfg.model, vocab_size=cfg.vocab_size, block_size=max(cfg.seq_len, 1))
 
 
-def activation_bytes(m: ModelConfig, layers: int, tokens: int, act_bytes: int, checkpointing: bool, head: bool) -> int:
-    """Saved activations of ``layers`` blocks for ``tokens`` tokens (micro-batch x seq_len)."""
+def activation_bytes(m: ModelConfig, layers: int, tokens: int, act_bytes: int, checkpointing: bool, head: bool, tp: int = 1) -> int:
+    """Saved activations of ``layers`` blocks for ``tokens`` tokens (micro-batch x seq_len) on one of ``tp`` tensor-parallel ranks."""
     th = tokens * m.n_embd
+    per_layer = ACT_VALUES_PER_LAYER * (1 - ACT_SPLIT_FRACTION + ACT_SPLIT_FRACTION / tp)
     if checkpointing:
-        values = layers * th + ACT_VALUES_PER_LAYER * th  # inputs kept + one block recomputed
+        values = layers * th + per_layer * th  # inputs kept + one block recomputed
     else:
-        values = layers * ACT_VALUES_PER_LAYER * th
+        values = layers * per_layer * th
     values += ACT_VALUES_OUTSIDE * th
     total = values * act_bytes
     if head:
@@ -148,43 +164,48 @@ def estimate(cfg: PlanConfig) -> dict:
     tokens_micro = cfg.micro_batch * cfg.seq_len
     largest = largest_unit_params(m)
     cpu_per_node = 0.0
+    tp = cfg.tensor_parallel
+    split = tensor_parallel_params(m)  # the block matrices each tensor-parallel rank holds a 1/tp slice of
+    n_rank = n - split + split / tp
+    acts = functools.partial(activation_bytes, m, tokens=tokens_micro, act_bytes=act_bytes, tp=tp)
     if cfg.parallel == "zero3":
-        dp = cfg.world
+        dp = cfg.world // tp
         gathered = 4 * largest  # DeepSpeed's "largest_layer_memory"
         if cfg.offload == "none":
-            params, grads, optim = w * n / dp + gathered, g * n / dp, o * n / dp
+            params, grads, optim = w * n_rank / dp + gathered, g * n_rank / dp, o * n_rank / dp
         else:
             # Parameters and optimizer state live on the host (or NVMe); the GPU
             # keeps the gathered working layer (DeepSpeed: cpu_offload_params=True).
             params, grads, optim = gathered, 0.0, 0.0
             cpu_per_node = 18 * n / cfg.nodes * 1.5 if cfg.offload == "cpu" else 0.0
-        acts_ckpt = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, True, True)
-        acts_full = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, False, True)
-        stage_params = n
+        acts_ckpt = acts(m.n_layer, checkpointing=True, head=True)
+        acts_full = acts(m.n_layer, checkpointing=False, head=True)
+        stage_params = n_rank
     elif cfg.parallel in ("zero1", "zero2"):
-        dp = cfg.world
-        params, grads, optim = w * n, g * n, o * n / dp
-        acts_ckpt = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, True, True)
-        acts_full = activation_bytes(m, m.n_layer, tokens_micro, act_bytes, False, True)
-        stage_params = n
+        dp = cfg.world // tp
+        params, grads, optim = w * n_rank, g * n_rank, o * n_rank / dp
+        acts_ckpt = acts(m.n_layer, checkpointing=True, head=True)
+        acts_full = acts(m.n_layer, checkpointing=False, head=True)
+        stage_params = n_rank
     else:
         s = cfg.pipeline_stages
-        dp = cfg.world // s
+        dp = cfg.world // (s * tp)
         layers = math.ceil(m.n_layer / s)
         # The first stage holds the embeddings; with one stage it holds the whole model.
         if s == 1:
-            stage_params = n
+            stage_params = n_rank
         else:
             sizes = part_sizes(m)  # embeddings, blocks..., final norm, head
-            stage_params = layers * sizes[2] + sizes[0] + sizes[1]
+            block = sizes[2] - split / m.n_layer + split / m.n_layer / tp
+            stage_params = layers * block + sizes[0] + sizes[1]
         # ZeRO-1: weights and gradients replicated in each replica, optimizer state
         # (fp32 master weights and Adam moments in mixed precision) sharded.
         params, grads = w * stage_params, g * stage_params
         optim = o * stage_params / dp
         # 1F1B keeps up to `s` micro-batches in flight on the first stage.
         in_flight = s
-        acts_ckpt = activation_bytes(m, layers, tokens_micro, act_bytes, True, s == 1) * in_flight
-        acts_full = activation_bytes(m, layers, tokens_micro, act_bytes, False, s == 1) * in_flight
+        acts_ckpt = acts(layers, checkpointing=True, head=s == 1) * in_flight
+        acts_full = acts(layers, checkpointing=False, head=s == 1) * in_flight
     acts = acts_ckpt if cfg.activation_checkpointing else acts_full
     total = params + grads + optim + acts
     usable = cfg.gpu_mem * GB * USABLE_FRACTION
@@ -295,6 +316,7 @@ def plan_table(est: dict, fixes: list[str], *, devices: str = "GPUs", per: str =
 
     c, b = est["config"], est["bytes"]
     mode = c["parallel"] + (f", {c['pipeline_stages']} stages" if c["parallel"] == "pipeline" else "")
+    mode += f", tensor parallel {c['tensor_parallel']}" if c.get("tensor_parallel", 1) > 1 else ""
     mode += f", offload {c['offload']}" if c["offload"] != "none" else ""
     memory = f"{c['gpu_mem']:,.1f}".removesuffix(".0")
     title = f"plan: {c['model']} on {c['nodes']} x {c['gpus']} {devices} of {memory} GB ({mode}, {c['precision']})"

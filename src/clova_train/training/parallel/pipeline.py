@@ -100,8 +100,9 @@ class PipelineEngine(Engine):
 
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        # Axes pipe, data, model (the model axis fastest), as ParallelDims numbers the ranks.
-        topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+        # Axes pipe, data, model (the model axis fastest), as ParallelDims numbers the ranks. Without tensor
+        # parallelism DeepSpeed's own pipe x data topology: its file names carry no model axis (layer_XX-model_states.pt).
+        topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp) if dims.tp > 1 else None
         module = _pipeline_module(model_cfg)(
             layers=pipeline_layers(model_cfg),
             num_stages=dims.pp,

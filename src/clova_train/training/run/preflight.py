@@ -127,7 +127,7 @@ def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: flo
     peak = peak_tflops(device_name, spec.train.peak_tflops)
     pc = PlanConfig(
         model=m.name, gpus=gpus, gpu_mem=device_gb, nodes=nodes, parallel=spec.parallel.mode,
-        pipeline_stages=spec.parallel.stages(world), offload=spec.parallel.offload, seq_len=spec.train.seq_len, micro_batch=spec.train.micro_batch,
+        pipeline_stages=spec.parallel.stages(world), tensor_parallel=spec.parallel.tensor_parallel, offload=spec.parallel.offload, seq_len=spec.train.seq_len, micro_batch=spec.train.micro_batch,
         vocab_size=m.vocab_size, precision=precision, activation_checkpointing=spec.parallel.activation_checkpointing,
         tokens=spec.train.steps * spec.train.tokens_per_step, peak_tflops=peak or PlanConfig.peak_tflops,
     )
