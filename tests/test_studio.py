@@ -367,3 +367,15 @@ def test_state_dir_has_one_server_and_a_stopped_job_says_so(tiny_lm, tmp_path, c
         assert "broken/job.json: skipped" in caplog.text
     finally:
         again.close()
+
+
+def test_a_job_thread_tokenizes_with_caches_of_its_own(tiny_lm):
+    """The server tokenizes requests on its one preparation thread; a p-tuning job thread gets a twin of the
+    tokenizer (the same ids) whose caches the server's thread never clears under it."""
+    _, tok = tiny_lm
+    twin = tok.for_thread()
+    text = "대한민국의 국회는 법률을 제정한다"
+    assert twin.encode(text) == tok.encode(text)
+    tok._cache.clear()  # what the server's thread does when its cache is full
+    tok._morph_cache.clear()
+    assert twin._cache and twin._morph_cache and twin.encode(text) == tok.encode(text)

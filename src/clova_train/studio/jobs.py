@@ -157,10 +157,13 @@ class Studio:
                 atomic_write_json(self.dir / "jobs" / job["id"] / JOB_FILE, job)
 
     def _work(self) -> None:
+        # The server tokenizes requests on its one preparation thread with ``self.tok``; a job thread
+        # tokenizes with a tokenizer of its own, as tokenizers' caches are not shared between threads.
+        tok = self.tok.for_thread()
         while (job_id := self._queue.get()) is not None:
-            self._run(self._jobs[job_id])
+            self._run(self._jobs[job_id], tok)
 
-    def _run(self, job: dict) -> None:
+    def _run(self, job: dict, tok) -> None:
         d = self.dir / "jobs" / job["id"]
         suffix = ".tsv" if get_task(job["task"]).tsv_columns else ".jsonl"
         cfg = PTuneConfig(
@@ -176,7 +179,7 @@ class Studio:
             self._update(job, history=[*job["history"], entry])
 
         try:
-            report = ptune(self.model, self.tok, cfg, model_name=self.model_name, show_progress=False, on_epoch=epoch, on_step=step)
+            report = ptune(self.model, tok, cfg, model_name=self.model_name, show_progress=False, on_epoch=epoch, on_step=step)
         except Exception as e:  # noqa: BLE001 - the job fails with its reason; the server serves on
             if not isinstance(e, ClovaError):
                 log.exception("p-tuning job %s failed", job["id"])
