@@ -77,6 +77,18 @@ def build_model(d: Path, preset: str) -> Path:
     return out
 
 
+def start_server(model_dir: Path, log: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """A `clova serve` child on a free port, torch on one thread; (process, base URL) once it listens."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", str(model_dir), "--port", "0", "--device", "cpu", *flags]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    while not (m := re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())):
+        if proc.poll() is not None:
+            sys.exit(f"clova serve failed:\n{log.read_text()}")
+        time.sleep(0.2)
+    return proc, m[1]
+
+
 def requests(n: int, max_tokens: int) -> list[dict]:
     return [dict(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0.8, seed=i) for i in range(n)]
 
@@ -183,16 +195,7 @@ def main() -> None:
         reqs = requests(args.requests, args.max_tokens)
         model, tok = load_model(model_dir, device="cpu")
 
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-        log = d / "server.log"
-        cmd = [sys.executable, "-c", "from clova_train.cli import app; app()", "serve", str(model_dir), "--port", "0",
-               "--device", "cpu", "--workers", str(args.workers)]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        while not (m := re.search(r"on (http://127\.0\.0\.1:\d+)/", log.read_text())):
-            if proc.poll() is not None:
-                sys.exit(f"clova serve failed:\n{log.read_text()}")
-            time.sleep(0.2)
-        url = m[1]
+        proc, url = start_server(model_dir, d / "server.log", "--workers", str(args.workers))
         in_process(model, tok, reqs[:2])  # warm-up on both sides
         through_server(url, reqs[:2], 1)
         # One request in process, then the same through the server, and so on: load from

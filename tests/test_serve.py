@@ -317,6 +317,19 @@ def test_metrics_are_prometheus_text(server, client):
 # ---------------------------------------------------------------- the playground in a real browser
 
 
+def generate_in_playground(page, prompt: str, *, max_tokens: int, temperature: float, seed: int) -> str:
+    """Type a prompt and its settings into the open playground, generate, and return the completion it shows."""
+    page.fill("#prompt", prompt)
+    page.dispatch_event("#prompt", "input")
+    page.fill("#max_tokens", str(max_tokens))
+    page.fill("#temperature", str(temperature))
+    page.fill("#seed", str(seed))
+    page.fill("#stop-strings", "")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
+    return page.text_content("#completion")
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium fonts-noto-cjk)")
 def test_playground_in_headless_chromium(server, client, local, tmp_path, capsys):
     from playwright.sync_api import sync_playwright
@@ -348,15 +361,7 @@ def test_playground_in_headless_chromium(server, client, local, tmp_path, capsys
         assert {"character_bot", "intent_utterances", "event_title"} <= set(names)
         page.select_option("#preset", "character_bot")
         assert "한결" in page.input_value("#prompt")
-        page.fill("#prompt", prompt)
-        page.dispatch_event("#prompt", "input")
-        page.fill("#max_tokens", "20")
-        page.fill("#temperature", "0.8")
-        page.fill("#seed", "3")
-        page.fill("#stop-strings", "")
-        page.click("#generate")
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('finish:')", timeout=60000)
-        shown = page.text_content("#completion")
+        shown = generate_in_playground(page, prompt, max_tokens=20, temperature=0.8, seed=3)
         pieces = [p.replace(" ", "\u2423") for p in local[1].segment(prompt)]  # spaces shown as ␣
         assert any(p.startswith("\u2423") for p in pieces)
         page.wait_for_function(

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from clova_train.cli.common import _DEVICE_HELP, _DTYPE_HELP, _MODEL_HELP, _str, existing_dir, friendly, out
+from clova_train.core.errors import ClovaError
 
 
 def _metric(name: str, value: float) -> str:
@@ -66,7 +67,7 @@ def eval_cmd(
 
 @friendly
 def ptune_cmd(
-    model_dir: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP),
+    model_dir: Optional[Path] = typer.Argument(None, metavar="MODEL", help=_MODEL_HELP + " Not with --server."),
     task: str = typer.Option(..., "--task", help="nsmc, ynat, sts, korquad or translation."),
     train: Path = typer.Option(..., "--train", help="Training examples, in the task's format."),
     valid: Path = typer.Option(..., "--valid", help="Validation examples; the best epoch is kept."),
@@ -83,14 +84,20 @@ def ptune_cmd(
     score: Optional[str] = typer.Option(None, "--score", help="Label log-likelihoods compared by 'sum' or 'mean'."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    server: Optional[str] = typer.Option(None, "--server", help="Train here with the loss and input gradients of this `clova serve` (no weights needed; classification tasks)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="CLOVA_API_KEY", show_envvar=True, help="The server's API key (with --server)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """P-tuning: train continuous prompt vectors (LSTM or MLP encoder) in front of the frozen model.
 
     Example: [bold]clova ptune hf/ --task nsmc --train ratings_train.txt --valid ratings_valid.txt --out nsmc-ptune/[/]
-    then [bold]clova eval hf/ --task nsmc --data ratings_test.txt --ptune nsmc-ptune/[/]
+    then [bold]clova eval hf/ --task nsmc --data ratings_test.txt --ptune nsmc-ptune/[/]; without the weights:
+    [bold]clova ptune --server http://host:8000 --task nsmc ...[/] (the same options and output directory)
     """
-    existing_dir(model_dir, "model directory")
+    if (model_dir is None) == (server is None):
+        raise ClovaError("give MODEL (a model directory) or --server URL (a `clova serve` that computes the gradients), one of them")
+    if model_dir is not None:
+        existing_dir(model_dir, "model directory")
     from clova_train.core.config import override
     from clova_train.inference.generate import load_model
     from clova_train.evaluation.ptune import PTuneConfig, ptune
@@ -100,8 +107,13 @@ def ptune_cmd(
         prompt_tokens=prompt_tokens, encoder=encoder, hidden_size=hidden_size, lr=lr, weight_decay=weight_decay,
         epochs=epochs, batch_size=batch_size, seed=seed, template=_str(template), score=score,
     )
-    model, tok = load_model(model_dir, device=device, dtype=dtype)
-    report = ptune(model, tok, cfg, model_name=str(model_dir), show_progress=not quiet)
+    if server is not None:
+        from clova_train.studio.remote import ptune_remote
+
+        report = ptune_remote(server, api_key or "", cfg, show_progress=not quiet)
+    else:
+        model, tok = load_model(model_dir, device=device, dtype=dtype)
+        report = ptune(model, tok, cfg, model_name=str(model_dir), show_progress=not quiet)
     table = Table(title=f"p-tuned {cfg.task} (validation set)")
     table.add_column("")
     for name in report["best"]:

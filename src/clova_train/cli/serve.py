@@ -24,6 +24,8 @@ def serve_cmd(
     max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting beyond this get 429."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model's name in the API (default: the directory's name)."),
     public_metrics: bool = typer.Option(False, "--public-metrics", help="Serve /metrics without the API key (default: it needs the key, like /v1)."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Keep p-tuning jobs, their trained prompts and saved presets here (they survive a restart)."),
+    ptune_jobs: int = typer.Option(1, "--ptune-jobs", help="P-tuning jobs trained at once (with --state-dir); more wait in a queue."),
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=_SAVED_DTYPE_HELP),
 ) -> None:
@@ -37,17 +39,21 @@ def serve_cmd(
     import logging
 
     from clova_train.inference.generate import load_model
-    from clova_train.inference.server import ServeConfig, listen, serve
+    from clova_train.inference.server import ServeConfig
+    from clova_train.inference.serving import listen, serve
 
     cfg = ServeConfig(
         host=host, port=port, api_key=api_key or "", filters=_str(filters) or "", workers=workers, max_queue=max_queue,
         presets=_str(presets) or "", model_name=model_name or model_dir.resolve().name, public_metrics=public_metrics,
     )  # fmt: skip
+    if ptune_jobs != 1 and state_dir is None:
+        raise ClovaError("--ptune-jobs sets how many p-tuning jobs train at once; jobs need --state-dir DIR")
     sock = listen(cfg)  # a busy port answers now, not after the model loads
     model, tok = load_model(model_dir, device=device, dtype=dtype)
     embed = encode = None
     if ptune is not None:
         embed, encode = _ptuned(model, tok, ptune)
+
     def ready(url: str) -> None:
         out.print(f"serving {cfg.model_name} on {url} (playground at /, API at /v1)", highlight=False, soft_wrap=True)
         sys.stdout.flush()
@@ -58,38 +64,22 @@ def serve_cmd(
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         requests.addHandler(handler)
         requests.setLevel(logging.INFO)
-    serve(model, tok, cfg, sock=sock, embed=embed, encode=encode, on_ready=ready)
+
+    def extend(server):
+        from clova_train.studio.routes import studio_routes
+
+        if state_dir is not None:
+            from clova_train.studio.jobs import Studio
+
+            server.studio = Studio(state_dir, server.model, server.tok, server.name, server.presets, workers=ptune_jobs)
+        return studio_routes(server), server.studio.close if server.studio else lambda: None
+
+    serve(model, tok, cfg, sock=sock, embed=embed, encode=encode, on_ready=ready, extend=extend)
 
 
 def _ptuned(model, tok, path: Path):
-    """(embed, encode) that put a trained prompt's vectors around each request's text, as its template says.
+    """(embed, encode) of a trained prompt; the CLI asks the studio because evaluation (which owns
+    p-tuning) sits above inference."""
+    from clova_train.studio.codec import prompt_codec
 
-    The CLI does this because evaluation (which owns p-tuning) sits above inference.
-    """
-    import json
-
-    from clova_train.evaluation.prompts import META_FILE, PROMPT_MARK, encode_pieces, load_prompt, prompt_embedder
-    from clova_train.evaluation.tasks import get_task
-
-    meta = path / META_FILE
-    if not meta.is_file():
-        raise ClovaError(f"{path}: not a ptune directory (no {META_FILE}); make one with `clova ptune`")
-    task = get_task(json.loads(meta.read_text(encoding="utf-8")).get("task", ""))
-    if len(task.inputs) != 1:
-        raise ClovaError(f"{path}: serving a p-tuned prompt needs a task with one input; {task.name} has {', '.join(task.inputs)}")
-    prompt = load_prompt(path, model, task)
-    parts = prompt.template.ptune_query.split(PROMPT_MARK)
-    n, marks = len(prompt.vectors), len(parts) - 1
-    # Placeholders are filled by splitting on the field, never by str.format on user text.
-    field = "{" + task.inputs[0] + "}"
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        pieces = []
-        for text in texts:
-            row: list[str | int] = [text.join(parts[0].split(field))]
-            for i, part in enumerate(parts[1:]):
-                row += [n // marks + (i < n % marks), text.join(part.split(field))]
-            pieces.append([p for p in row if p != ""])
-        return encode_pieces(tok, pieces, model.cfg.vocab_size)
-
-    return prompt_embedder(model, prompt.vectors), encode
+    return prompt_codec(model, tok, path)

@@ -182,7 +182,8 @@ def sample_demos(train: Sequence[Example], k: int, seed: int, index: int, exampl
     return [d for d in picked if d.fields != example.fields][:k]
 
 
-def _pieces(template: PromptTemplate, task: Task, example: Example, demos: list[Example], n_vectors: int) -> list[str | int]:
+def prompt_pieces(template: PromptTemplate, task: Task, example: Example, demos: list[Example], n_vectors: int) -> list[str | int]:
+    """A prompt as text pieces and vector counts: instruction, demonstrations, then the (p-tuning) query."""
     head = template.instruction + "".join(template.demo(d, task) for d in demos)
     if n_vectors:
         pieces = template.ptune_pieces(example, n_vectors)
@@ -227,12 +228,12 @@ def prepare(
         raise ClovaError(f"the {task.name} template has no ptune_query: p-tuning needs {PROMPT_MARK} marks in one")
     limit = model.cfg.block_size - reserve
     demos = [sample_demos(train, shots, seed, i, ex) if shots else [] for i, ex in enumerate(examples)]
-    pieces = [_pieces(template, task, ex, d, n_vectors) for ex, d in zip(examples, demos)]
+    pieces = [prompt_pieces(template, task, ex, d, n_vectors) for ex, d in zip(examples, demos)]
     ids = encode_pieces(tok, pieces, model.cfg.vocab_size)
     for i, ex in enumerate(examples):
         while len(ids[i]) > limit and demos[i]:
             demos[i] = demos[i][1:]
-            pieces[i] = _pieces(template, task, ex, demos[i], n_vectors)
+            pieces[i] = prompt_pieces(template, task, ex, demos[i], n_vectors)
             ids[i] = encode_pieces(tok, [pieces[i]], model.cfg.vocab_size)[0]
         if len(ids[i]) > limit:
             raise ClovaError(

@@ -12,12 +12,14 @@ of the reference answer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ from clova_train import __version__
 from clova_train.core.errors import ClovaError
 from clova_train.evaluation.evaluate import run_task, sequence_logprobs
 from clova_train.evaluation.prompts import FORMAT_VERSION, META_FILE, VECTORS_FILE, WEIGHTS_FILE, PromptEncoder, PromptTemplate, load_template, prepare, prompt_embedder
-from clova_train.evaluation.tasks import SCORE_MODES, Task, get_task, read_examples
+from clova_train.evaluation.tasks import SCORE_MODES, Example, Task, get_task, read_examples
 from clova_train.inference.generate import model_device
 from clova_train.model.gpt import GPT
 
@@ -95,36 +97,69 @@ def _targets(tok, task: Task, template: PromptTemplate, examples, reserve: int) 
     return [ids[:reserve] for ids in tok.encode_batch(texts)]
 
 
-class _Objective:
-    """The training loss of a batch of prepared examples, for either kind of task."""
+class LocalObjective:
+    """The training loss and validation metrics of a prompt, computed with the model in this process.
 
-    def __init__(self, model: GPT, tok, task: Task, template: PromptTemplate, score: str):
-        self.model, self.task, self.score = model, task, score
+    :func:`train_prompt` asks an objective for two things only, so the loss may come from
+    elsewhere (the server's input-gradient API: ``studio.remote``) with the same loop.
+    """
+
+    def __init__(self, model: GPT, tok, task: Task, template: PromptTemplate, train: list[Example], valid: list[Example], cfg: PTuneConfig, *, model_name: str = ""):
+        self.model, self.tok, self.task, self.template, self.valid, self.cfg = model, tok, task, template, valid, cfg
+        self.n_embd, self.device = model.cfg.n_embd, model_device(model)
+        self.base_model = {"name": model_name, **{k: getattr(model.cfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")}}
+        self.tokenizer_hash = getattr(tok, "hash", None)
         if task.by_likelihood:
             self.labels = list(template.verbalizers)
             texts = [template.answer_text(template.verbalizers[label]) for label in self.labels]
             self.cont_ids = tok.encode_batch(texts)
-            self.reserve = max(map(len, self.cont_ids))
+            reserve = max(map(len, self.cont_ids))
         else:
-            self.reserve = template.max_new_tokens
+            reserve = template.max_new_tokens
+        self.prepared = prepare(model, tok, task, template, train, n_vectors=cfg.prompt_tokens, reserve=reserve)
+        self.targets = [] if task.by_likelihood else _targets(tok, task, template, train, reserve)
 
-    def loss(self, batch, targets, embed) -> torch.Tensor:
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+    def loss(self, indices: list[int], vectors: torch.Tensor) -> torch.Tensor:
+        """The mean loss of training examples ``indices`` (differentiable with respect to ``vectors``)."""
+        embed = prompt_embedder(self.model, vectors.to(self.model.wte.weight.dtype))
+        batch = [self.prepared[i] for i in indices]
         if self.task.by_likelihood:
             requests = [(p.ids, c) for p in batch for c in self.cont_ids]
             logp = sequence_logprobs(self.model, requests, embed).view(len(batch), len(self.labels))  # (B, labels)
-            if self.score == "mean":
+            if self.cfg.score == "mean":
                 logp = logp / torch.tensor([len(c) for c in self.cont_ids], device=logp.device)
             gold = torch.tensor([self.labels.index(p.example.gold) for p in batch], device=logp.device)
             return F.cross_entropy(logp, gold)
+        targets = [self.targets[i] for i in indices]
         logp = sequence_logprobs(self.model, [(p.ids, t) for p, t in zip(batch, targets)], embed)
         return -logp.sum() / sum(map(len, targets))
 
+    def validate(self, vectors: torch.Tensor | None) -> dict[str, float]:
+        """Metrics on the validation examples with ``vectors`` (None: the plain template, zero-shot)."""
+        cfg = self.cfg
+        return run_task(self.model, self.tok, self.task, self.template, self.valid, score=cfg.score, batch_tokens=cfg.batch_tokens, vectors=vectors)[0]
 
-def ptune(model: GPT, tok, cfg: PTuneConfig, *, model_name: str = "", show_progress: bool = True) -> dict:
-    """Train a prompt encoder in front of the frozen ``model``; save it to ``cfg.out``; return a report."""
-    from clova_train.core.progress import progress_bar
+    @contextlib.contextmanager
+    def frozen(self):
+        """The model frozen and in eval mode while the prompt trains, as it was after."""
+        model = self.model
+        requires_grad = [p.requires_grad for p in model.parameters()]
+        was_training = model.training
+        model.requires_grad_(False)
+        model.eval()
+        try:
+            yield
+        finally:
+            for p, flag in zip(model.parameters(), requires_grad):
+                p.requires_grad_(flag)
+            model.train(was_training)
 
-    t0 = time.perf_counter()
+
+def load_task(cfg: PTuneConfig) -> tuple[Task, PromptTemplate, list[Example], list[Example]]:
+    """The task, its checked template, and the train and valid examples of a run."""
     task = get_task(cfg.task)
     template = load_template(task, cfg.template or None)
     if not template.ptune_query:
@@ -132,66 +167,79 @@ def ptune(model: GPT, tok, cfg: PTuneConfig, *, model_name: str = "", show_progr
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise ClovaError(f"{out}: exists and is not a ptune directory; choose another --out")
-    train = read_examples(task, cfg.train)
-    valid = read_examples(task, cfg.valid)
-    device = model_device(model)
-    objective = _Objective(model, tok, task, template, cfg.score)
-    prepared = prepare(model, tok, task, template, train, n_vectors=cfg.prompt_tokens, reserve=objective.reserve)
-    targets = [] if task.by_likelihood else _targets(tok, task, template, train, objective.reserve)
+    return task, template, read_examples(task, cfg.train), read_examples(task, cfg.valid)
+
+
+def ptune(model: GPT, tok, cfg: PTuneConfig, *, model_name: str = "", show_progress: bool = True, on_epoch=None, on_step=None) -> dict:
+    """Train a prompt encoder in front of the frozen ``model``; save it to ``cfg.out``; return a report."""
+    task, template, train, valid = load_task(cfg)
+    objective = LocalObjective(model, tok, task, template, train, valid, cfg, model_name=model_name)
+    return train_prompt(objective, cfg, task, template, show_progress=show_progress, on_epoch=on_epoch, on_step=on_step)
+
+
+def train_prompt(
+    objective,
+    cfg: PTuneConfig,
+    task: Task,
+    template: PromptTemplate,
+    *,
+    show_progress: bool = True,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+) -> dict:
+    """The p-tuning loop over any objective (:class:`LocalObjective` or a remote one); saves and reports.
+
+    ``on_epoch(history entry)`` follows each validation, ``on_step(epoch, done, total)`` each step.
+    """
+    from clova_train.core.progress import progress_bar
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        encoder = PromptEncoder(cfg.prompt_tokens, model.cfg.n_embd, cfg.encoder, cfg.hidden_size)
-    encoder = encoder.to(device)
+        encoder = PromptEncoder(cfg.prompt_tokens, objective.n_embd, cfg.encoder, cfg.hidden_size)
+    encoder = encoder.to(objective.device)
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_rng = random.Random(cfg.seed)
-
-    def validate(vectors: torch.Tensor | None) -> dict[str, float]:
-        return run_task(model, tok, task, template, valid, score=cfg.score, batch_tokens=cfg.batch_tokens, vectors=vectors)[0]
-
-    requires_grad = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.requires_grad_(False)
-    model.eval()
-    try:
-        zero_shot = validate(None)
+    with objective.frozen():
+        zero_shot = objective.validate(None)
         history, best, best_state = [], None, None
         primary = task.metrics[0]
         for epoch in range(1, cfg.epochs + 1):
-            order = list(range(len(prepared)))
+            order = list(range(len(objective)))
             order_rng.shuffle(order)
             encoder.train()
             total = 0.0
             with progress_bar(f"ptune epoch {epoch}/{cfg.epochs}", len(order), enabled=show_progress) as advance:
                 for b in range(0, len(order), cfg.batch_size):
                     idx = order[b : b + cfg.batch_size]
-                    embed = prompt_embedder(model, encoder().to(model.wte.weight.dtype))
-                    loss = objective.loss([prepared[i] for i in idx], [targets[i] for i in idx] if targets else [], embed)
+                    loss = objective.loss(idx, encoder())
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
                     opt.step()
                     total += loss.item() * len(idx)
                     advance(len(idx))
+                    if on_step:
+                        on_step(epoch, b + len(idx), len(order))
             encoder.eval()
             with torch.no_grad():
-                metrics = validate(encoder())
+                metrics = objective.validate(encoder())
             history.append({"epoch": epoch, "train_loss": total / len(order), "valid": metrics})
             if best is None or metrics[primary] > best["valid"][primary]:
                 best, best_state = history[-1], copy.deepcopy(encoder.state_dict())
-    finally:
-        for p, flag in zip(model.parameters(), requires_grad):
-            p.requires_grad_(flag)
-        model.train(was_training)
+            if on_epoch:
+                on_epoch(history[-1])
     encoder.load_state_dict(best_state)
     meta = {
         "format_version": FORMAT_VERSION,
         "clova_train_version": __version__,
         "task": task.name,
         "config": asdict(cfg),
-        "encoder": {"n_tokens": cfg.prompt_tokens, "n_embd": model.cfg.n_embd, "kind": cfg.encoder, "hidden_size": cfg.hidden_size},
+        "encoder": {"n_tokens": cfg.prompt_tokens, "n_embd": objective.n_embd, "kind": cfg.encoder, "hidden_size": cfg.hidden_size},
         "template": asdict(template),
-        "base_model": {"name": model_name, **{k: getattr(model.cfg, k) for k in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")}},
-        "tokenizer_hash": getattr(tok, "hash", None),
+        "base_model": objective.base_model,
+        "tokenizer_hash": objective.tokenizer_hash,
         "zero_shot": zero_shot,
         "best_epoch": best["epoch"],
         "best": best["valid"],

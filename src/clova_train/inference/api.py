@@ -161,6 +161,13 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
             known = ", ".join(sorted(cls.model_fields))
             raise ApiError(400, f"unknown field {param!r}; this server accepts {known}", param=param, code="unknown_field") from None
         raise ApiError(400, f"{param}: {err['msg']}", param=param) from None
+    if isinstance(req, _Sampling):  # the studio's bodies (jobs, presets) are not sampling requests
+        _check_sampling(req)
+    return req
+
+
+def _check_sampling(req: _Sampling) -> None:
+    """What one field's own bounds cannot say: unsupported values, limits across fields."""
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported by this server (only 0)", param=name)
@@ -178,7 +185,6 @@ def parse(cls: type[BaseModel], data) -> BaseModel:
     wants_logprobs = getattr(req, "logprobs", None)
     if req.stream and wants_logprobs is not None and wants_logprobs is not False:
         raise ApiError(400, "logprobs are not streamed by this server; ask without stream", param="logprobs")
-    return req
 
 
 def chat_prompt(messages: list[Message]) -> tuple[str, list[str]]:

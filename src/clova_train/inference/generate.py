@@ -153,6 +153,12 @@ class HFTokenizer:
         self.eod_id: int = hf.eos_token_id
         self.vocab_size: int = len(hf)
 
+    def for_thread(self) -> HFTokenizer:
+        """A copy for another thread: a fast tokenizer called from two threads at once can fail ("Already borrowed")."""
+        import copy
+
+        return HFTokenizer(copy.deepcopy(self.hf))
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
 

@@ -58,6 +58,8 @@ class Job:
     """None: no log-probabilities; k: those of the sampled tokens plus the k likeliest alternatives."""
     echo: bool = False
     """Log-probabilities of the prompt tokens too (with ``logprobs``)."""
+    embed: Callable | None = None
+    """Input embeddings of this job's prompts (a trained prompt's vectors); None: the server's own."""
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -66,7 +68,32 @@ class Job:
         """Jobs with equal keys may share a batch; None: this job runs alone."""
         if self.on_text is not None or self.cfg.temperature != 0:
             return None
-        return replace(self.cfg, seed=0, batch_size=1)
+        return replace(self.cfg, seed=0, batch_size=1), id(self.embed)
+
+    @property
+    def size(self) -> int:
+        return len(self.prompts)
+
+    capacity = MAX_BATCH
+
+
+@dataclass
+class Work:
+    """Other work on the model (input-gradient requests): queued items with the same ``fn`` and ``args``
+    run together as ``fn(*args, items)``, which returns one result per item, while their ``size``
+    adds up to no more than the first one's ``capacity``."""
+
+    fn: Callable[..., list]
+    item: object
+    args: tuple = ()
+    size: int = 1
+    capacity: int = 1
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def batch_key(self):
+        return "work", self.fn, self.args
 
 
 @dataclass
@@ -100,7 +127,7 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job | Work) -> Future:
         with self._cond:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting")
@@ -133,12 +160,12 @@ class Scheduler:
             jobs = [first]
             key = first.batch_key()
             if key is not None:
-                room = MAX_BATCH - len(first.prompts)
+                room = first.capacity - first.size
                 for other in list(self._pending):
-                    if room >= len(other.prompts) and other.batch_key() == key:
+                    if other.batch_key() == key and room >= other.size:
                         self._pending.remove(other)
                         jobs.append(other)
-                        room -= len(other.prompts)
+                        room -= other.size
             self.batched += len(jobs) - 1
             self.busy += 1
             return jobs
@@ -170,6 +197,13 @@ class Scheduler:
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:
             return []
+        if isinstance(jobs[0], Work):
+            try:
+                results = jobs[0].fn(*jobs[0].args, [w.item for w in jobs])
+            except Exception as e:  # noqa: BLE001 - the requests fail, the worker lives on
+                return [(w, e) for w in jobs]
+            return list(zip(jobs, results))
+        embed = jobs[0].embed or self.embed
         prompts = [p for job in jobs for p in job.prompts]
         cfg = replace(jobs[0].cfg, batch_size=min(len(prompts), MAX_BATCH))
         on_text = jobs[0].on_text  # a streamed job always runs alone
@@ -179,7 +213,7 @@ class Scheduler:
                 raise Cancelled()
 
         try:
-            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=self.embed, on_text=on_text, on_step=on_step)
+            completions = generate_ids(self.model, self.tok, prompts, cfg, embed=embed, on_text=on_text, on_step=on_step)
         except Cancelled:
             self.cancelled += len(jobs)
             return [(job, Cancelled()) for job in jobs]
@@ -194,18 +228,18 @@ class Scheduler:
             try:
                 tokens = None
                 if job.logprobs is not None:
-                    tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo) for p, c in zip(job.prompts, mine)]
+                    tokens = [self._logprobs(p, c.token_ids, job.logprobs, job.echo, embed) for p, c in zip(job.prompts, mine)]
                 out.append((job, JobResult(mine, tokens, started - job.queued_at)))
             except Exception as e:  # noqa: BLE001
                 out.append((job, e))
         return out
 
     @torch.no_grad()
-    def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool) -> list[TokenInfo]:
+    def _logprobs(self, prompt: list[int], sampled: list[int], top: int, echo: bool, embed=None) -> list[TokenInfo]:
         """The model's own log-probabilities (temperature 1, before any filter) of each token."""
         ids = torch.tensor([prompt + sampled], device=model_device(self.model))
-        if self.embed is not None:
-            logits = self.model(None, inputs_embeds=self.embed(ids))
+        if embed is not None:
+            logits = self.model(None, inputs_embeds=embed(ids))
         else:
             logits = self.model(ids)
         vocab = getattr(self.tok, "vocab_size", self.model.cfg.vocab_size)

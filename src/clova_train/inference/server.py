@@ -13,7 +13,6 @@ JSON body with a 4xx code, and the server goes on serving.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import json
 import logging
@@ -42,8 +41,10 @@ from clova_train.inference.scheduler import Cancelled, Job, QueueFull, Scheduler
 from clova_train.tokenizer.bpe import token_repr
 
 PLAYGROUND = Path(__file__).parent / "playground"
-STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8"}
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions")
+STATIC = {"index.html": "text/html; charset=utf-8", "style.css": "text/css; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "ptune.html": "text/html; charset=utf-8", "ptune.js": "text/javascript; charset=utf-8"}
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/presets", "/v1/tokenize", "/v1/completions", "/v1/chat/completions",
+             "/v1/ptune", "/v1/ptune/gradients", "/v1/ptune/templates", "/v1/ptune/jobs")
 CHAT_MAX_TOKENS = 256
 # Request bodies are refused before they are read whole above room for 64 full contexts of token ids at 16 bytes
 # each (1 MiB at least: a prompt of max_prompt_chars' default, JSON-escaped; 8 MiB at most). JSON parsing holds
@@ -91,6 +92,10 @@ class Server:
 
     def __init__(self, model, tok, cfg: ServeConfig, *, embed=None, encode: Callable[[list[str]], list[list[int]]] | None = None):
         self.model, self.tok, self.cfg = model, tok, cfg
+        # Frozen: input gradients and p-tuning jobs differentiate through it, never into its weights.
+        model.requires_grad_(False)
+        # Set by the studio (p-tuned prompts served under their own model names); None: the base model only.
+        self.studio = None
         self.name = cfg.model_name or "clova"
         self.context = model.cfg.block_size
         self.vocab = getattr(tok, "vocab_size", model.cfg.vocab_size)
@@ -132,8 +137,9 @@ class Server:
         self.metrics.inc("clova_filter_rejections_total", reason=reason)
         return ApiError(400, message, param=param, code=code or ("prompt_too_long" if reason.startswith("prompt_") else "input_filtered"))
 
-    def prompt_ids(self, prompt, param: str = "prompt", n: int = 1) -> tuple[list[list[int]], list[str]]:
-        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it.
+    def prompt_ids(self, prompt, param: str = "prompt", n: int = 1, encode=None) -> tuple[list[list[int]], list[str]]:
+        """(ids, text) of each prompt after the input filter; token-id prompts are decoded for it. ``encode``: a
+        served trained prompt's (which wraps each text around its vectors); None: the server's own.
 
         Counts and sizes are checked before the work that grows with them (decoding, cleaning, tokenizing).
         """
@@ -163,7 +169,7 @@ class Server:
             if hit := filters.check_input(text, self.seen):
                 raise self.reject(hit[0], hit[1], param)
         if ids is None:
-            ids = [p or [self.tok.eod_id] for p in self.encode(texts)]
+            ids = [p or [self.tok.eod_id] for p in (encode or self.encode)(texts)]
             for p in ids:
                 self._check_tokens(len(p), filters.max_prompt_tokens, param)
         return ids, texts
@@ -243,12 +249,13 @@ class Server:
         return done.result()
 
     def prepare_completion(self, raw: bytes):
+        """(request, ids, texts, config, embed); ``embed`` is a served trained prompt's when the model names one."""
         req: CompletionRequest = api.parse(CompletionRequest, api.load_json(raw))
-        _check_model(self, req.model)
-        ids, texts = self.prompt_ids(req.prompt, n=self.copies(req))
+        embed, encode = _check_model(self, req.model, prompts=True)
+        ids, texts = self.prompt_ids(req.prompt, n=self.copies(req), encode=encode)
         if req.echo:
             self.check_echo(texts)
-        return req, ids, texts, self.generate_config(req, ids, req.max_tokens, [])
+        return req, ids, texts, self.generate_config(req, ids, req.max_tokens, []), embed
 
     def prepare_chat(self, raw: bytes):
         req: ChatRequest = api.parse(ChatRequest, api.load_json(raw))
@@ -285,15 +292,17 @@ class Server:
 # ---------------------------------------------------------------- routes
 
 
-async def _body(server: Server, request: Request) -> bytes:
-    """The raw body, refused past ``server.max_body`` before it is read whole; parsed on the preparation thread."""
-    too_large = ApiError(413, f"the request body is larger than this server's {server.max_body >> 10} KiB", code="body_too_large")
-    if int(request.headers.get("content-length") or 0) > server.max_body:
+async def _body(server: Server, request: Request, limit: int = 0) -> bytes:
+    """The raw body, refused past ``limit`` (default ``server.max_body``) before it is read whole; parsed on the
+    preparation thread."""
+    limit = limit or server.max_body
+    too_large = ApiError(413, f"the request body is larger than this server's {limit >> 10} KiB", code="body_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > server.max_body:
+        if size > limit:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
@@ -374,10 +383,11 @@ def _best_of(result, n_prompts: int, k: int, n: int, *, keep_logprobs: bool):
 
 @_route
 async def completions(server: Server, request: Request) -> Response:
-    req, ids, texts, cfg = await server.off_loop(server.prepare_completion, await _body(server, request))
+    req, ids, texts, cfg, embed = await server.off_loop(server.prepare_completion, await _body(server, request))
     k = server.copies(req)
     ranked = k > req.n  # best_of: the sampled tokens' log-probabilities rank the candidates
-    job = Job([p for p in ids for _ in range(k)], cfg, logprobs=req.logprobs if not ranked else req.logprobs or 0, echo=req.echo)
+    logprobs = req.logprobs if not ranked else req.logprobs or 0
+    job = Job([p for p in ids for _ in range(k)], cfg, logprobs=logprobs, echo=req.echo, embed=embed)
     rid, n_prompt = api.new_id("cmpl"), sum(len(p) for p in ids)
     if req.stream:
         first = [{"text": texts[p], "index": c, "logprobs": None, "finish_reason": None} for c, p in _choices(len(ids), req.n)] if req.echo else []
@@ -433,9 +443,14 @@ async def chat_completions(server: Server, request: Request) -> Response:
     return await server.respond(body)
 
 
-def _check_model(server: Server, model: str | None) -> None:
+def _check_model(server: Server, model: str | None, prompts: bool = False):
+    """(embed, encode) of a trained prompt the studio serves as ``model`` (completions only), else (None, None)."""
+    found = server.studio.resolve(model) if prompts and server.studio and model else None
+    if found:
+        return found
     if model not in (None, "", server.name):
         raise ApiError(404, f"model {model!r} is not served here; this server serves {server.name!r}", param="model", code="model_not_found")
+    return None, None
 
 
 def _stream(server: Server, job: Job, req, kind: str, rid: str, n_prompt: int, first: list[dict], piece) -> Response:
@@ -476,7 +491,7 @@ def _stream(server: Server, job: Job, req, kind: str, rid: str, n_prompt: int, f
 @_route
 async def models(server: Server, request: Request) -> Response:
     card = {"id": server.name, "object": "model", "created": int(time.time()), "owned_by": "clova-train", "context_length": server.context}
-    return JSONResponse({"object": "list", "data": [card]})
+    return JSONResponse({"object": "list", "data": [card, *(server.studio.model_cards() if server.studio else [])]})
 
 
 @_route
@@ -543,8 +558,8 @@ class _Observe:
             request_log.info('%s "%s %s" %d %.3fs', client[0], scope.get("method", "-"), path, status[0], seconds)
 
 
-def create_app(server: Server):
-    """The ASGI application serving ``server``."""
+def create_app(server: Server, extra_routes=()):
+    """The ASGI application serving ``server``; ``extra_routes`` come from the studio."""
     routes = [
         Route("/", _static("index.html")),
         *[Route(f"/playground/{n}", _static(n)) for n in STATIC if n != "index.html"],
@@ -555,46 +570,9 @@ def create_app(server: Server):
         Route("/v1/tokenize", tokenize, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     app.state.server = server
     return _Observe(app, server)
 
-
-def listen(cfg: ServeConfig):
-    """The server's bound socket. Bound by us rather than by uvicorn, and before the model loads, so a
-    busy port is one clear line at once and port 0 reports its number."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((cfg.host, cfg.port))
-        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
-    except OSError as e:
-        sock.close()
-        raise ClovaError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}; choose another --port or --host") from None
-    return sock
-
-
-def serve(model, tok, cfg: ServeConfig, *, sock=None, embed=None, encode=None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C) on ``sock`` (default: :func:`listen`); ``on_ready(url)`` once bound."""
-    import uvicorn
-
-    sock = sock or listen(cfg)
-    server = Server(model, tok, cfg, embed=embed, encode=encode)
-    port = sock.getsockname()[1]
-    if on_ready:
-        on_ready(f"http://{cfg.host}:{port}/")
-    # What is loaded by now (model, tokenizer, libraries) lives as long as the server: frozen, a full garbage
-    # collection does not walk it, which otherwise held every thread, /health's too, for 100+ ms at a time.
-    gc.collect()
-    gc.freeze()
-    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        server.scheduler.close()
-        server.prep.shutdown(wait=False, cancel_futures=True)
-        sock.close()

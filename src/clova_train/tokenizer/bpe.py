@@ -12,6 +12,7 @@ MeCab and the Rust BPE (in one batched call).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -102,6 +103,13 @@ class ClovaTokenizer:
                 "installed; segmentation (and so ids) would differ: install the recorded version"
             )
         return cls(path, meta, tj.read_text(encoding="utf-8"))
+
+    def for_thread(self) -> ClovaTokenizer:
+        """The same tokenizer with caches of its own, for another thread: the caches are plain dicts that one
+        thread may clear while another reads them (the Rust tokenizers are shared: they are thread-safe)."""
+        twin = copy.copy(self)
+        twin._segmenter_obj, twin._cache, twin._morph_cache = None, {}, {}
+        return twin
 
     @property
     def vocab_size(self) -> int:

@@ -36,7 +36,11 @@ function escape(s) { return s.replace(/\n/g, "\\n").replace(/\t/g, "\\t"); }
 async function loadPresets() {
   try {
     const models = await api("/v1/models");
-    $("model").textContent = models.data.map((m) => `${m.id} (context ${m.context_length})`).join(", ");
+    $("model").textContent = `${models.data[0].id} (context ${models.data[0].context_length})`;
+    // The base model, then the prompts p-tuning jobs trained (?model= picks one, as the jobs page links).
+    const want = new URLSearchParams(location.search).get("model") || $("model-select").value;
+    $("model-select").replaceChildren(...models.data.map((m) => new Option(m.id, m.id)));
+    if (models.data.some((m) => m.id === want)) $("model-select").value = want;
     presets = (await api("/v1/presets")).data;
   } catch (e) {
     if (e.status === 401) askForKey($("api-key").value.trim() !== ""); else setStatus(e.message, true);
@@ -44,12 +48,14 @@ async function loadPresets() {
   }
   $("api-key").classList.remove("needs-key");
   $("key-hint").textContent = "";
-  while ($("preset").options.length > 1) $("preset").remove(1);
+  const chosen = $("preset").value;
+  $("preset").replaceChildren($("preset").options[0]);
   for (const p of presets) {
     const o = document.createElement("option");
     o.value = p.id; o.textContent = p.name;
     $("preset").appendChild(o);
   }
+  $("preset").value = presets.some((p) => p.id === chosen) ? chosen : "";
 }
 
 function applyPreset() {
@@ -94,6 +100,7 @@ function request() {
     top_p: num("top_p"), top_k: num("top_k"), stream_options: { include_usage: true },
   };
   if ($("seed").value !== "") req.seed = num("seed");
+  if ($("model-select").value) req.model = $("model-select").value;
   const stops = $("stop-strings").value.split("\n").filter((s) => s.length).map(unescape);
   if (stops.length) req.stop = stops;
   return req;
@@ -142,10 +149,22 @@ async function generate() {
   }
 }
 
+async function savePreset() {
+  const r = request();
+  const body = { name: $("preset-name").value, prompt: r.prompt, max_tokens: r.max_tokens, temperature: r.temperature, top_p: r.top_p, top_k: r.top_k, stop: r.stop || [] };
+  try {
+    const saved = await api("/v1/presets", body);
+    await loadPresets();
+    $("preset").value = saved.id;
+    setStatus(`saved preset ${saved.name}`);
+  } catch (e) { setStatus(e.message, true); }
+}
+
 $("api-key").value = localStorage.getItem("clova-api-key") || "";
 $("api-key").addEventListener("change", () => { localStorage.setItem("clova-api-key", $("api-key").value); loadPresets(); });
 $("preset").addEventListener("change", applyPreset);
 $("prompt").addEventListener("input", scheduleTokens);
 $("generate").addEventListener("click", generate);
+$("save-preset").addEventListener("click", savePreset);
 $("stop").addEventListener("click", () => aborter && aborter.abort());
 loadPresets();
