@@ -144,8 +144,10 @@ def test_dedup_with_the_wrong_text_key_then_the_right_one_and_changed_settings_n
     assert code == 2 and "no 'text' key" in output, output
     code, output = clova("dedup", content_jsonl, "--out", out, "--text-key", "content", "-q")
     assert code == 0 and (out / "manifest.json").is_file(), output
+    from clova_train.dedup.config import DedupConfig
+
     code, output = clova("dedup", content_jsonl, "--out", out, "--text-key", "content", "--threshold", "0.7", "-q")
-    assert code == 2 and "threshold: 0.8 then, 0.7 now" in one_line_error(output), output
+    assert code == 2 and f"threshold: {DedupConfig().threshold} then, 0.7 now" in one_line_error(output), output
 
 
 # ---------------------------------------------------------------- 5. validation on many ranks
