@@ -26,7 +26,7 @@ def _reference_logits(model, idx):
     for block in model.blocks:
         attn, h = block.attn, block.ln_1(x)
         B, T, C = h.shape
-        q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in attn.qkv(h).split(C, dim=2))
+        q, k, v = (t.view(B, T, model.cfg.n_head, C // model.cfg.n_head).transpose(1, 2) for t in attn.qkv(h).split(C, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
         x = x + attn.resid_drop(attn.proj(y))
         x = x + block.mlp(block.ln_2(x))
@@ -111,9 +111,9 @@ def _sampled(model, tok, **kw):
 def test_stop_sequences_end_the_text_before_them(tiny_lm):
     model, tok = tiny_lm
     free = _sampled(model, tok)
-    text = max((c.text for c in free), key=len)
-    stop = text.strip()[3:5]
-    assert len(stop) == 2
+    text = max((c.text for c in free), key=len).strip()
+    # Not across a U+FFFD: it marks bytes the tiny model left as no character, which no stop string can name.
+    stop = next(text[i : i + 2] for i in range(3, len(text) - 1) if "\ufffd" not in text[i : i + 2])
     stopped = _sampled(model, tok, stop=[stop, "없는문자열"])
     assert any(c.finish_reason == "stop" for c in stopped)
     for before, after in zip(free, stopped):
