@@ -75,11 +75,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", section
         raise ClovaError(
             f"{where}{': ' + section if section else ''}: unknown key(s) {', '.join(unknown)}; accepted keys are {', '.join(sorted(known))}"
         )
-    check_types(cls, data, where, section)
     try:
-        return cls(**data)
-    except TypeError as e:
+        obj = cls(**data)
+    except ClovaError:
+        raise  # the config's own check, in its own words
+    except (TypeError, ValueError) as e:
+        check_types(cls, data, where, section)  # a value of the wrong type broke the config's checks: name it
         raise ClovaError(f"{where}: {e}") from None
+    check_types(cls, data, where, section)
+    return obj
 
 
 def read_json_object(path: str | Path, missing: str = "config file not found") -> dict[str, Any]:
