@@ -172,8 +172,10 @@ def test_dedup_stages_run_as_slurm_array_jobs_and_equal_a_local_run(slurm, split
             assert r["JobState"] == "COMPLETED", r
             tasks.setdefault(r["JobName"].removeprefix("clova-dedup-"), Counter())[r.get("ArrayJobId", r["JobId"])] += 1
     # Each array job has a task per input (per LSH band for buckets, per line-key partition for count); beside it, datatrove's stats-merging job.
+    from clova_train.dedup.config import DedupConfig
+
     assert {stage: max(jobs.values()) for stage, jobs in tasks.items()} == {
-        "read": 3, "count": 16, "signature": 3, "buckets": 14, "cluster": 1, "write": 3, "finish": 1}, tasks
+        "read": 3, "count": 16, "signature": 3, "buckets": DedupConfig().bands, "cluster": 1, "write": 3, "finish": 1}, tasks
     # The local run's bytes (tasks are fixed by the inputs and bands, not by the machines); its manifest differs
     # only in the template's --on-error skip.
     ours, ref = files(out), files(local)

@@ -4,6 +4,7 @@ against local p-tuning, and no-code p-tuning jobs and presets in the playground 
 from __future__ import annotations
 
 import json
+from decimal import ROUND_HALF_UP, Decimal
 import math
 from pathlib import Path
 
@@ -235,7 +236,7 @@ def _job_errors(url: str, state: Path, separable) -> None:
     train = separable["train"].read_text(encoding="utf-8")
     base = {"task": "nsmc", "train": train, "valid": train}
     cases = [
-        ({**base, "train": train + "99\t좋은 영화\t7\n"}, "the train file:34: unknown label '7'"),
+        ({**base, "train": train + "99\t좋은 영화\t7\n"}, f"the train file:{len(train.splitlines()) + 1}: unknown label '7'"),
         ({**base, "valid": "document\tlabel\n"}, "the valid file: columns are"),
         ({**base, "template": {"query": "{document}", "verbalizers": {"0": "a", "1": "b"}}}, "ptune_query"),
         ({**base, "template": {"query": "{review}", "ptune_query": "{prompt}{review}", "verbalizers": {"0": "a", "1": "b"}}}, "unknown field(s) review"),
@@ -299,8 +300,11 @@ def test_ptuning_job_in_the_playground_survives_a_restart(tiny_hf_dir, separable
             jobs = json.loads(_get(url + "/v1/ptune/jobs", KEY)[1])["data"]
             assert len(jobs) == 1 and jobs[0]["status"] == "done" and [h["epoch"] for h in jobs[0]["history"]] == [1, 2]
             job = jobs[0]
-            assert job["name"] == "감정 분류" and job["examples"] == {"train": 32, "valid": 16}
-            assert all(f"{h['epoch']}: accuracy {h['valid']['accuracy']:.2f}" in row for h in job["history"])
+            rows = {k: len(separable[k].read_text(encoding="utf-8").splitlines()) - 1 for k in ("train", "valid")}  # less the header
+            assert job["name"] == "감정 분류" and job["examples"] == rows
+            # As the page writes them (JavaScript's toFixed(2) rounds a half up; Python's format, to even).
+            fixed = lambda x: str(Decimal(x).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))  # noqa: E731
+            assert all(f"{h['epoch']}: accuracy {fixed(h['valid']['accuracy'])}" in row for h in job["history"]), row
 
             # Use the trained prompt in the playground: the page links to it by model name.
             page.click(f"#jobs tr[data-job='{job['id']}'] a.use")
