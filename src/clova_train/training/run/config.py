@@ -74,6 +74,14 @@ class TrainConfig:
     """Print a progress line every this many steps when stderr is not a terminal."""
     tensorboard: bool = True
     """Write TensorBoard events to RUN_DIR/tensorboard through DeepSpeed's monitor."""
+    wandb: str | None = None
+    """Weights & Biases project to log to (None: no W&B); WANDB_MODE=offline writes RUN_DIR/wandb for `wandb sync`."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user) of the project (None: the account's default)."""
+    wandb_run_name: str | None = None
+    """W&B run name (None: the run dir's name)."""
+    mlflow: str | None = None
+    """MLflow tracking URI to log to, e.g. file:/path/mlruns (no server) or http://host:5000 (None: no MLflow)."""
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "global_batch", "micro_batch", "save_every", "max_bad_steps", "log_every")

@@ -25,6 +25,7 @@ from clova_train.training.parallel.ds_config import resolve_precision
 from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.engine import Engine
+from clova_train.training.trainer.loggers import open_trackers
 from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
 from clova_train.training.parallel.pipeline import PipelineEngine
 from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
@@ -164,7 +165,12 @@ class Trainer:
                 seed_all(hash((train.seed, self.step_no, self.dist.rank)) % 2**63)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / CONFIG_FILE, run_config(self.spec, train, self.ds_config, self.device_name))
+            config = run_config(self.spec, train, self.ds_config, self.device_name)
+            atomic_write_json(self.run_dir / CONFIG_FILE, config)
+            # Trackers live on rank 0 beside metrics.jsonl: the loss reaches it all-reduced (from the last stage when pipelining).
+            self.metrics.backends += open_trackers(self.run_dir, config, lambda line: console.print(line, highlight=False, soft_wrap=True),
+                                                   wandb=train.wandb, wandb_entity=train.wandb_entity,
+                                                   wandb_run_name=train.wandb_run_name, mlflow=train.mlflow)
         self.metrics.resume_at(self.step_no)
         return tag, changed
 
