@@ -12,6 +12,19 @@ from clova_train.cli.common import friendly, out
 from clova_train.core.errors import ClovaError
 
 
+def parse_rampup(text: Optional[str]) -> Optional[list[int]]:
+    """--batch-rampup START,INCREMENT,TOKENS as three integers (TOKENS may be written 4e9)."""
+    if text is None:
+        return None
+    try:
+        values = [int(float(v)) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise ClovaError(f"--batch-rampup {text!r}: expected START,INCREMENT,TOKENS, e.g. 32,32,4e9")
+    return values
+
+
 @friendly
 def plan_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
@@ -73,9 +86,11 @@ def train_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048).", rich_help_panel="Batch"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
+    batch_rampup: Optional[str] = typer.Option(None, "--batch-rampup", help="START,INCREMENT,TOKENS (Megatron's --rampup-batch-size): the global batch grows from START sequences by INCREMENT, spread evenly over the first TOKENS tokens, e.g. 32,32,4e9.", rich_help_panel="Batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the preset's GPT-3 value).", rich_help_panel="Optimizer"),
     min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine decay (default lr/10).", rich_help_panel="Optimizer"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 375M tokens, at most 10% of the run).", rich_help_panel="Optimizer"),
+    decay_tokens: Optional[float] = typer.Option(None, "--decay-tokens", help="Cosine to --min-lr over the first N tokens, then constant (GPT-3: 260e9; default: to the last step).", rich_help_panel="Optimizer"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.1).", rich_help_panel="Optimizer"),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Global gradient-norm clip (default 1.0; 0: off).", rich_help_panel="Optimizer"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train.", rich_help_panel="Length"),
@@ -132,7 +147,8 @@ def train_cmd(
         force=force,
         reverify=reverify,
         train=dict(
-            seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup=warmup,
+            seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, batch_rampup=parse_rampup(batch_rampup), lr=lr, min_lr=min_lr, warmup=warmup,
+            decay_tokens=int(decay_tokens) if decay_tokens else None,
             weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, train_tokens=int(train_tokens) if train_tokens else None, precision=precision,
             save_every=save_every, eval_every=eval_every, eval_samples=eval_samples, keep_last=keep_last,
             keep_every=keep_every, preempt_window=preempt_window, requeue=requeue,

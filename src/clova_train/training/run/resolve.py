@@ -124,6 +124,11 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             f"global batch {train.global_batch} is not a multiple of micro-batch {train.micro_batch} x {replicas} "
             f"data-parallel replicas; use a --global-batch that is a multiple of {micro_world}"
         )
+    if train.batch_rampup and any(v % micro_world for v in train.batch_rampup[:2]):
+        raise ClovaError(
+            f"--batch-rampup {train.batch_rampup[0]},{train.batch_rampup[1]},...: START and INCREMENT must be multiples of "
+            f"micro-batch {train.micro_batch} x {replicas} data-parallel replicas ({micro_world}), so every step's batch splits evenly"
+        )
 
     identity = {
         "model": asdict(model),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training import launch
 from clova_train.training.checkpoints.checkpoint import Checkpointer, Faults, seed_all, set_rng_state, tag_for
-from clova_train.training.run.config import RunSpec, TrainConfig, lr_at
+from clova_train.training.run.config import RunSpec, TrainConfig, lr_at, ramp_batches, rampup_batch
 from clova_train.training.parallel.distributed import CollectiveError, Dist, init_distributed
 from clova_train.training.parallel.ds_config import resolve_precision
 from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
@@ -67,7 +68,7 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
             "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
             "steps": train.steps,
             "tokens_per_step": train.tokens_per_step,
-            "tokens": train.steps * train.tokens_per_step,
+            "tokens": train.tokens_through(train.steps),
             "parameters": num_params(spec.model),
             "flops_per_token": flops_per_token(spec.model, train.seq_len),
             "device": device,
@@ -86,12 +87,17 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     layout = f"{stages} stages x {spec.world_size // stages} replicas, partition {spec.parallel.partition}, " if spec.parallel.mode == "pipeline" else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
     valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else "no validation (empty valid split or --eval-every 0)"
+    ramp = ramp_batches(train)
+    if ramp:
+        start, inc, tokens = train.batch_rampup
+        valid += (f"; the batch ramps from {start} by {inc} sequences over {tokens:,} tokens, full ({train.global_batch}) "
+                  f"from step {len(ramp) + 1}")
     return (
         f"{m.name}: {num_params(m):,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
         f"{', activation checkpointing' if spec.parallel.activation_checkpointing else ''}); "
         f"{train.global_batch} x {train.seq_len} tokens per step = micro-batch {train.micro_batch} x {accum} accumulation x "
-        f"{spec.world_size // stages} replicas; {train.steps:,} steps, {train.steps * train.tokens_per_step:,} tokens; {mem}; {valid}"
+        f"{spec.world_size // stages} replicas; {train.steps:,} steps, {train.tokens_through(train.steps):,} tokens; {mem}; {valid}"
     )
 
 
@@ -136,9 +142,13 @@ class Trainer:
         # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
         share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
         check_open_files()
-        datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.steps * train.global_batch,
+        datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.samples_through(train.steps),
                                                build=self.rank0, note=console.print if dist.local_rank == 0 else None)
-        self.stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share), pin=dist.is_cuda)
+        ramp = None
+        if train.batch_rampup:
+            start, inc, tokens = train.batch_rampup
+            ramp = functools.partial(rampup_batch, start=start, increment=inc, ramp_samples=tokens // train.seq_len, global_batch=train.global_batch)
+        self.stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, batch_at=ramp, **share), pin=dist.is_cuda)
         self.valid = eval_batches(valid_data, train.eval_samples if train.eval_every else 0, **share)
         self.ckpt = Checkpointer(self.run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last,
                                  keep_every=train.keep_every, faults=self.faults)
@@ -180,13 +190,17 @@ class Trainer:
         self.step_no = step
         at = self.stream.state_dict()  # the step's data position, described only if it goes bad
         lr = lr_at(step, train)
+        batch_size = train.batch_at(step)
+        if train.batch_rampup and batch_size != self.engine.ds.train_batch_size():
+            self.engine.ds.set_train_batch_size(batch_size)  # more micro-batches per step, each the same size
         t0 = time.perf_counter()
         batch = self.stream.next_batch()
         self.engine.inject_nan = step in self.faults.nan_at_steps
         res = train_step(self.engine, batch, lr, stop_requested=stop_requested, loss_scaling=self.precision == "fp16")
         seconds = time.perf_counter() - t0
-        self.tokens += train.tokens_per_step
-        tps = train.tokens_per_step / seconds
+        step_tokens = batch_size * train.seq_len
+        self.tokens += step_tokens
+        tps = step_tokens / seconds
         tflops = self.flops * tps / dist.world / 1e12
         record = {
             "step": step,
@@ -203,6 +217,8 @@ class Trainer:
             "bad_steps": self.guard.total + res.skipped,
             "samples": self.stream.position,
         }
+        if train.batch_rampup:
+            record["batch"] = batch_size
         if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
             record.update(self.evaluator())
         self.last["loss"] = _finite_or_none(res.loss)
