@@ -81,3 +81,42 @@ def test_a_failing_tracker_is_one_warning_and_the_run_goes_on(tmp_path, korean_s
     warned = [line for line in r.stderr.splitlines() if "mlflow is off" in line]
     assert len(warned) == 1 and "metrics.jsonl has every metric" in warned[0], r.stderr
     assert "Traceback" not in r.stderr and len((run / METRICS_FILE).read_text().splitlines()) == 2
+
+
+def test_fewshot_eval_during_zero3_training_matches_clova_eval_and_leaves_the_losses_alone(tmp_path, korean_shards, trained_run, monkeypatch):
+    """The reference run (2 gloo ranks, ZeRO-3) again with --eval-task nsmc (2-shot) and --mlflow: the same losses bit
+    for bit; eval/nsmc/accuracy at every evaluation, in metrics.jsonl and MLflow; step 16's equals `clova eval` on the
+    export of step 16's checkpoint."""
+    from conftest import TRAIN_ARGS
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    from mlflow.tracking import MlflowClient
+
+    fixtures = Path(__file__).parent / "fixtures" / "eval"
+    test, train = fixtures / "nsmc_test.tsv", fixtures / "nsmc_train.tsv"
+    run, store = tmp_path / "run", f"file:{tmp_path / 'mlruns'}"
+    repo = Path(__file__).resolve().parents[1]
+    r = clova_cli("train", *TRAIN_ARGS, "--data", korean_shards, "--out", run, "--nproc-per-node", "2", "--keep-last", "2",
+                  "--deepspeed", repo / "deepspeed_configs" / "zero3.json", "--eval-task", f"nsmc={test}:{train}",
+                  "--eval-shots", "2", "--mlflow", store)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ours = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+    reference = [json.loads(line) for line in (trained_run / METRICS_FILE).read_text().splitlines()]
+    for key in ("loss", "grad_norm", "lr", "samples", "valid_loss"):
+        assert [x.get(key) for x in ours] == [x.get(key) for x in reference], key
+    scored = {x["step"]: x["eval/nsmc/accuracy"] for x in ours if "eval/nsmc/accuracy" in x}
+    assert sorted(scored) == [4, 8, 12, 16]
+    ids = json.loads((run / TRACKERS_FILE).read_text())
+    assert sorted((m.step, m.value) for m in MlflowClient(store).get_metric_history(ids["mlflow"], "eval/nsmc/accuracy")) == sorted(scored.items())
+
+    hf = tmp_path / "hf"
+    assert clova_cli("export", run, "--out", hf, "--dtype", "fp32", "--step", "16", "-q").returncode == 0
+    e = clova_cli("eval", hf, "--task", "nsmc", "--data", test, "--train", train, "--shots", "2", "--device", "cpu",
+                  "--out", tmp_path / "nsmc.json")
+    assert e.returncode == 0, e.stdout + e.stderr
+    offline = json.loads((tmp_path / "nsmc.json").read_text())
+    assert offline["config"]["seed"] == 0 and offline["metrics"]["accuracy"] == scored[16]
+    gold = [x["scores"][x["gold"]]["logprob"] for x in offline["examples"]]
+    logged = [x["eval/nsmc/gold_logprob"] for x in ours if "eval/nsmc/gold_logprob" in x]
+    assert len(set(logged)) == 4  # it moves as the model trains
+    assert logged[-1] == pytest.approx(sum(gold) / len(gold), rel=1e-6)

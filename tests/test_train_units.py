@@ -532,6 +532,20 @@ def _train_args(shards, out, *extra):
     return ["train", "--model", "tiny", "--data", str(shards), "--out", str(out), "--steps", "2", "--seq-len", "64", "--global-batch", "4", *extra]
 
 
+@pytest.mark.parametrize("extra, said", [
+    (["--eval-task", "nsmc"], "expected TASK=DATA[:TRAIN]"),
+    (["--eval-task", "nosuch=x.tsv"], "nosuch"),
+    (["--eval-task", "nsmc=x.tsv", "--eval-shots", "2"], "needs demonstrations: give TASK=DATA:TRAIN"),
+    (["--eval-task", "nsmc=x.tsv", "--parallel", "pipeline"], "in pipeline mode the stages hold different layers"),
+    (["--batch-rampup", "2,2"], "expected START,INCREMENT,TOKENS"),
+    (["--micro-batch", "2", "--batch-rampup", "2,1,100"], "multiples of the micro-batch"),
+])
+def test_eval_task_and_batch_rampup_are_checked_in_one_line_before_step_1(extra, said, tmp_path, korean_shards):
+    res = CliRunner().invoke(app, _train_args(korean_shards, tmp_path / "r", *extra))
+    assert res.exit_code != 0 and said in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
 def test_vocabulary_mismatch_is_refused_before_step_1(tmp_path, korean_shards, konlpy_files):
     from clova_train.tokenizer.training import TokenizerConfig, train_tokenizer
 

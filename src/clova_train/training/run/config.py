@@ -61,6 +61,12 @@ class TrainConfig:
     """Evaluate on the valid split every this many steps (0: never)."""
     eval_samples: int = 256
     """Validation sequences per evaluation (the first ones of the valid split)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Few-shot tasks scored at each evaluation on the model in memory, as TASK=DATA[:TRAIN] (any task `clova eval` knows)."""
+    eval_shots: int = 0
+    """Demonstrations per prompt for eval_tasks (drawn from TRAIN with `clova eval`'s default seed)."""
+    eval_limit: int = 0
+    """Score only the first N examples of each eval task (0: all)."""
     keep_last: int = 3
     """Keep only the newest N complete checkpoints (0: keep all); an 82B checkpoint with its optimizer state is over 1 TB."""
     keep_every: int = 0
@@ -93,7 +99,7 @@ class TrainConfig:
         for f in positive:
             if getattr(self, f) < 1:
                 raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
-        for f in ("eval_every", "eval_samples", "keep_last", "keep_every", "weight_decay", "grad_clip"):
+        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
         for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops", "preempt_window"):

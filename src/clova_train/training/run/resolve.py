@@ -112,6 +112,14 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             "use a shorter --seq-len or a --config whose model section sets block_size"
         )
     train = train.resolved(model)
+    if train.eval_tasks:
+        from clova_train.training.trainer.fewshot import TaskSpec, check_eval_tasks
+
+        check_eval_tasks(train.eval_tasks, train.eval_shots)
+        if parallel.mode == "pipeline":
+            raise ClovaError("--eval-task scores the model in memory under zero1, zero2 and zero3; in pipeline mode the stages "
+                             "hold different layers: export a checkpoint (clova export) and run clova eval on it")
+        train = replace(train, eval_tasks=[TaskSpec.parse(t).absolute() for t in train.eval_tasks])
     stages = parallel.stages(world_size)
     zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
     if parallel.mode == "pipeline":

@@ -74,6 +74,7 @@ class TensorBoardBackend(MetricsBackend):
         step = record["step"]
         events = [(f"Train/{k}", record[k], step) for k in self.TRAIN if record.get(k) is not None]
         events += [(f"Valid/{k[6:]}", record[k], step) for k in self.VALID if record.get(k) is not None]
+        events += [(k, v, step) for k, v in record.items() if k.startswith("eval/") and v is not None]
         self.monitor.write_events(events)
 
 

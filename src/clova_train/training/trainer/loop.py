@@ -155,6 +155,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, monitor=engine.monitor if self.rank0 else None)
         self.guard = BadStepGuard(train.max_bad_steps)
         self.evaluator = Evaluator(engine, self.valid)
+        self.fewshot = None
+        if train.eval_tasks and train.eval_every:
+            from clova_train.training.trainer.fewshot import FewShot
+
+            self.fewshot = FewShot(train.eval_tasks, shots=train.eval_shots, limit=train.eval_limit, model_cfg=spec.model,
+                                   tokenizer=spec.tokenizer["path"], engine=engine, rank0=self.rank0)
         self.flops = flops_per_token(spec.model, train.seq_len)
         self.peak = peak_tflops(self.device_name, train.peak_tflops)
         self.here = layout(engine.dims, spec.parallel.partition)
@@ -221,6 +227,8 @@ class Trainer:
             record["batch"] = batch_size
         if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
             record.update(self.evaluator())
+            if self.fewshot is not None:
+                record.update(self.fewshot())
         self.last["loss"] = _finite_or_none(res.loss)
         self.last["valid_loss"] = record.get("valid_loss", self.last["valid_loss"])
         self.metrics.log(record)
