@@ -185,6 +185,25 @@ def test_bf16_accumulation_in_fp32_is_closer_to_the_fp32_gradient():
         assert bf16["rel_error"] > 1.2 * fp32["rel_error"]
 
 
+@pytest.mark.slow
+def test_logged_grad_norm_is_torch_clip_grad_norm_of_the_same_gradients():
+    """Six fp32 steps on one rank under ZeRO-1 and ZeRO-3, the norm crossing the clip: the logged grad_norm is the L2 norm
+    of the whole averaged gradient before clipping, what clip_grad_norm_ returns on the gradients DeepSpeed steps with.
+    DeepSpeed sums the squares in fp64 under ZeRO-3 (fp32 under ZeRO-1), so it sits on the fp64 norm; torch in fp32
+    is off by a few 1e-6 relative, summation rounding."""
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "grad_accum_probe.py"), "norms", "zero1", "zero3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r["norms"] for r in map(json.loads, (line for line in proc.stdout.splitlines() if line.startswith("{")))}
+    assert set(rows) == {"zero1", "zero3"}
+    for mode, norms in rows.items():
+        assert min(n for n, _, _ in norms) < 1.0 < max(n for n, _, _ in norms), norms  # clipped and unclipped steps
+        assert len({round(n, 6) for n, _, _ in norms}) == len(norms)  # a fresh norm every step, not step 1's again
+        for logged, torch32, torch64 in norms:
+            assert abs(logged - torch64) / torch64 < 1e-6, (mode, logged, torch64)
+            assert abs(logged - torch32) / torch32 < 2e-5, (mode, logged, torch32)
+
+
 @pytest.fixture(scope="module")
 def zero1_run(tmp_path_factory, korean_shards):
     """ZeRO-1 on 2 ranks with activation checkpointing; step 2 is NaN and due for a checkpoint."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,35 @@ def test_pipeline_mode_matches_zero3_and_resumes_after_a_kill(pipeline_run, trai
     assert cfg["parallel"]["partition"] == "type:Block" and cfg["run"]["identity"]["parallel"] == {"mode": "pipeline"}
     assert cfg["deepspeed"]["zero_optimization"]["stage"] == 1
     assert list((run / "checkpoints" / "step_00000016").glob("layer_*-model_states.pt"))
+
+
+def test_a_run_killed_mid_batch_ramp_resumes_bit_for_bit_and_on_two_ranks(tmp_path, korean_shards):
+    """--batch-rampup 4,4,768 on one rank: batches 4, 4, 4, then 8; killed after step 3 (checkpoint 2, mid-ramp), the
+    rerun repeats the uninterrupted run's steps 3-8 exactly, and a copy resumed on 2 ranks (re-sharded) follows it;
+    the lr holds --decay-tokens' floor."""
+    args = ["train", "--model", "tiny", "--seq-len", "64", "--global-batch", "8", "--micro-batch", "2", "--lr", "3e-3",
+            "--warmup", "2", "--steps", "8", "--save-every", "2", "--eval-every", "0", "--no-tensorboard", "--log-every", "1",
+            "--batch-rampup", "4,4,768", "--decay-tokens", "2048", "--data", korean_shards]
+    ref = clova_cli(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert "the batch ramps from 4 by 4 sequences over 768 tokens, full (8) from step 4" in ref.stderr
+    assert "| batch 4 |" in ref.stderr and "| batch 8 |" in ref.stderr
+    killed = clova_cli(*args, "--out", tmp_path / "run", env={"CLOVA_FAULT": "kill_at_step=3"})
+    assert killed.returncode != 0
+    shutil.copytree(tmp_path / "run", tmp_path / "elastic")
+    resumed = clova_cli(*args, "--out", tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from step_00000002" in resumed.stderr
+    want, got = metrics(tmp_path / "ref"), metrics(tmp_path / "run")
+    keys = ("step", "loss", "lr", "grad_norm", "tokens", "samples", "batch")
+    assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in want]
+    assert [r["batch"] for r in want] == [4, 4, 4, 8, 8, 8, 8, 8]
+    assert [r["samples"] for r in want] == [4, 8, 12, 20, 28, 36, 44, 52]
+    floor = [r["lr"] for r in want if r["tokens"] >= 2048]
+    assert len(floor) == 3 and all(lr == pytest.approx(3e-4, rel=1e-12) for lr in floor)  # min_lr = lr / 10, held
+
+    elastic = clova_cli(*args, "--out", tmp_path / "elastic", "--nproc-per-node", "2")
+    assert elastic.returncode == 0, elastic.stdout + elastic.stderr
+    two = metrics(tmp_path / "elastic")
+    assert [(r["step"], r["batch"], r["samples"], r["lr"]) for r in two] == [(r["step"], r["batch"], r["samples"], r["lr"]) for r in want]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in want], rel=1e-4)

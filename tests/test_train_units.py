@@ -162,6 +162,57 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_decay_tokens_and_batch_rampup_follow_their_formulas():
+    import functools
+
+    from clova_train.training.run.config import rampup_batch
+
+    # GPT-3 with Megatron's ramp: 32 -> 1024 by 32 (31 increments) over 6,400 sequences; warm-up 10 steps; decay to 10% by 3M tokens.
+    seq, start, inc, ramp_tokens, decay = 64, 32, 32, 64 * 6_400, 3_000_000
+    cfg = TrainConfig(seq_len=seq, global_batch=1024, micro_batch=2, lr=6e-4, min_lr=6e-5, warmup=10, steps=200,
+                      batch_rampup=[start, inc, ramp_tokens], decay_tokens=decay)
+    consumed, per_increment = 0, 6_400 / 31
+    for step in range(1, 201):
+        batch = min(1024, start + inc * math.floor(consumed / per_increment))  # Megatron's rule, on samples consumed before the step
+        assert cfg.batch_at(step) == batch, step
+        consumed += batch
+        assert cfg.samples_through(step) == consumed
+        tokens, warm = consumed * seq, cfg.tokens_through(10)
+        if step <= 10:
+            expected = 6e-4 * step / 10
+        elif tokens >= decay:
+            expected = 6e-5  # held at the floor once the decay budget is spent
+        else:
+            expected = 6e-5 + 0.5 * (6e-4 - 6e-5) * (1 + math.cos(math.pi * (tokens - warm) / (decay - warm)))
+        assert lr_at(step, cfg) == pytest.approx(expected, rel=1e-12), step
+    assert cfg.batch_at(1) == 32 and cfg.batch_at(200) == 1024 and lr_at(200, cfg) == 6e-5
+    assert [cfg.batch_at(s) for s in range(1, 60)] == sorted(cfg.batch_at(s) for s in range(1, 60))
+
+    # Without the new options, the schedule is the old one bit for bit: (step - warmup) / (steps - warmup) of a cosine.
+    plain = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=7, steps=113)
+    for step in range(8, 114):
+        old = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1.0 + math.cos(math.pi * min(1.0, (step - 7) / max(1, 113 - 7))))
+        assert lr_at(step, plain) == old
+    # --train-tokens and the default warm-up count the ramp's smaller steps.
+    from clova_train.model.config import ModelConfig
+
+    by_tokens = TrainConfig(seq_len=seq, global_batch=1024, micro_batch=2, train_tokens=cfg.tokens_through(150), batch_rampup=[start, inc, ramp_tokens])
+    assert by_tokens.resolved(ModelConfig.from_name("tiny")).steps == 150
+
+    # The sample order is the one global order: a ramped stream cuts the fixed-batch stream's samples into other steps.
+    ramp = functools.partial(rampup_batch, start=2, increment=2, ramp_samples=12, global_batch=8)
+    ramped, = _streams(1)
+    ramped.batch_at = ramp
+    fixed, = _streams(1)
+    got = np.concatenate([mb.numpy() for _ in range(6) for mb in ramped.next_batch()])
+    assert ramped.position == 2 + 2 + 4 + 6 + 8 + 8
+    want = np.concatenate([mb.numpy() for _ in range(5) for mb in fixed.next_batch()])[:ramped.position]
+    assert np.array_equal(got, want)
+    for bad in ([0, 32, 100], [48, 32, 100], [33, 33, 100], [32, 32]):
+        with pytest.raises(ClovaError, match="batch_rampup"):
+            TrainConfig(global_batch=1024, micro_batch=2, batch_rampup=bad)
+
+
 def test_train_config_resolution_and_checks():
     from clova_train.model.config import ModelConfig
 
@@ -479,6 +530,20 @@ def test_a_metrics_backend_is_one_class_and_sees_what_metrics_jsonl_holds(tmp_pa
 
 def _train_args(shards, out, *extra):
     return ["train", "--model", "tiny", "--data", str(shards), "--out", str(out), "--steps", "2", "--seq-len", "64", "--global-batch", "4", *extra]
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--eval-task", "nsmc"], "expected TASK=DATA[:TRAIN]"),
+    (["--eval-task", "nosuch=x.tsv"], "nosuch"),
+    (["--eval-task", "nsmc=x.tsv", "--eval-shots", "2"], "needs demonstrations: give TASK=DATA:TRAIN"),
+    (["--eval-task", "nsmc=x.tsv", "--parallel", "pipeline"], "in pipeline mode the stages hold different layers"),
+    (["--batch-rampup", "2,2"], "expected START,INCREMENT,TOKENS"),
+    (["--micro-batch", "2", "--batch-rampup", "2,1,100"], "multiples of the micro-batch"),
+])
+def test_eval_task_and_batch_rampup_are_checked_in_one_line_before_step_1(extra, said, tmp_path, korean_shards):
+    res = CliRunner().invoke(app, _train_args(korean_shards, tmp_path / "r", *extra))
+    assert res.exit_code != 0 and said in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
 
 
 def test_vocabulary_mismatch_is_refused_before_step_1(tmp_path, korean_shards, konlpy_files):

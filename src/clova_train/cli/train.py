@@ -12,6 +12,19 @@ from clova_train.cli.common import friendly, out
 from clova_train.core.errors import ClovaError
 
 
+def parse_rampup(text: Optional[str]) -> Optional[list[int]]:
+    """--batch-rampup START,INCREMENT,TOKENS as three integers (TOKENS may be written 4e9)."""
+    if text is None:
+        return None
+    try:
+        values = [int(float(v)) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise ClovaError(f"--batch-rampup {text!r}: expected START,INCREMENT,TOKENS, e.g. 32,32,4e9")
+    return values
+
+
 @friendly
 def plan_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
@@ -77,9 +90,11 @@ def train_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context, 2048 for the paper's sizes).", rich_help_panel="Batch"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step over all ranks (default 1024), by gradient accumulation.", rich_help_panel="Batch"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
+    batch_rampup: Optional[str] = typer.Option(None, "--batch-rampup", help="START,INCREMENT,TOKENS (Megatron's --rampup-batch-size): the global batch grows from START sequences by INCREMENT, spread evenly over the first TOKENS tokens, e.g. 32,32,4e9.", rich_help_panel="Batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the preset's GPT-3 value).", rich_help_panel="Optimizer"),
     min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine decay (default lr/10).", rich_help_panel="Optimizer"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 375M tokens, at most 10% of the run).", rich_help_panel="Optimizer"),
+    decay_tokens: Optional[float] = typer.Option(None, "--decay-tokens", help="Cosine to --min-lr over the first N tokens, then constant (GPT-3: 260e9; default: to the last step).", rich_help_panel="Optimizer"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0.1).", rich_help_panel="Optimizer"),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Global gradient-norm clip (default 1.0; 0: off).", rich_help_panel="Optimizer"),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train.", rich_help_panel="Length"),
@@ -97,6 +112,9 @@ def train_cmd(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint every N steps (default 1000).", rich_help_panel="Checkpoints and logs"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation loss every N steps (default 1000; 0: never).", rich_help_panel="Checkpoints and logs"),
     eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="Validation sequences per evaluation (default 256).", rich_help_panel="Checkpoints and logs"),
+    eval_task: Optional[List[str]] = typer.Option(None, "--eval-task", help="Few-shot task scored at every evaluation on the model in memory, TASK=DATA[:TRAIN] as clova eval takes them (e.g. nsmc=nsmc_test.tsv:nsmc_train.tsv); repeat for more; logged as eval/TASK/METRIC.", rich_help_panel="Checkpoints and logs"),
+    eval_shots: Optional[int] = typer.Option(None, "--eval-shots", help="Demonstrations per prompt for --eval-task (default 0; needs TRAIN).", rich_help_panel="Checkpoints and logs"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Score the first N examples of each --eval-task (default 0: all).", rich_help_panel="Checkpoints and logs"),
     keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep the newest N complete checkpoints (default 3; 0: all).", rich_help_panel="Checkpoints and logs"),
     keep_every: Optional[int] = typer.Option(None, "--keep-every", help="Also keep every checkpoint whose step is a multiple of N (milestones; default 0: none).", rich_help_panel="Checkpoints and logs"),
     resume_step: Optional[int] = typer.Option(None, "--resume-step", help="Resume from step N's checkpoint (e.g. when the newest is damaged); newer checkpoints are discarded.", rich_help_panel="Checkpoints and logs"),
@@ -106,6 +124,10 @@ def train_cmd(
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one device for MFU (default: known accelerators).", rich_help_panel="Checkpoints and logs"),
     log_every: Optional[int] = typer.Option(None, "--log-every", help="Progress line every N steps when not on a terminal (default 10).", rich_help_panel="Checkpoints and logs"),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", help="TensorBoard events in RUN_DIR/tensorboard (default on).", rich_help_panel="Checkpoints and logs"),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="Log every metric to this Weights & Biases project too (WANDB_MODE=offline: to RUN_DIR/wandb, uploaded later by `wandb sync`).", rich_help_panel="Checkpoints and logs"),
+    wandb_entity: Optional[str] = typer.Option(None, "--wandb-entity", help="W&B team or user of --wandb's project (default: the account's).", rich_help_panel="Checkpoints and logs"),
+    wandb_run_name: Optional[str] = typer.Option(None, "--wandb-run-name", help="W&B run name (default: the run dir's name).", rich_help_panel="Checkpoints and logs"),
+    mlflow: Optional[str] = typer.Option(None, "--mlflow", help="Log every metric to this MLflow tracking URI too: file:/path/mlruns (no server) or http://host:5000.", rich_help_panel="Checkpoints and logs"),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initialisation and the sample order (default 1234).", rich_help_panel="Checkpoints and logs"),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Local worker processes, one per GPU (default 1; a rerun: as many as wrote its checkpoint).", rich_help_panel="Launch"),
     hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="DeepSpeed hostfile: run on all its hosts (see cli/hostfile.example).", rich_help_panel="Launch"),
@@ -137,11 +159,14 @@ def train_cmd(
         force=force,
         reverify=reverify,
         train=dict(
-            seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, lr=lr, min_lr=min_lr, warmup=warmup,
+            seq_len=seq_len, global_batch=global_batch, micro_batch=micro_batch, batch_rampup=parse_rampup(batch_rampup), lr=lr, min_lr=min_lr, warmup=warmup,
+            decay_tokens=int(decay_tokens) if decay_tokens else None,
             weight_decay=weight_decay, grad_clip=grad_clip, steps=steps, train_tokens=int(train_tokens) if train_tokens else None, precision=precision,
-            save_every=save_every, eval_every=eval_every, eval_samples=eval_samples, keep_last=keep_last,
+            save_every=save_every, eval_every=eval_every, eval_samples=eval_samples,
+            eval_tasks=list(eval_task) if eval_task else None, eval_shots=eval_shots, eval_limit=eval_limit, keep_last=keep_last,
             keep_every=keep_every, preempt_window=preempt_window, requeue=requeue,
             max_bad_steps=max_bad_steps, peak_tflops=peak_tflops, log_every=log_every, tensorboard=tensorboard, seed=seed,
+            wandb=wandb, wandb_entity=wandb_entity, wandb_run_name=wandb_run_name, mlflow=mlflow,
         ),
         parallel=dict(mode=parallel_mode, offload=offload, nvme_path=nvme_path, activation_checkpointing=activation_checkpointing, pipeline_stages=pipeline_stages,
                       tensor_parallel=tensor_parallel, partition=partition, reduce_dtype=reduce_dtype, compile=compile_blocks),

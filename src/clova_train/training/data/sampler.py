@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,7 +199,9 @@ class TrainStream:
         micro_batch: int,
         rank: int,
         world: int,
+        batch_at: Callable[[int], int] | None = None,
     ):
+        """``batch_at``: the global batch that starts at a sample position, for a batch ramp (None: always ``global_batch``)."""
         if global_batch % (micro_batch * world):
             raise ClovaError(
                 f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x {world} ranks; "
@@ -215,20 +217,29 @@ class TrainStream:
         w = np.asarray(weights, dtype=np.float64)
         self.weights = w / w.sum()
         self.global_batch = global_batch
+        self.batch_at = batch_at
         self.micro_batch = micro_batch
-        self.per_rank = global_batch // world
+        self.world = world
         self.rank = rank
         self.position = 0
         self.counts = np.zeros(len(self.datasets), dtype=np.int64)
 
     def next_batch(self) -> list[torch.Tensor]:
         """Advance one global batch; this rank's share as (micro_batch, seq_len + 1) int64 tensors."""
-        choice, index = blend(self.weights, self.position, self.counts, self.global_batch)
-        self.position += self.global_batch
-        lo = self.rank * self.per_rank
-        rows = [self.datasets[d][k] for d, k in zip(choice[lo : lo + self.per_rank], index[lo : lo + self.per_rank])]
+        # The next `batch` samples of the one global order, whatever the batch: a ramp changes where steps cut it, not it.
+        batch = self.batch_size()
+        choice, index = blend(self.weights, self.position, self.counts, batch)
+        self.position += batch
+        per_rank = batch // self.world
+        lo = self.rank * per_rank
+        rows = [self.datasets[d][k] for d, k in zip(choice[lo : lo + per_rank], index[lo : lo + per_rank])]
         samples = torch.from_numpy(np.stack(rows))
         return list(samples.split(self.micro_batch))
+
+    def batch_size(self, position: int | None = None) -> int:
+        """The global batch that starts at ``position`` (default: the next one)."""
+        at = self.position if position is None else position
+        return self.batch_at(at) if self.batch_at is not None else self.global_batch
 
     def state_dict(self) -> dict:
         return {"position": int(self.position), "counts": [int(c) for c in self.counts]}
@@ -245,7 +256,7 @@ class TrainStream:
         """Where a global batch starts, in words (for error messages)."""
         s = state or self.state_dict()
         per = ", ".join(f"{ds.name} sample {c}" for ds, c in zip(self.datasets, s["counts"]))
-        return f"global samples {s['position']}..{s['position'] + self.global_batch - 1} ({per} onwards)"
+        return f"global samples {s['position']}..{s['position'] + self.batch_size(s['position']) - 1} ({per} onwards)"
 
 
 def eval_windows(n_valid: int, samples: int, multiple: int) -> np.ndarray:

@@ -62,8 +62,11 @@ class ZeroEngine(Engine):
 
     def train_batch(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = mb.to(self.device, non_blocking=True)
+            # The last micro-batch is the boundary, said outright: DeepSpeed's own count (micro-steps modulo the
+            # accumulation) falls out of step when --batch-rampup changes the accumulation mid-run.
+            self.ds.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
             loss = self.ds(mb[:, :-1], mb[:, 1:])
             if self.inject_nan:
                 loss = loss * float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,12 +29,16 @@ class TrainConfig:
     """Sequences per optimizer step over all ranks (GPT-3: 1024), reached by gradient accumulation."""
     micro_batch: int = 1
     """Sequences per rank per forward pass."""
+    batch_rampup: list[int] | None = None
+    """[START, INCREMENT, TOKENS], Megatron-LM's --rampup-batch-size: the global batch starts at START sequences and grows by INCREMENT, evenly spread over the first TOKENS tokens, up to global_batch (None: the full batch from step 1)."""
     lr: float | None = None
     """Peak learning rate (None: the model preset's GPT-3 value)."""
     min_lr: float | None = None
     """Learning rate at the end of the cosine decay (None: lr / 10)."""
     warmup: int | None = None
     """Linear warm-up steps (None: GPT-3's 375M tokens, at most a tenth of the run)."""
+    decay_tokens: int | None = None
+    """The cosine reaches min_lr once this many tokens are trained, and the rate stays there (GPT-3: 260e9); None: at the last step."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices and embeddings (biases and LayerNorms: 0)."""
     beta1: float = 0.9
@@ -56,6 +61,12 @@ class TrainConfig:
     """Evaluate on the valid split every this many steps (0: never)."""
     eval_samples: int = 256
     """Validation sequences per evaluation (the first ones of the valid split)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Few-shot tasks scored at each evaluation on the model in memory, as TASK=DATA[:TRAIN] (any task `clova eval` knows)."""
+    eval_shots: int = 0
+    """Demonstrations per prompt for eval_tasks (drawn from TRAIN with `clova eval`'s default seed)."""
+    eval_limit: int = 0
+    """Score only the first N examples of each eval task (0: all)."""
     keep_last: int = 3
     """Keep only the newest N complete checkpoints (0: keep all); an 82B checkpoint with its optimizer state is over 1 TB."""
     keep_every: int = 0
@@ -74,19 +85,31 @@ class TrainConfig:
     """Print a progress line every this many steps when stderr is not a terminal."""
     tensorboard: bool = True
     """Write TensorBoard events to RUN_DIR/tensorboard through DeepSpeed's monitor."""
+    wandb: str | None = None
+    """Weights & Biases project to log to (None: no W&B); WANDB_MODE=offline writes RUN_DIR/wandb for `wandb sync`."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user) of the project (None: the account's default)."""
+    wandb_run_name: str | None = None
+    """W&B run name (None: the run dir's name)."""
+    mlflow: str | None = None
+    """MLflow tracking URI to log to, e.g. file:/path/mlruns (no server) or http://host:5000 (None: no MLflow)."""
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "global_batch", "micro_batch", "save_every", "max_bad_steps", "log_every")
         for f in positive:
             if getattr(self, f) < 1:
                 raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
-        for f in ("eval_every", "eval_samples", "keep_last", "keep_every", "weight_decay", "grad_clip"):
+        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
         for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops", "preempt_window"):
             v = getattr(self, f)
             if v is not None and not v > 0:
                 raise ClovaError(f"train {f} must be > 0, not {v}")
+        if self.decay_tokens is not None and self.decay_tokens < 1:
+            raise ClovaError(f"train decay_tokens must be >= 1, not {self.decay_tokens}")
+        if self.batch_rampup is not None:
+            check_rampup(self.batch_rampup, self.global_batch, self.micro_batch)
         if self.warmup is not None and self.warmup < 0:
             raise ClovaError(f"train warmup must be >= 0, not {self.warmup}")
         if self.steps is not None and self.train_tokens is not None:
@@ -103,26 +126,93 @@ class TrainConfig:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of a full-batch step (under --batch-rampup, of the steps after the ramp)."""
         return self.global_batch * self.seq_len
+
+    def batch_at(self, step: int) -> int:
+        """Global batch of optimizer step ``step`` (1-based)."""
+        ramp = ramp_batches(self)
+        return ramp[step - 1] if step <= len(ramp) else self.global_batch
+
+    def samples_through(self, step: int) -> int:
+        """Sequences trained on by the end of step ``step`` (0: none)."""
+        ramp = ramp_batches(self)
+        done = min(step, len(ramp))
+        return sum(ramp[:done]) + (step - done) * self.global_batch
+
+    def tokens_through(self, step: int) -> int:
+        return self.samples_through(step) * self.seq_len
+
+    def steps_for_tokens(self, tokens: int) -> int:
+        """The first step by whose end ``tokens`` tokens are trained."""
+        ramp = ramp_batches(self)
+        done = 0
+        for step, batch in enumerate(ramp, 1):
+            done += batch * self.seq_len
+            if done >= tokens:
+                return step
+        return len(ramp) + max(0, math.ceil((tokens - done) / self.tokens_per_step))
 
     def resolved(self, model: ModelConfig) -> "TrainConfig":
         """Every None replaced by its value: lr from the preset, steps from tokens, the warm-up."""
         if self.steps is None and self.train_tokens is None:
             raise ClovaError("say how long to train: --steps N or --train-tokens N")
         lr = self.lr if self.lr is not None else model.lr
-        steps = self.steps if self.steps is not None else math.ceil(self.train_tokens / self.tokens_per_step)
+        steps = self.steps if self.steps is not None else self.steps_for_tokens(self.train_tokens)
         warmup = self.warmup
         if warmup is None:
-            warmup = min(math.ceil(GPT3_WARMUP_TOKENS / self.tokens_per_step), steps // 10)
+            warmup = min(self.steps_for_tokens(GPT3_WARMUP_TOKENS), steps // 10)
         return replace(self, lr=lr, min_lr=self.min_lr if self.min_lr is not None else lr / 10, steps=steps, train_tokens=None, warmup=warmup)
 
 
+def check_rampup(rampup: list[int], global_batch: int, micro_batch: int) -> None:
+    """Megatron-LM's rule: START below the global batch, which START plus whole INCREMENTs reach exactly."""
+    if len(rampup) != 3 or any(v < 1 for v in rampup):
+        raise ClovaError(f"batch_rampup is START,INCREMENT,TOKENS, three numbers >= 1, not {rampup}")
+    start, inc, _ = rampup
+    if start >= global_batch or (global_batch - start) % inc:
+        raise ClovaError(f"batch_rampup {start},{inc},...: the global batch {global_batch} must be START plus a whole number of INCREMENTs, above START")
+    if start % micro_batch or inc % micro_batch:
+        raise ClovaError(f"batch_rampup {start},{inc},...: START and INCREMENT must be multiples of the micro-batch {micro_batch}")
+
+
+def rampup_batch(consumed: int, start: int, increment: int, ramp_samples: int, global_batch: int) -> int:
+    """Megatron-LM's ramp: the batch after ``consumed`` sequences, START + INCREMENT per ramp_samples / increments."""
+    per_increment = ramp_samples / ((global_batch - start) // increment)
+    return min(global_batch, start + int(consumed / per_increment) * increment)
+
+
+@functools.lru_cache(maxsize=8)
+def _ramp(start: int, increment: int, ramp_samples: int, global_batch: int) -> tuple[int, ...]:
+    batches, consumed = [], 0
+    while (batch := rampup_batch(consumed, start, increment, ramp_samples, global_batch)) < global_batch:
+        batches.append(batch)
+        consumed += batch
+    return tuple(batches)
+
+
+def ramp_batches(cfg: TrainConfig) -> tuple[int, ...]:
+    """The global batch of each step before the batch is full (empty without --batch-rampup)."""
+    if not cfg.batch_rampup:
+        return ()
+    start, increment, tokens = cfg.batch_rampup
+    return _ramp(start, increment, tokens // cfg.seq_len, cfg.global_batch)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine to min_lr."""
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up over cfg.warmup steps, then a cosine to
+    min_lr by the token count cfg.decay_tokens (default: the run's last step), then min_lr.
+
+    Progress is counted in tokens trained by the end of the step, as Megatron-LM counts samples, so a batch
+    ramp decays as GPT-3 did; with a fixed batch it is (step - warmup) / (steps - warmup) exactly (integer
+    ratios, one rounding).
+    """
     if step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    end = cfg.decay_tokens if cfg.decay_tokens is not None else cfg.tokens_through(cfg.steps)
+    start = cfg.tokens_through(cfg.warmup)
+    progress = min(1.0, (cfg.tokens_through(step) - start) / max(1, end - start))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * max(0.0, progress)))
 
 
 # ------------------------------------------------------------------ the resolved run

@@ -116,6 +116,14 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             "use a shorter --seq-len or a --config whose model section sets block_size"
         )
     train = train.resolved(model)
+    if train.eval_tasks:
+        from clova_train.training.trainer.fewshot import TaskSpec, check_eval_tasks
+
+        check_eval_tasks(train.eval_tasks, train.eval_shots)
+        if parallel.mode == "pipeline":
+            raise ClovaError("--eval-task scores the model in memory under zero1, zero2 and zero3; in pipeline mode the stages "
+                             "hold different layers: export a checkpoint (clova export) and run clova eval on it")
+        train = replace(train, eval_tasks=[TaskSpec.parse(t).absolute() for t in train.eval_tasks])
     stages = parallel.stages(world_size)
     zero_stage(template, parallel)  # ZeRO-2/3 with pipeline stages: refused here, before any rank starts
     if parallel.mode == "pipeline":
@@ -128,6 +136,11 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         raise ClovaError(
             f"global batch {train.global_batch} is not a multiple of micro-batch {train.micro_batch} x {replicas} "
             f"data-parallel replicas; use a --global-batch that is a multiple of {micro_world}"
+        )
+    if train.batch_rampup and any(v % micro_world for v in train.batch_rampup[:2]):
+        raise ClovaError(
+            f"--batch-rampup {train.batch_rampup[0]},{train.batch_rampup[1]},...: START and INCREMENT must be multiples of "
+            f"micro-batch {train.micro_batch} x {replicas} data-parallel replicas ({micro_world}), so every step's batch splits evenly"
         )
 
     identity = {

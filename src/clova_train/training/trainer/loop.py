@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -19,13 +20,14 @@ from clova_train.model.config import ModelConfig
 from clova_train.model.gpt import flops_per_token, num_params
 from clova_train.training import launch
 from clova_train.training.checkpoints.checkpoint import Checkpointer, Faults, seed_all, set_rng_state, tag_for
-from clova_train.training.run.config import RunSpec, TrainConfig, lr_at
+from clova_train.training.run.config import RunSpec, TrainConfig, lr_at, ramp_batches, rampup_batch
 from clova_train.training.parallel.distributed import CollectiveError, Dist, init_distributed
 from clova_train.training.parallel.ds_config import resolve_precision
 from clova_train.training.parallel.ds_config import ParallelConfig, deepspeed_config
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.engine import Engine
 from clova_train.training.parallel.tensor import check_tensor_parallel
+from clova_train.training.trainer.loggers import open_trackers
 from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _finite_or_none, device_memory, memory_in_use, peak_tflops
 from clova_train.training.parallel.pipeline import PipelineEngine
 from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
@@ -67,7 +69,7 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
             "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
             "steps": train.steps,
             "tokens_per_step": train.tokens_per_step,
-            "tokens": train.steps * train.tokens_per_step,
+            "tokens": train.tokens_through(train.steps),
             "parameters": num_params(spec.model),
             "flops_per_token": flops_per_token(spec.model, train.seq_len),
             "device": device,
@@ -88,12 +90,17 @@ def describe_run(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str
     layout += f"tensor parallel {tp} (each block split over {tp} ranks), " if tp > 1 else ""
     mem = f"~{estimate['bytes']['total'] / 1024**3:.3g} GiB per rank (plan estimate)" if estimate else "memory not estimated (custom shape)"
     valid = f"validation on {eval_sequences} sequences every {train.eval_every} steps" if eval_sequences else f"no validation ({no_eval})"
+    ramp = ramp_batches(train)
+    if ramp:
+        start, inc, tokens = train.batch_rampup
+        valid += (f"; the batch ramps from {start} by {inc} sequences over {tokens:,} tokens, full ({train.global_batch}) "
+                  f"from step {len(ramp) + 1}")
     return (
         f"{m.name}: {num_params(m):,} parameters, {spec.parallel.mode} on {spec.world_size} rank(s) ({layout}{device}, {train.precision}"
         f"{', offload ' + spec.parallel.offload if spec.parallel.offload != 'none' else ''}"
         f"{', activation checkpointing' if spec.parallel.activation_checkpointing else ''}); "
         f"{train.global_batch} x {train.seq_len} tokens per step = micro-batch {train.micro_batch} x {accum} accumulation x "
-        f"{replicas} replicas; {train.steps:,} steps, {train.steps * train.tokens_per_step:,} tokens; {mem}; {valid}"
+        f"{replicas} replicas; {train.steps:,} steps, {train.tokens_through(train.steps):,} tokens; {mem}; {valid}"
     )
 
 
@@ -142,9 +149,13 @@ class Trainer:
         # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
         share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
         check_open_files()
-        datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.steps * train.global_batch,
+        datasets, valid_data = prepare_indices(spec.data, train.seq_len, train.seed, train.samples_through(train.steps),
                                                build=self.rank0, note=console.print if dist.local_rank == 0 else None)
-        self.stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, **share), pin=dist.is_cuda)
+        ramp = None
+        if train.batch_rampup:
+            start, inc, tokens = train.batch_rampup
+            ramp = functools.partial(rampup_batch, start=start, increment=inc, ramp_samples=tokens // train.seq_len, global_batch=train.global_batch)
+        self.stream = Prefetcher(TrainStream(datasets, spec.data.weights, global_batch=train.global_batch, batch_at=ramp, **share), pin=dist.is_cuda)
         self.valid = eval_batches(valid_data, train.eval_samples if train.eval_every else 0, **share)
         self.no_eval = no_validation_reason(len(valid_data), train.eval_every, train.eval_samples, engine.data_world)
         self.ckpt = Checkpointer(self.run_dir, engine, rank=dist.rank, world=dist.world, keep_last=train.keep_last,
@@ -152,6 +163,12 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, monitor=engine.monitor if self.rank0 else None)
         self.guard = BadStepGuard(train.max_bad_steps)
         self.evaluator = Evaluator(engine, self.valid)
+        self.fewshot = None
+        if train.eval_tasks and train.eval_every:
+            from clova_train.training.trainer.fewshot import FewShot
+
+            self.fewshot = FewShot(train.eval_tasks, shots=train.eval_shots, limit=train.eval_limit, model_cfg=spec.model,
+                                   tokenizer=spec.tokenizer["path"], engine=engine, rank0=self.rank0)
         self.flops = flops_per_token(spec.model, train.seq_len)
         self.peak = peak_tflops(self.device_name, train.peak_tflops)
         self.here = layout(engine.dims, spec.parallel.partition)
@@ -172,7 +189,12 @@ class Trainer:
                 seed_all(hash((train.seed, self.step_no, self.dist.rank)) % 2**63)
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / CONFIG_FILE, run_config(self.spec, train, self.ds_config, self.device_name))
+            config = run_config(self.spec, train, self.ds_config, self.device_name)
+            atomic_write_json(self.run_dir / CONFIG_FILE, config)
+            # Trackers live on rank 0 beside metrics.jsonl: the loss reaches it all-reduced (from the last stage when pipelining).
+            self.metrics.backends += open_trackers(self.run_dir, config, lambda line: console.print(line, highlight=False, soft_wrap=True),
+                                                   wandb=train.wandb, wandb_entity=train.wandb_entity,
+                                                   wandb_run_name=train.wandb_run_name, mlflow=train.mlflow)
         self.metrics.resume_at(self.step_no)
         return tag, changed
 
@@ -182,13 +204,17 @@ class Trainer:
         self.step_no = step
         at = self.stream.state_dict()  # the step's data position, described only if it goes bad
         lr = lr_at(step, train)
+        batch_size = train.batch_at(step)
+        if train.batch_rampup and batch_size != self.engine.ds.train_batch_size():
+            self.engine.ds.set_train_batch_size(batch_size)  # more micro-batches per step, each the same size
         t0 = time.perf_counter()
         batch = self.stream.next_batch()
         self.engine.inject_nan = step in self.faults.nan_at_steps
         res = train_step(self.engine, batch, lr, stop_requested=stop_requested, loss_scaling=self.precision == "fp16")
         seconds = time.perf_counter() - t0
-        self.tokens += train.tokens_per_step
-        tps = train.tokens_per_step / seconds
+        step_tokens = batch_size * train.seq_len
+        self.tokens += step_tokens
+        tps = step_tokens / seconds
         tflops = self.flops * tps / dist.world / 1e12
         record = {
             "step": step,
@@ -205,8 +231,12 @@ class Trainer:
             "bad_steps": self.guard.total + res.skipped,
             "samples": self.stream.position,
         }
+        if train.batch_rampup:
+            record["batch"] = batch_size
         if train.eval_every and (step % train.eval_every == 0 or step == train.steps):
             record.update(self.evaluator())
+            if self.fewshot is not None:
+                record.update(self.fewshot())
         self.last["loss"] = _finite_or_none(res.loss)
         self.last["valid_loss"] = record.get("valid_loss", self.last["valid_loss"])
         self.metrics.log(record)

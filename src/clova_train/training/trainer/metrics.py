@@ -177,6 +177,7 @@ class ProgressLine:
             f"step {r['step']}/{self.total}",
             f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss nan (skipped)",
             f"lr {r['lr']:.2e}",
+            *([f"batch {r['batch']}"] if r.get("batch") is not None else []),  # only while --batch-rampup applies
             f"grad {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad nan",
             f"{r['tokens_per_s']:,.0f} tok/s",
             f"{r['tflops_per_device']:.3g} TFLOP/s/dev",
