@@ -11,6 +11,8 @@ packages, and every stage runs as its own process under a deadline:
   train-zero3    FusedAdam, fp32 gradient sums, no skipped step, TFLOP/s
   export-*     `clova export` of each run, logits beside our model's on the GPU
   mfu          benchmarks/bench_gpu.py: MFU of ZeRO-1/ZeRO-3 beside transformers
+  tp           with 2+ GPUs: bf16 ZeRO-1 on 2 GPUs at --tensor-parallel 1 and 2, the same curve
+               (skipped, not failed, on one GPU)
 
 When the second block family and `clova plan --calibrate` land, each is one
 more stage here. Figures go to ``$OUT/gpu-check.json`` (OUT defaults to gpu-check-out/), each
@@ -216,6 +218,28 @@ def mfu(c: Check, work: Path, env: dict) -> None:
         c.check("mfu", r.returncode == 0, _last_line(r) if r.returncode else "ZeRO-1, ZeRO-3 and transformers measured with FusedAdam")
 
 
+def tensor_parallel(c: Check, data: Path, work: Path, env: dict) -> None:
+    """TP=2 against TP=1 on two GPUs (bf16 ZeRO-1, same data and seed): the same losses to bf16 precision."""
+    r = c.run("tp-gpus", [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env, "versions")
+    gpus = int(r.stdout.strip() or 0) if r is not None and r.returncode == 0 else 0
+    if gpus < 2:
+        c.report["figures"]["tensor_parallel"] = {"skipped": f"{gpus} GPU(s); tensor parallelism needs 2"}
+        c.note(f"[SKIP] tp: {gpus} GPU(s), tensor parallelism needs 2")
+        return
+    losses = {}
+    for tp in (1, 2):
+        run = work / f"run-tp{tp}"
+        args = [*CUDA_RUN[: CUDA_RUN.index("--nproc-per-node")], "--nproc-per-node", "2"]
+        r = c.run(f"train-tp{tp}", clova("train", *args, "--data", data / "shards", "--tokenizer", data / "tokenizer", "--out", run,
+                                          "--parallel", "zero1", "--tensor-parallel", str(tp)), env, "train")
+        if r is None or not c.check(f"train-tp{tp}", r.returncode == 0, "ran" if r.returncode == 0 else _last_line(r)):
+            return
+        losses[tp] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    c.report["figures"]["tensor_parallel"] = {"loss_tp1": losses[1], "loss_tp2": losses[2]}
+    worst = max(abs(a - b) / abs(a) for a, b in zip(losses[1], losses[2]))
+    c.check("tp2-equals-tp1", len(losses[1]) == len(losses[2]) and worst <= 1e-2, f"largest relative loss difference {worst:.1e} (bf16)")
+
+
 def versions(c: Check, env: dict) -> None:
     r = c.run("versions", stage_cmd("versions"), env, "versions")
     if r is not None and c.check("versions", r.returncode == 0, "read" if r.returncode == 0 else _last_line(r)):
@@ -274,6 +298,7 @@ def run_check(bundle: Path, out: Path, budget: float, rehearse: bool) -> int:
                     guarded(c, f"parity-{m}", export_parity, m, run, data, work, env)
             if not rehearse:
                 guarded(c, "mfu", mfu, work, env)
+                guarded(c, "tp", tensor_parallel, data, work, env)
     finally:
         c.report["seconds"]["total"] = round(time.monotonic() - t0, 1)
         c.save()

@@ -125,3 +125,30 @@ def test_pipeline_2_stages_x_tp2_matches_the_pipeline_run(tmp_path, korean_shard
     assert_same_curve(compared(metrics(run)), compared(metrics(pipeline_run["run"])))
     assert sorted(p.name for p in (run / "checkpoints" / "step_00000016").glob("layer_02-model_0*-model_states.pt")) == [
         "layer_02-model_00-model_states.pt", "layer_02-model_01-model_states.pt"]
+
+
+def test_export_joins_the_slices_exactly(tmp_path, korean_shards):
+    """The join alone: a TP=2 run whose one step moves nothing (lr 1e-30) exports the TP=1 initial weights to 1e-6.
+
+    (After real steps the two layouts differ by what Adam makes of float-order differences; see the test above.)
+    """
+    from safetensors.torch import load_file
+
+    from clova_train.export.adapter import to_hf
+    from clova_train.model.config import ModelConfig
+    from clova_train.model.gpt import GPT
+
+    run, out = tmp_path / "run", tmp_path / "hf"
+    args = tp_args(run, korean_shards, "--nproc-per-node", "2", "--parallel", "zero1")
+    args[args.index("--steps") + 1], args[args.index("--lr") + 1] = "1", "1e-30"
+    r = clova_cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = clova_cli("export", run, "--out", out, "--dtype", "fp32", "--quiet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    model = GPT(ModelConfig(**cfg["model"]))
+    model.init_weights(cfg["train"]["seed"])
+    exported = load_file(out / "model.safetensors")
+    ours = dict(to_hf(n, t) for n, t in model.state_dict().items())
+    assert exported.keys() == ours.keys()
+    assert max((exported[k] - ours[k]).abs().max().item() for k in ours) <= 1e-6
