@@ -107,6 +107,23 @@ def test_a_tensor_parallel_change_on_resume_reshards(tp_zero3, trained_run, tmp_
         assert [x[key] for x in ours[8:]] == pytest.approx([x[key] for x in reference[8:]], rel=1e-4), key
 
 
+def test_a_data_parallel_change_at_the_same_tensor_parallel_degree_reshards(tp_zero3, trained_run, tmp_path):
+    """TP 2 x DP 1 written, resumed at step 8 as TP 2 x DP 2 on 4 ranks: each rank reads its own slices, and the run follows TP=1."""
+    run = tmp_path / "run"
+    shutil.copytree(tp_zero3["run"], run)
+    args = [a if a != tp_zero3["run"] else run for a in tp_zero3["args"]]
+    args[args.index("--nproc-per-node") + 1] = "4"
+    for later in ("step_00000012", "step_00000016"):
+        shutil.rmtree(run / "checkpoints" / later)
+    (run / "checkpoints" / "latest").write_text("step_00000008")
+    r = clova_cli(*args, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size 2 -> 4, replicas 1 -> 2" in r.stderr and "tensor parallel" not in r.stderr.split("another layout")[1].split(";")[0]
+    ours, reference = compared(metrics(run)), compared(metrics(trained_run))
+    for key in ("loss", "grad_norm"):
+        assert [x[key] for x in ours[8:]] == pytest.approx([x[key] for x in reference[8:]], rel=1e-4), key
+
+
 def test_tp2_zero1_matches_tp1(tmp_path, korean_shards, trained_run):
     run = tmp_path / "run"
     r = clova_cli(*tp_args(run, korean_shards, "--nproc-per-node", "2", "--parallel", "zero1"))

@@ -24,7 +24,7 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.tensor import shard, split_of
-from clova_train.training.checkpoints.rankfiles import CheckpointRef, open_checkpoint
+from clova_train.training.checkpoints.rankfiles import CheckpointRef, TensorParallelCheckpoint, open_checkpoint
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -121,9 +121,13 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
         missing = sorted(set(params) - set(ckpt.shapes))
         if missing:
             raise ClovaError(f"{ref.path}: has no {', '.join(missing[:3])}; it was written for another model")
+        # Written at this tensor-parallel degree: this rank's slice reader holds its slices, read by range as without
+        # tensor parallelism. Another degree: the whole parameter is read and this rank's slice cut from it.
+        source = ckpt.parts[tp_rank] if isinstance(ckpt, TensorParallelCheckpoint) and len(ckpt.parts) == tp else ckpt
         for name, held in params.items():
-            whole = split_of(name)[0] is None or tp == 1
-            n = ckpt.shapes[name].numel() if whole else held[0].ds_shape.numel() if hasattr(held[0], "ds_shape") else held[0].numel()
+            shape = ckpt.shapes[name]
+            cut = tp > 1 and source is ckpt and split_of(name)[0] is not None
+            n = shard(name, torch.empty(shape, device="meta"), tp_rank, tp).numel() if cut else source.shapes[name].numel()
             for p in held:
                 for key in ("fp32", *MOMENTS):
                     dest, start = _destination(opt, p, key)
@@ -131,11 +135,11 @@ def load_resharded(engine, run_dir: Path, tag: str, marker: dict, model: ModelCo
                         continue
                     count = max(0, min(n, start + dest.numel()) - start)
                     dest.data.zero_()  # the padding past the parameter's end
-                    if whole:
-                        dest.data[:count].copy_(ckpt.read_range(name, key, start, count))
-                    else:  # this rank's tensor-parallel slice: cut from the whole parameter (read whole, once per range)
-                        full = ckpt.read_range(name, key, 0, ckpt.shapes[name].numel()).view(ckpt.shapes[name])
+                    if cut:
+                        full = ckpt.read_range(name, key, 0, shape.numel()).view(shape)
                         dest.data[:count].copy_(shard(name, full, tp_rank, tp).reshape(-1)[start : start + count])
+                    else:
+                        dest.data[:count].copy_(source.read_range(name, key, start, count))
         _set_adam_step(opt.optimizer, ckpt.adam_step())
     finally:
         ckpt.close()
