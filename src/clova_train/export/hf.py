@@ -29,6 +29,7 @@ import torch
 from clova_train import __version__
 from clova_train.export.adapter import _pad_token, hf_config, model_config_from_hf
 from clova_train.core.dtypes import TORCH_DTYPES
+from clova_train.core.config import from_dict
 from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights
 from clova_train.export.consolidate import CheckpointRef, empty_model, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
@@ -427,7 +428,7 @@ def load_for_inference(path: str | Path, *, dtype: torch.dtype = torch.float32, 
             ckpt.close()
         return _gpt_from_state_dict(ref.model, sd), tok
     meta_path = path / EXPORT_META
-    cfg = ModelConfig(**json.loads(meta_path.read_text())["model"]) if meta_path.is_file() else model_config_from_hf(config)
+    cfg = from_dict(ModelConfig, json.loads(meta_path.read_text())["model"], where=str(meta_path), section="model") if meta_path.is_file() else model_config_from_hf(config)
     model = _gpt_from_state_dict(cfg, load_hf_state_dict(path, dtype))
     if (path / META_FILE).is_file():
         tok = ClovaTokenizer.load(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from clova_train.core.config import from_dict, read_json_object
@@ -144,7 +144,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         )
 
     identity = {
-        "model": asdict(model),
+        "model": model.identity(),
         "seq_len": train.seq_len,
         "global_batch": train.global_batch,
         "seed": train.seed,
