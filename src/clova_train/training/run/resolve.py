@@ -18,7 +18,7 @@ from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
 from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
 
-CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
+CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "init_from", "run")
 
 
 def _read_config_file(path: Path) -> dict:
@@ -94,8 +94,19 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     train = _layer(TrainConfig, where, "train", tmpl_train, file_train, flags=req.train)
     parallel = _layer(ParallelConfig, where, "parallel", tmpl_par, file_cfg.get("parallel", {}), flags=req.parallel)
 
-    # Model: the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
-    if req.model:
+    # Model: --init-from's config.json, else the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
+    init_from = None
+    init_path = req.init_from or (file_cfg.get("init_from") or {}).get("path")
+    if init_path:
+        from clova_train.training.initfrom.prepare import check_model_section, prepare_source
+
+        if req.model:
+            raise ClovaError("--model and --init-from both give the model's shape; drop --model (the shape comes from the "
+                             "source's config.json)")
+        model, init_from = prepare_source(init_path, tok)
+        if "model" in file_cfg:
+            check_model_section(model, from_dict(ModelConfig, dict(file_cfg["model"]), where=where, section="model"), where)
+    elif req.model:
         model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size))
     elif "model" in file_cfg:
         fields = dict(file_cfg["model"])
@@ -154,6 +165,11 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         # partition (training/checkpoints/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
         "parallel": {"mode": parallel.mode},
     }
+    if init_from:  # only then: the identities (and so the resumability) of runs from seeded weights stay as they were
+        identity["init_from"] = {k: init_from[k] for k in ("config_sha256", "files", "same_tokenizer")}
+    if train.freeze_except_embeddings and not (init_from and init_from.get("graft")):
+        raise ClovaError("--freeze-except-embeddings trains the embedding rows --init-from rebuilt for a new tokenizer; "
+                         "this run has none (no --init-from, or the source's own tokenizer)")
     spec = RunSpec(
         out=str(run_dir),
         model=model,
@@ -168,6 +184,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         force=req.force,
         resume_step=req.resume_step,
         reverify=req.reverify,
+        init_from=init_from,
     )
     check_run_dir(spec)
     if check:

@@ -1,0 +1,256 @@
+"""`clova train --init-from HF_DIR`: tiny random Hugging Face models (built with transformers, no download) as sources.
+
+Two real 2-rank runs at learning rate 0 (ZeRO-3 and pipeline) check that the
+weights arrive unchanged and that step 1's loss is transformers' loss on the
+same batch; one single-process run checks grafting onto another tokenizer and
+--freeze-except-embeddings; the rest are in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from clova_train.cli import app
+from clova_train.model.config import pad_vocab
+from clova_train.tokenizer.bpe import ClovaTokenizer
+from clova_train.training.run.config import TrainConfig, lr_at
+
+from conftest import clova_cli
+
+runner = CliRunner()
+SEQ = 32
+RUN_ARGS = ["--seq-len", SEQ, "--global-batch", 4, "--micro-batch", 2, "--steps", 1, "--lr", 0, "--warmup", 0,
+            "--save-every", 1, "--eval-every", 0, "--no-tensorboard", "--precision", "fp32", "--nproc-per-node", 2]
+
+
+def gpt2_dir(out: Path, vocab_size: int, seed: int, tokenizer_files: list[Path]) -> Path:
+    """A random GPT2LMHeadModel saved with safetensors, dropout off; odd widths so ZeRO-3 pads its partitions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=45, n_layer=2, n_head=5, activation_function="gelu",
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0, bos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # random LayerNorms and biases, so a weight that is dropped or swapped shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.5 if name.endswith("ln_1.weight") or "ln" in name and name.endswith("weight") else 0.0, 0.1)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_files:
+        shutil.copyfile(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def same_tok_source(tmp_path_factory, tokenizer_dir) -> Path:
+    """A GPT-2 checkpoint whose tokenizer is the run's own (its tokenizer.json beside the weights)."""
+    tok = ClovaTokenizer.load(tokenizer_dir)
+    return gpt2_dir(tmp_path_factory.mktemp("src") / "gpt2-same", pad_vocab(tok.vocab_size), 0, [tokenizer_dir / "tokenizer.json"])
+
+
+@pytest.fixture(scope="module")
+def foreign_tokenizer(tmp_path_factory, konlpy_files) -> Path:
+    """A plain byte-level BPE (no morphemes) trained on the same text: another tokenizer, as a foreign base model has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(f) for f in konlpy_files], trainer)
+    out = tmp_path_factory.mktemp("foreign_tok") / "tokenizer.json"
+    tok.save(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def foreign_source(tmp_path_factory, foreign_tokenizer) -> Path:
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(foreign_tokenizer)).get_vocab_size()
+    return gpt2_dir(tmp_path_factory.mktemp("src") / "gpt2-foreign", size, 1, [foreign_tokenizer])
+
+
+def source_weights(src: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(src / "model.safetensors")).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+
+
+def step1_batch(run: Path) -> torch.Tensor:
+    """The global batch of step 1, as the run's sampler drew it (the order does not depend on the rank count)."""
+    from clova_train.training.data.sampler import DataConfig, TrainStream, prepare_indices
+
+    cfg = json.loads((run / "config.json").read_text())
+    data, train = DataConfig(**cfg["data"]), cfg["train"]
+    datasets, _ = prepare_indices(data, train["seq_len"], train["seed"], train["global_batch"], build=False)
+    stream = TrainStream(datasets, data.weights, global_batch=train["global_batch"], micro_batch=train["micro_batch"], rank=0, world=1)
+    return torch.cat(stream.next_batch())
+
+
+def hf_loss(src: Path, batch: torch.Tensor) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=batch, labels=batch).loss.item()
+
+
+@pytest.fixture(scope="module", params=["zero3", "pipeline"])
+def lr0_run(request, tmp_path_factory, korean_shards, same_tok_source) -> dict:
+    """One step at learning rate 0 from the source, on 2 ranks, exported in fp32."""
+    repo = Path(__file__).resolve().parents[1]
+    d = tmp_path_factory.mktemp(request.param)
+    template = {"zero3": "zero3.json", "pipeline": "pipeline_zero1.json"}[request.param]
+    r = clova_cli("train", "--init-from", same_tok_source, "--data", korean_shards, "--out", d / "run",
+                  "--deepspeed", repo / "deepspeed_configs" / template, *RUN_ARGS)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    e = clova_cli("export", d / "run", "--out", d / "hf", "--dtype", "fp32", "--quiet")
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    return {"run": d / "run", "hf": d / "hf", "output": r.stdout + r.stderr, "mode": request.param}
+
+
+def test_lr0_run_exports_the_source_bitwise_and_step1_loss_is_transformers(lr0_run, same_tok_source):
+    src, run = same_tok_source, lr0_run["run"]
+    theirs, ours = source_weights(src), source_weights(lr0_run["hf"])
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert torch.equal(ours[k], theirs[k]), k  # fp32 in, fp32 out: bitwise
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 1 and metrics[0]["lr"] == 0
+    assert metrics[0]["loss"] == pytest.approx(hf_loss(src, step1_batch(run)), abs=1e-5)
+    # The run dir records the source, and says in its output where the weights came from.
+    record = json.loads((run / "config.json").read_text())["init_from"]
+    assert record["path"] == str(src.resolve()) and record["same_tokenizer"] and record["graft"] is None
+    import hashlib
+
+    assert record["config_sha256"] == hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
+    assert record["files"] == {"model.safetensors": hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()}
+    assert f"weights from {src.resolve()}" in " ".join(lr0_run["output"].split())
+
+
+def test_grafted_rows_are_copies_or_means_of_the_base_pieces(foreign_source, tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    from clova_train.training.initfrom.graft import BaseVocabulary, graft_rows, plan_graft
+
+    tok = ClovaTokenizer.load(tokenizer_dir)
+    base_tok = Tokenizer.from_file(str(foreign_source / "tokenizer.json"))
+    plan = plan_graft(tok, BaseVocabulary(foreign_source), base_eos=0)
+    base = source_weights(foreign_source)["transformer.wte.weight"]
+    rows = graft_rows(plan, base, pad_vocab(tok.vocab_size), base_tok.get_vocab_size())
+    assert len(plan.copied) > 200 and len(plan.averaged) > 200  # both kinds really occur on this pair
+    assert len(plan.copied) + len(plan.averaged) + len(plan.mean) == tok.vocab_size
+    for ours, theirs in plan.copied.items():
+        assert torch.equal(rows[ours], base[theirs])
+        # The same bytes, told apart from the symbols: both sides decode the token to the same text.
+        if ours != tok.eod_id:
+            assert tok.token_bytes(ours) == base_tok.decode([theirs]).encode() or "\ufffd" in base_tok.decode([theirs])
+    for ours, pieces in plan.averaged.items():
+        assert torch.equal(rows[ours], base[pieces].mean(dim=0))
+        assert len(pieces) >= 2
+        text = tok.decode([ours])
+        if "\ufffd" not in text:  # a whole-character token: the pieces are the base tokenizer's own encoding
+            assert pieces == base_tok.encode(text, add_special_tokens=False).ids
+    mean = base.mean(dim=0)
+    for ours in [*plan.mean, *range(tok.vocab_size, rows.shape[0])]:
+        assert torch.allclose(rows[ours], mean)
+    assert plan.copied[tok.eod_id] == base_tok.token_to_id("<|endoftext|>")
+
+
+def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_source, korean_shards, tokenizer_dir, tmp_path):
+    """One process, zero1: step 1 trains only the rebuilt rows (--freeze-except-embeddings 1), step 2 everything."""
+    from clova_train.export.consolidate import consolidate_state_dict
+    from clova_train.training.initfrom.graft import BaseVocabulary, describe_counts, graft_rows, plan_graft
+
+    run = tmp_path / "run"
+    r = clova_cli("train", "--init-from", foreign_source, "--data", korean_shards, "--out", run, "--parallel", "zero1",
+                  "--seq-len", SEQ, "--global-batch", 2, "--micro-batch", 2,
+                  "--steps", 2, "--lr", "1e-2", "--warmup", 0, "--save-every", 1, "--keep-last", 0, "--eval-every", 0,
+                  "--no-tensorboard", "--precision", "fp32", "--nproc-per-node", 1, "--freeze-except-embeddings", 1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tok = ClovaTokenizer.load(tokenizer_dir)
+    plan = plan_graft(tok, BaseVocabulary(foreign_source), base_eos=0)
+    rows = pad_vocab(tok.vocab_size)
+    assert describe_counts(plan.counts(rows)) in " ".join((r.stdout + r.stderr).split())
+    src = source_weights(foreign_source)
+    start = graft_rows(plan, src["transformer.wte.weight"], rows, 700)
+    step1 = consolidate_state_dict(run, tag="step_00000001")
+    step2 = consolidate_state_dict(run, tag="step_00000002")
+    new = torch.tensor(plan.new_rows(rows))
+    old = torch.tensor(sorted(plan.copied))
+    assert torch.equal(step1["wte.weight"][old], start[old])  # copied rows frozen
+    assert not torch.equal(step1["wte.weight"][new], start[new])  # new rows trained
+    assert torch.equal(step1["blocks.0.attn.qkv.weight"], src["transformer.h.0.attn.c_attn.weight"].t())
+    assert torch.equal(step1["ln_f.bias"], src["transformer.ln_f.bias"])
+    assert not torch.equal(step2["blocks.0.attn.qkv.weight"], step1["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(step2["wte.weight"][old], start[old])
+
+
+def _one_line(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    msg = " ".join(result.output.split())
+    for f in fragments:
+        assert f in msg, msg
+    return msg
+
+
+class Bomb:
+    """Unpickling this creates a file: the proof that a pickle was opened."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_source_is_refused_in_one_line_unopened(tmp_path, korean_shards, same_tok_source):
+    src = tmp_path / "bin-model"
+    src.mkdir()
+    shutil.copyfile(same_tok_source / "config.json", src / "config.json")
+    marker = tmp_path / "pickle-was-opened"
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb(marker)))
+    r = runner.invoke(app, ["train", "--init-from", str(src), "--data", str(korean_shards), "--out", str(tmp_path / "run"), "--steps", "1"])
+    _one_line(r, "pytorch_model.bin", "pickle", "safetensors")
+    assert not marker.exists()
+    pickle.loads((src / "pytorch_model.bin").read_bytes())
+    assert marker.exists()  # what opening it would have done
+
+
+def test_init_from_refuses_a_second_shape_and_a_mismatched_checkpoint(tmp_path, korean_shards, same_tok_source):
+    args = ["train", "--data", str(korean_shards), "--out", str(tmp_path / "run"), "--steps", "1"]
+    _one_line(runner.invoke(app, [*args, "--init-from", str(same_tok_source), "--model", "tiny"]), "--model and --init-from")
+    bad = tmp_path / "bad"
+    shutil.copytree(same_tok_source, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
+    _one_line(runner.invoke(app, [*args, "--init-from", str(bad)]), "transformer.h.2.", "config.json")
+    (bad / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    _one_line(runner.invoke(app, [*args, "--init-from", str(bad)]), "activation_function")
+    _one_line(runner.invoke(app, [*args, "--init-from", str(same_tok_source), "--freeze-except-embeddings", "2"]), "--freeze-except-embeddings")
+
+
+def test_schedules_constant_cosine_and_wsd():
+    base = dict(seq_len=8, global_batch=4, steps=100, lr=1e-3, min_lr=1e-4, warmup=10)
+    const = TrainConfig(**base, schedule="constant")
+    assert [lr_at(s, const) for s in (5, 10, 11, 100)] == [5e-4, 1e-3, 1e-3, 1e-3]
+    wsd = TrainConfig(**base, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(5, wsd) == pytest.approx(5e-4)
+    assert all(lr_at(s, wsd) == 1e-3 for s in range(10, 81))  # stable until the last 20 steps
+    assert lr_at(90, wsd) == pytest.approx(1e-3 - 0.5 * 9e-4) and lr_at(100, wsd) == pytest.approx(1e-4)
+    longer = TrainConfig(**{**base, "steps": 200}, schedule="wsd")  # the run extended: the decay moves with the end
+    assert lr_at(100, longer) == 1e-3 and lr_at(200, longer) == pytest.approx(1e-4)
+    cosine = TrainConfig(**base)
+    assert lr_at(55, cosine) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + __import__("math").cos(__import__("math").pi * 0.5)))
+    with pytest.raises(Exception, match="decay_tokens"):
+        TrainConfig(**base, schedule="wsd", decay_tokens=100)
+    with pytest.raises(Exception, match="schedule"):
+        TrainConfig(**base, schedule="linear")
