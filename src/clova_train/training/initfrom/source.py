@@ -11,7 +11,6 @@ parameters, so nothing here knows an architecture's key names.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -165,6 +165,11 @@ class Trainer:
                                  keep_every=train.keep_every, faults=self.faults)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, monitor=engine.monitor if self.rank0 else None)
         self.guard = BadStepGuard(train.max_bad_steps)
+        self.freeze = None
+        if train.freeze_except_embeddings:
+            from clova_train.training.trainer.freeze import freeze_stage
+
+            self.freeze = freeze_stage(engine, spec.model, spec.init_from, train.freeze_except_embeddings, spec.tokenizer["path"])
         self.evaluator = Evaluator(engine, self.valid)
         self.fewshot = None
         if train.eval_tasks and train.eval_every:
@@ -219,6 +224,8 @@ class Trainer:
         batch_size = train.batch_at(step)
         if train.batch_rampup and batch_size != self.engine.ds.train_batch_size():
             self.engine.ds.set_train_batch_size(batch_size)  # more micro-batches per step, each the same size
+        if self.freeze is not None:
+            self.freeze.at(step)
         t0 = time.perf_counter()
         batch = self.stream.next_batch()
         self.engine.inject_nan = step in self.faults.nan_at_steps
