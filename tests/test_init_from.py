@@ -49,6 +49,32 @@ def gpt2_dir(out: Path, vocab_size: int, seed: int, tokenizer_files: list[Path])
     return out
 
 
+def llama_dir(out: Path, vocab_size: int, seed: int, tokenizer_files: list[Path]) -> Path:
+    """A random LlamaForCausalLM (grouped-query attention, untied head) saved with safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=0, bos_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)  # RMSNorm gains away from 1, so a norm that is not loaded shows
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in tokenizer_files:
+        shutil.copyfile(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_source(tmp_path_factory, tokenizer_dir) -> Path:
+    """A Llama checkpoint whose tokenizer is the run's own."""
+    tok = ClovaTokenizer.load(tokenizer_dir)
+    return llama_dir(tmp_path_factory.mktemp("src") / "llama-same", pad_vocab(tok.vocab_size), 2, [tokenizer_dir / "tokenizer.json"])
+
+
 @pytest.fixture(scope="module")
 def same_tok_source(tmp_path_factory, tokenizer_dir) -> Path:
     """A GPT-2 checkpoint whose tokenizer is the run's own (its tokenizer.json beside the weights)."""
@@ -73,10 +99,20 @@ def foreign_tokenizer(tmp_path_factory, konlpy_files) -> Path:
 
 @pytest.fixture(scope="module")
 def foreign_source(tmp_path_factory, foreign_tokenizer) -> Path:
+    """A GPT-2 checkpoint trained (here: drawn) with the foreign tokenizer."""
     from tokenizers import Tokenizer
 
     size = Tokenizer.from_file(str(foreign_tokenizer)).get_vocab_size()
     return gpt2_dir(tmp_path_factory.mktemp("src") / "gpt2-foreign", size, 1, [foreign_tokenizer])
+
+
+@pytest.fixture(scope="module")
+def foreign_llama(tmp_path_factory, foreign_tokenizer) -> Path:
+    """A Llama checkpoint with the foreign tokenizer: its untied head is grafted too."""
+    from tokenizers import Tokenizer
+
+    size = Tokenizer.from_file(str(foreign_tokenizer)).get_vocab_size()
+    return llama_dir(tmp_path_factory.mktemp("src") / "llama-foreign", size, 3, [foreign_tokenizer])
 
 
 def source_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -102,22 +138,26 @@ def hf_loss(src: Path, batch: torch.Tensor) -> float:
         return model(input_ids=batch, labels=batch).loss.item()
 
 
-@pytest.fixture(scope="module", params=["zero3", "pipeline"])
-def lr0_run(request, tmp_path_factory, korean_shards, same_tok_source) -> dict:
-    """One step at learning rate 0 from the source, on 2 ranks, exported in fp32."""
+# Two 2-rank runs in all, each mode once: Llama under ZeRO-3 (gathered module by module, untied head), GPT-2 in
+# 2 pipeline stages (the embedding tied across the first and the last stage).
+@pytest.fixture(scope="module", params=[("zero3", "llama_source"), ("pipeline", "same_tok_source")], ids=["zero3-llama", "pipeline-gpt2"])
+def lr0_run(request, tmp_path_factory, korean_shards) -> dict:
+    """One step at learning rate 0 from the source, on 2 ranks, exported in fp32 by `clova export`."""
+    mode, source = request.param
+    src = request.getfixturevalue(source)
     repo = Path(__file__).resolve().parents[1]
-    d = tmp_path_factory.mktemp(request.param)
-    template = {"zero3": "zero3.json", "pipeline": "pipeline_zero1.json"}[request.param]
-    r = clova_cli("train", "--init-from", same_tok_source, "--data", korean_shards, "--out", d / "run",
+    d = tmp_path_factory.mktemp(mode)
+    template = {"zero3": "zero3.json", "pipeline": "pipeline_zero1.json"}[mode]
+    r = clova_cli("train", "--init-from", src, "--data", korean_shards, "--out", d / "run",
                   "--deepspeed", repo / "deepspeed_configs" / template, *RUN_ARGS)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     e = clova_cli("export", d / "run", "--out", d / "hf", "--dtype", "fp32", "--quiet")
     assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
-    return {"run": d / "run", "hf": d / "hf", "output": r.stdout + r.stderr, "mode": request.param}
+    return {"run": d / "run", "hf": d / "hf", "src": src, "output": r.stdout + r.stderr, "mode": mode}
 
 
-def test_lr0_run_exports_the_source_bitwise_and_step1_loss_is_transformers(lr0_run, same_tok_source):
-    src, run = same_tok_source, lr0_run["run"]
+def test_lr0_run_exports_the_source_bitwise_and_step1_loss_is_transformers(lr0_run):
+    src, run = lr0_run["src"], lr0_run["run"]
     theirs, ours = source_weights(src), source_weights(lr0_run["hf"])
     assert set(ours) == set(theirs)
     for k in theirs:
@@ -164,8 +204,10 @@ def test_grafted_rows_are_copies_or_means_of_the_base_pieces(foreign_source, tok
     assert plan.copied[tok.eod_id] == base_tok.token_to_id("<|endoftext|>")
 
 
-def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_source, korean_shards, tokenizer_dir, tmp_path):
-    """One process, zero1: step 1 trains only the rebuilt rows (--freeze-except-embeddings 1), step 2 everything."""
+def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llama, korean_shards, tokenizer_dir, tmp_path):
+    """One process, zero1, a Llama base: its embedding and untied head grafted; step 1 trains only their rebuilt rows
+    (--freeze-except-embeddings 1), step 2 everything."""
+    foreign_source = foreign_llama
     from clova_train.export.consolidate import consolidate_state_dict
     from clova_train.training.initfrom.graft import BaseVocabulary, describe_counts, graft_rows, plan_graft
 
@@ -180,17 +222,18 @@ def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_sour
     rows = pad_vocab(tok.vocab_size)
     assert describe_counts(plan.counts(rows)) in " ".join((r.stdout + r.stderr).split())
     src = source_weights(foreign_source)
-    start = graft_rows(plan, src["transformer.wte.weight"], rows, 700)
     step1 = consolidate_state_dict(run, tag="step_00000001")
     step2 = consolidate_state_dict(run, tag="step_00000002")
     new = torch.tensor(plan.new_rows(rows))
     old = torch.tensor(sorted(plan.copied))
-    assert torch.equal(step1["wte.weight"][old], start[old])  # copied rows frozen
-    assert not torch.equal(step1["wte.weight"][new], start[new])  # new rows trained
-    assert torch.equal(step1["blocks.0.attn.qkv.weight"], src["transformer.h.0.attn.c_attn.weight"].t())
-    assert torch.equal(step1["ln_f.bias"], src["transformer.ln_f.bias"])
-    assert not torch.equal(step2["blocks.0.attn.qkv.weight"], step1["blocks.0.attn.qkv.weight"])
-    assert not torch.equal(step2["wte.weight"][old], start[old])
+    for ours, theirs in (("wte.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+        start = graft_rows(plan, src[theirs], rows, 700)
+        assert torch.equal(step1[ours][old], start[old]), ours  # copied rows frozen
+        assert not torch.equal(step1[ours][new], start[new]), ours  # rebuilt rows trained
+        assert not torch.equal(step2[ours][old], start[old]), ours  # and then everything
+    assert torch.equal(step1["blocks.0.attn.q.weight"], src["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(step1["ln_f.weight"], src["model.norm.weight"])
+    assert not torch.equal(step2["blocks.0.attn.q.weight"], step1["blocks.0.attn.q.weight"])
 
 
 def _one_line(result, *fragments: str) -> str:

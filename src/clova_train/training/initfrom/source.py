@@ -31,11 +31,10 @@ BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 def _adapter(arch: str):
-    """The adapter's three per-name functions for ``arch`` (the llama map takes ``arch=``; the gpt3 one is the default)."""
+    """The adapter's per-name functions for ``arch``: our name -> (Hugging Face name, shape), and a Hugging Face tensor -> ours."""
     from clova_train.export import adapter
 
-    kw = {} if arch == "gpt3" else {"arch": arch}
-    return (lambda n, s: adapter.hf_shape(n, s, **kw)), (lambda n, t: adapter.from_hf(n, t, **kw))
+    return (lambda n, s: adapter.hf_shape(n, s, arch=arch)), (lambda n, t: adapter.from_hf(n, t, arch=arch))
 
 
 @dataclass
@@ -199,12 +198,11 @@ def check_tensors(reader: WeightReader, shapes: dict[str, tuple[int, ...]], graf
             stored, want = stored[1:], tuple(want)[1:]
         if tuple(stored) != tuple(want):
             raise ClovaError(f"{reader.path / reader._where[key]}: tensor {key!r} has shape {stored}, our {ours} needs {tuple(want)}")
-    kw = {} if reader.cfg.arch == "gpt3" else {"arch": reader.cfg.arch}
     for key in reader.names():
         if key in placed or key.endswith(BUFFERS) or (reader.cfg.tie_embeddings and key == "lm_head.weight"):
             continue
         try:
-            ours, _ = adapter.from_hf(key, torch.empty(0, 0), **kw)
+            ours, _ = adapter.from_hf(key, torch.empty(0, 0), arch=reader.cfg.arch)
         except KeyError:
             ours = None
         if ours not in shapes:  # a part our block does not compute, or more layers than config.json says
