@@ -234,6 +234,11 @@ def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llam
     assert torch.equal(step1["blocks.0.attn.q.weight"], src["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(step1["ln_f.weight"], src["model.norm.weight"])
     assert not torch.equal(step2["blocks.0.attn.q.weight"], step1["blocks.0.attn.q.weight"])
+    # Extended by --resume (config.json's init_from section): the checkpoint continues, the source is not read again.
+    again = clova_cli("train", "--out", run, "--resume", "--steps", 3)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    said = " ".join((again.stdout + again.stderr).split())
+    assert "resuming from step_00000002" in said and "weights from" not in said
 
 
 def _one_line(result, *fragments: str) -> str:

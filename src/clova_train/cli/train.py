@@ -93,7 +93,7 @@ def train_cmd(
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per rank per forward pass (default 1).", rich_help_panel="Batch"),
     batch_rampup: Optional[str] = typer.Option(None, "--batch-rampup", help="START,INCREMENT,TOKENS (Megatron's --rampup-batch-size): the global batch grows from START sequences by INCREMENT, spread evenly over the first TOKENS tokens, e.g. 32,32,4e9.", rich_help_panel="Batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the preset's GPT-3 value).", rich_help_panel="Optimizer"),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine decay (default lr/10).", rich_help_panel="Optimizer"),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine or wsd decay (default lr/10).", rich_help_panel="Optimizer"),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps (default: 375M tokens, at most 10% of the run).", rich_help_panel="Optimizer"),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="After the warm-up: cosine (default; to --min-lr), constant, or wsd (stable at --lr, then linear to --min-lr over the last --decay-fraction of the run; extend a run by resuming with more --steps).", rich_help_panel="Optimizer"),
     decay_tokens: Optional[float] = typer.Option(None, "--decay-tokens", help="Cosine to --min-lr over the first N tokens, then constant (GPT-3: 260e9; default: to the last step).", rich_help_panel="Optimizer"),
