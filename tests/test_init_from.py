@@ -276,6 +276,7 @@ def test_a_pickle_source_is_refused_in_one_line_unopened(tmp_path, korean_shards
 def test_init_from_refuses_a_second_shape_and_a_mismatched_checkpoint(tmp_path, korean_shards, same_tok_source):
     args = ["train", "--data", str(korean_shards), "--out", str(tmp_path / "run"), "--steps", "1"]
     _one_line(runner.invoke(app, [*args, "--init-from", str(same_tok_source), "--model", "tiny"]), "--model and --init-from")
+    _one_line(runner.invoke(app, [*args, "--init-from", str(same_tok_source), "--arch", "llama"]), "--arch 'llama'", "gpt3")
     bad = tmp_path / "bad"
     shutil.copytree(same_tok_source, bad)
     config = json.loads((bad / "config.json").read_text())

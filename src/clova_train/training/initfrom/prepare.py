@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from clova_train.core.config import from_dict
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig, pad_vocab
 from clova_train.tokenizer.bpe import ClovaTokenizer
@@ -44,10 +45,27 @@ def prepare_source(path: str | Path, tok: ClovaTokenizer, *, show: bool = True) 
     return model, {**asdict(info), "graft": graft}
 
 
-def check_model_section(model: ModelConfig, section: ModelConfig, where: str) -> None:
-    """A config file's model section must describe the source's shape: --init-from decides it."""
-    differ = [f.name for f in fields(ModelConfig) if f.name not in ("name", "lr") and getattr(model, f.name) != getattr(section, f.name)]
-    if differ:
-        f = differ[0]
-        raise ClovaError(f"{where}: model.{f} is {getattr(section, f)!r} but the --init-from source has {getattr(model, f)!r}; "
-                         "the source's config.json decides the model: drop the model section (or that field)")
+# What the weights' shapes depend on: a config file or a flag cannot change these on a run from a source.
+SHAPE_FIELDS = ("arch", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "vocab_size", "tie_embeddings", "qk_norm")
+
+
+def run_model(model: ModelConfig, section: dict | None, given: dict, where: str) -> ModelConfig:
+    """The run's model: the source's shape; the rest from a config file's model section (a resumed run's own
+    config.json, whose context or RoPE base may have been changed) and then the flags, of which only --rope-theta
+    may differ from the source (a context-extension stage); a shape that differs is one line naming the field."""
+    if section is not None:
+        shape = SHAPE_FIELDS + (("block_size",) if model.arch == "gpt3" else ())  # gpt3's positions are a table of weights
+        f = next((f for f in shape if f in section and section[f] != getattr(model, f)), None)
+        if f:
+            raise ClovaError(f"{where}: model.{f} is {section[f]!r} but the --init-from source has {getattr(model, f)!r}; "
+                             "the source's config.json decides the model's shape: drop the model section (or that field)")
+        model = from_dict(ModelConfig, {**asdict(model), **{k: v for k, v in section.items() if k != "name"}}, where=where, section="model")
+    for key, value in given.items():
+        if key == "rope_theta":
+            if model.arch != "llama":
+                raise ClovaError(f"--rope-theta is for the llama block; the --init-from source is {model.arch}")
+            model = replace(model, rope_theta=value)
+        elif getattr(model, key) != value:
+            raise ClovaError(f"--{key.replace('_', '-')} {value!r}: the --init-from source has {key} {getattr(model, key)!r}; "
+                             "its config.json decides the model's shape: drop the flag")
+    return model

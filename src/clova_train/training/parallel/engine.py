@@ -56,6 +56,8 @@ class Engine:
     ds: Any
     device: torch.device
     inject_nan: bool = False
+    loss_options: dict = {}
+    """Keywords of the model's training forward: eod_id under --doc-mask, z_loss (set by the loop)."""
     dims: "ParallelDims"
     """The layout this engine runs (see parallel.dims)."""
     data_rank: int

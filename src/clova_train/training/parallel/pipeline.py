@@ -146,7 +146,7 @@ class PipelineEngine(Engine):
                              f"the layout ({dims.describe()}) says {dims.data_rank(dist.rank)} of {dims.dp}")
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, targets)
+        loss = lm_loss(logits, targets, self.loss_options.get("z_loss", 0.0) if self.ds.module.training else 0.0)
         return loss * float("nan") if self.inject_nan else loss
 
     def _pairs(self, micro_batches: list[torch.Tensor]):

@@ -100,13 +100,17 @@ class TrainConfig:
     """W&B run name (None: the run dir's name)."""
     mlflow: str | None = None
     """MLflow tracking URI to log to, e.g. file:/path/mlruns (no server) or http://host:5000 (None: no MLflow)."""
+    doc_mask: bool = False
+    """Attention stops at end-of-document tokens inside a packed sequence, and positions restart per document."""
+    z_loss: float = 0.0
+    """Weight of PaLM's z-loss, mean (log Z)^2 of the output softmax (PaLM: 1e-4; 0: off); the logged training loss includes it."""
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "global_batch", "micro_batch", "save_every", "max_bad_steps", "log_every")
         for f in positive:
             if getattr(self, f) < 1:
                 raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
-        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip"):
+        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip", "z_loss"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
         for f in ("steps", "train_tokens", "peak_tflops", "preempt_window"):
@@ -254,6 +258,8 @@ class TrainRequest:
 
     out: str
     model: str | None = None
+    model_fields: dict[str, Any] = field(default_factory=dict)
+    """Model config fields given as flags (arch, n_kv_head, rope_theta, qk_norm), over the preset or the file's model section."""
     data: list[str] = field(default_factory=list)
     tokenizer: str | None = None
     config: str | None = None
