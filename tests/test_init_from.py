@@ -207,7 +207,7 @@ def test_grafted_rows_are_copies_or_means_of_the_base_pieces(foreign_source, tok
 def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llama, korean_shards, tokenizer_dir, tmp_path):
     """One process, zero1, a Llama base: its embedding and untied head grafted; step 1 trains only their rebuilt rows
     (--freeze-except-embeddings 1), step 2 everything."""
-    foreign_source = foreign_llama
+    foreign_source = shutil.copytree(foreign_llama, tmp_path / "base")  # changed at the end
     from clova_train.export.consolidate import consolidate_state_dict
     from clova_train.training.initfrom.graft import BaseVocabulary, describe_counts, graft_rows, plan_graft
 
@@ -239,6 +239,12 @@ def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llam
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     said = " ".join((again.stdout + again.stderr).split())
     assert "resuming from step_00000002" in said and "weights from" not in said
+    # A source whose weights changed since the run started is named, not silently resumed from.
+    weights = foreign_source / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    _one_line(runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "4"]), "model.safetensors changed since")
 
 
 def _one_line(result, *fragments: str) -> str:

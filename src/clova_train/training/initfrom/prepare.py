@@ -45,6 +45,31 @@ def prepare_source(path: str | Path, tok: ClovaTokenizer, *, show: bool = True) 
     return model, {**asdict(info), "graft": graft}
 
 
+RECORD_KEYS = ("path", "arch", "config_sha256", "files", "same_tokenizer", "graft")
+
+
+def recorded_source(section, where: str) -> str:
+    """The source path of a config file's init_from section (a run's config.json records it), read strictly."""
+    if not isinstance(section, dict) or not isinstance(section.get("path"), str):
+        raise ClovaError(f"{where}: init_from must be an object with a \"path\" (the Hugging Face model directory)")
+    unknown = sorted(set(section) - set(RECORD_KEYS))
+    if unknown:
+        raise ClovaError(f"{where}: init_from: unknown key(s) {', '.join(unknown)}; accepted keys are {', '.join(RECORD_KEYS)}")
+    return section["path"]
+
+
+def check_unchanged(info: dict, section: dict, where: str) -> None:
+    """On --resume: the source still has the files the run started from (else its checkpoints belong to another start)."""
+    if section.get("config_sha256") not in (None, info["config_sha256"]):
+        raise ClovaError(f"{info['path']}/config.json changed since {where} recorded it; point the run at the original "
+                         "source (--init-from), or start a new --out")
+    old = section.get("files")
+    if isinstance(old, dict) and old != info["files"]:
+        name = next((f for f in sorted(set(old) | set(info["files"])) if old.get(f) != info["files"].get(f)), "?")
+        raise ClovaError(f"{info['path']}/{name} changed since {where} recorded the source's hashes; point the run at the "
+                         "original source (--init-from), or start a new --out")
+
+
 # What the weights' shapes depend on: a config file or a flag cannot change these on a run from a source.
 SHAPE_FIELDS = ("arch", "n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "vocab_size", "tie_embeddings", "qk_norm")
 

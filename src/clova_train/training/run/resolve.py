@@ -97,14 +97,21 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     # Model: --init-from's config.json, else the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
     given = {k: v for k, v in req.model_fields.items() if v is not None}
     init_from = None
-    init_path = req.init_from or (file_cfg.get("init_from") or {}).get("path")
+    record = file_cfg.get("init_from")
+    if record is not None:
+        from clova_train.training.initfrom.prepare import recorded_source
+
+        recorded_source(record, where)
+    init_path = req.init_from or (record or {}).get("path")
     if init_path:
-        from clova_train.training.initfrom.prepare import prepare_source, run_model
+        from clova_train.training.initfrom.prepare import check_unchanged, prepare_source, run_model
 
         if req.model:
             raise ClovaError("--model and --init-from both give the model's shape; drop --model (the shape comes from the "
                              "source's config.json)")
         model, init_from = prepare_source(init_path, tok)
+        if req.resume and record and Path(record["path"]).resolve() == Path(init_from["path"]):
+            check_unchanged(init_from, record, where)
         model = run_model(model, file_cfg.get("model"), given, where)
     elif req.model:
         model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size), **given)
