@@ -293,6 +293,35 @@ def test_init_from_refuses_a_second_shape_and_a_mismatched_checkpoint(tmp_path, 
     _one_line(runner.invoke(app, [*args, "--init-from", str(same_tok_source), "--freeze-except-embeddings", "2"]), "--freeze-except-embeddings")
 
 
+def test_sharded_base_only_and_damaged_sources(tmp_path, same_tok_source, tokenizer_dir, korean_shards):
+    """A sharded checkpoint (index + files) and one of GPT2Model alone (names without "transformer.") read as the
+    single-file GPT2LMHeadModel does; a damaged safetensors file is one line."""
+    from transformers import GPT2LMHeadModel
+
+    from clova_train.training.initfrom.loader import InitFrom
+    from clova_train.training.initfrom.prepare import prepare_source
+
+    tok = ClovaTokenizer.load(tokenizer_dir)
+    model = GPT2LMHeadModel.from_pretrained(str(same_tok_source))
+    model.save_pretrained(str(tmp_path / "sharded"), safe_serialization=True, max_shard_size="20KB")
+    model.transformer.save_pretrained(str(tmp_path / "base-only"), safe_serialization=True)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    cfg, info = prepare_source(same_tok_source, tok, show=False)
+    want = InitFrom(info, cfg, tokenizer_dir)
+    for name in ("sharded", "base-only"):
+        shutil.copyfile(same_tok_source / "tokenizer.json", tmp_path / name / "tokenizer.json")
+        cfg2, info2 = prepare_source(tmp_path / name, tok, show=False)
+        assert cfg2.identity() | {"name": ""} == cfg.identity() | {"name": ""} and info2["same_tokenizer"]
+        got = InitFrom(info2, cfg2, tokenizer_dir)
+        assert all(torch.equal(got.tensor(n), want.tensor(n)) for n in want.shapes)
+    assert len(prepare_source(tmp_path / "sharded", tok, show=False)[1]["files"]) > 1
+    bad = tmp_path / "damaged"
+    shutil.copytree(same_tok_source, bad)
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    args = ["train", "--data", str(korean_shards), "--out", str(tmp_path / "run"), "--steps", "1", "--init-from", str(bad)]
+    _one_line(runner.invoke(app, args), "model.safetensors", "not a readable safetensors file")
+
+
 def test_schedules_constant_cosine_and_wsd():
     base = dict(seq_len=8, global_batch=4, steps=100, lr=1e-3, min_lr=1e-4, warmup=10)
     const = TrainConfig(**base, schedule="constant")

@@ -52,9 +52,6 @@ class SourceInfo:
     same_tokenizer: bool = True
     """The run's tokenizer is the source's own: embedding rows are copied as they are (else grafted)."""
 
-    def identity(self) -> dict:
-        return {"config_sha256": self.config_sha256, "files": self.files, "same_tokenizer": self.same_tokenizer}
-
 
 def refuse_pickles(path: Path) -> None:
     """One line if ``path`` holds its weights only as a pickle; the file is never opened."""
