@@ -82,19 +82,39 @@ def same_tok_source(tmp_path_factory, tokenizer_dir) -> Path:
     return gpt2_dir(tmp_path_factory.mktemp("src") / "gpt2-same", pad_vocab(tok.vocab_size), 0, [tokenizer_dir / "tokenizer.json"])
 
 
-@pytest.fixture(scope="module")
-def foreign_tokenizer(tmp_path_factory, konlpy_files) -> Path:
-    """A plain byte-level BPE (no morphemes) trained on the same text: another tokenizer, as a foreign base model has."""
+def train_foreign_tokenizer(out: Path, files: list[Path], kind: str) -> Path:
+    """A plain BPE (no morphemes) trained on the same text, as a foreign base model has: byte-level (GPT-2, Llama 3)
+    or SentencePiece-style with "▁" for spaces, prepended to the text as Llama 2's is."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(f) for f in konlpy_files], trainer)
-    out = tmp_path_factory.mktemp("foreign_tok") / "tokenizer.json"
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "byte-level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<unk>", "</s>"])
+    tok.train([str(f) for f in files], trainer)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
     return out
+
+
+def symbol_bytes(symbol: str, kind: str) -> bytes:
+    """The test's own reading of a base symbol (transformers' copy of GPT-2's byte table, not ours)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    if kind == "byte-level":
+        table = {c: b for b, c in bytes_to_unicode().items()}
+        return bytes(table[c] for c in symbol)
+    return symbol.replace("\u2581", " ").encode()
+
+
+@pytest.fixture(scope="module")
+def foreign_tokenizer(tmp_path_factory, konlpy_files) -> Path:
+    return train_foreign_tokenizer(tmp_path_factory.mktemp("foreign_tok") / "tokenizer.json", konlpy_files, "byte-level")
 
 
 @pytest.fixture(scope="module")
@@ -175,33 +195,44 @@ def test_lr0_run_exports_the_source_bitwise_and_step1_loss_is_transformers(lr0_r
     assert f"weights from {src.resolve()}" in " ".join(lr0_run["output"].split())
 
 
-def test_grafted_rows_are_copies_or_means_of_the_base_pieces(foreign_source, tokenizer_dir):
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_grafted_rows_are_copies_or_means_of_the_base_pieces(kind, tmp_path, tokenizer_dir, konlpy_files):
+    """Rows matched by the bytes a token stands for, whichever way each side spells them; copied rows equal the
+    base's, averaged ones the mean of the base rows of pieces that spell the token (the base tokenizer's own
+    encoding where it spells exactly those bytes)."""
     from tokenizers import Tokenizer
 
     from clova_train.training.initfrom.graft import BaseVocabulary, graft_rows, plan_graft
 
     tok = ClovaTokenizer.load(tokenizer_dir)
-    base_tok = Tokenizer.from_file(str(foreign_source / "tokenizer.json"))
-    plan = plan_graft(tok, BaseVocabulary(foreign_source), base_eos=0)
-    base = source_weights(foreign_source)["transformer.wte.weight"]
+    base_dir = tmp_path / "base"
+    train_foreign_tokenizer(base_dir / "tokenizer.json", konlpy_files, kind)
+    base_tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    eos = base_tok.token_to_id("<|endoftext|>" if kind == "byte-level" else "</s>")
+    plan = plan_graft(tok, BaseVocabulary(base_dir), base_eos=eos)
+    base = torch.randn(base_tok.get_vocab_size(), 24, generator=torch.Generator().manual_seed(0))
     rows = graft_rows(plan, base, pad_vocab(tok.vocab_size), base_tok.get_vocab_size())
+    spelled = lambda ids: b"".join(symbol_bytes(base_tok.id_to_token(i), kind) for i in ids)  # noqa: E731
     assert len(plan.copied) > 200 and len(plan.averaged) > 200  # both kinds really occur on this pair
     assert len(plan.copied) + len(plan.averaged) + len(plan.mean) == tok.vocab_size
+    assert plan.copied[tok.eod_id] == eos  # by string (byte-level: GPT-2's own) or as the base's eos_token_id
     for ours, theirs in plan.copied.items():
         assert torch.equal(rows[ours], base[theirs])
-        # The same bytes, told apart from the symbols: both sides decode the token to the same text.
         if ours != tok.eod_id:
-            assert tok.token_bytes(ours) == base_tok.decode([theirs]).encode() or "\ufffd" in base_tok.decode([theirs])
+            assert spelled([theirs]) == tok.token_bytes(ours)  # " 대한" is "Ġ..." on one side and "▁대한" on the other
+    exact = 0
     for ours, pieces in plan.averaged.items():
         assert torch.equal(rows[ours], base[pieces].mean(dim=0))
-        assert len(pieces) >= 2
-        text = tok.decode([ours])
-        if "\ufffd" not in text:  # a whole-character token: the pieces are the base tokenizer's own encoding
-            assert pieces == base_tok.encode(text, add_special_tokens=False).ids
+        assert len(pieces) >= 2 and spelled(pieces) == tok.token_bytes(ours)
+        text = tok.token_bytes(ours).decode("utf-8", "replace")
+        own = base_tok.encode(text, add_special_tokens=False).ids
+        if "\ufffd" not in text and spelled(own) == tok.token_bytes(ours):
+            assert pieces == own
+            exact += 1
+    assert exact > 100
     mean = base.mean(dim=0)
     for ours in [*plan.mean, *range(tok.vocab_size, rows.shape[0])]:
         assert torch.allclose(rows[ours], mean)
-    assert plan.copied[tok.eod_id] == base_tok.token_to_id("<|endoftext|>")
 
 
 def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llama, korean_shards, tokenizer_dir, tmp_path):
