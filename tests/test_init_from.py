@@ -192,6 +192,7 @@ def test_lr0_run_exports_the_source_bitwise_and_step1_loss_is_transformers(lr0_r
 
     assert record["config_sha256"] == hashlib.sha256((src / "config.json").read_bytes()).hexdigest()
     assert record["files"] == {"model.safetensors": hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()}
+    assert record["fingerprint"]["model.safetensors"]["bytes"] == (src / "model.safetensors").stat().st_size
     assert f"weights from {src.resolve()}" in " ".join(lr0_run["output"].split())
 
 
@@ -270,11 +271,10 @@ def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llam
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     said = " ".join((again.stdout + again.stderr).split())
     assert "resuming from step_00000002" in said and "weights from" not in said
-    # A source whose weights changed since the run started is named, not silently resumed from.
-    weights = foreign_source / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    # A source rewritten since the run started is named, not silently taken for the one recorded.
+    from safetensors.torch import save_file
+
+    save_file(load_file(str(foreign_source / "model.safetensors")), str(foreign_source / "model.safetensors"), metadata={"format": "pt", "v": "2"})
     _one_line(runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "4"]), "model.safetensors changed since")
 
 
@@ -337,15 +337,15 @@ def test_sharded_base_only_and_damaged_sources(tmp_path, same_tok_source, tokeni
     model.save_pretrained(str(tmp_path / "sharded"), safe_serialization=True, max_shard_size="20KB")
     model.transformer.save_pretrained(str(tmp_path / "base-only"), safe_serialization=True)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    cfg, info = prepare_source(same_tok_source, tok, show=False)
+    cfg, info = prepare_source(same_tok_source, tok)
     want = InitFrom(info, cfg, tokenizer_dir)
     for name in ("sharded", "base-only"):
         shutil.copyfile(same_tok_source / "tokenizer.json", tmp_path / name / "tokenizer.json")
-        cfg2, info2 = prepare_source(tmp_path / name, tok, show=False)
+        cfg2, info2 = prepare_source(tmp_path / name, tok)
         assert cfg2.identity() | {"name": ""} == cfg.identity() | {"name": ""} and info2["same_tokenizer"]
         got = InitFrom(info2, cfg2, tokenizer_dir)
         assert all(torch.equal(got.tensor(n), want.tensor(n)) for n in want.shapes)
-    assert len(prepare_source(tmp_path / "sharded", tok, show=False)[1]["files"]) > 1
+    assert len(prepare_source(tmp_path / "sharded", tok)[1]["fingerprint"]) > 1
     bad = tmp_path / "damaged"
     shutil.copytree(same_tok_source, bad)
     (bad / "model.safetensors").write_bytes(b"\xff" * 64)

@@ -11,16 +11,18 @@ from clova_train.model.config import ModelConfig, pad_vocab
 from clova_train.tokenizer.bpe import ClovaTokenizer
 from clova_train.training.initfrom.graft import same_tokenizer
 from clova_train.training.initfrom.loader import VOCAB_ROWS, graft_plan_for
-from clova_train.training.initfrom.source import SourceInfo, WeightReader, check_tensors, hash_files, source_model_config, weight_files
+from clova_train.training.initfrom.source import (
+    SourceInfo, WeightReader, check_tensors, fingerprint, hash_files, source_model_config, weight_files,
+)
 
 
-def prepare_source(path: str | Path, tok: ClovaTokenizer, *, show: bool = True) -> tuple[ModelConfig, dict]:
+def prepare_source(path: str | Path, tok: ClovaTokenizer) -> tuple[ModelConfig, dict]:
     """(the run's ModelConfig, the source's record for RunSpec.init_from) of source directory ``path`` for tokenizer ``tok``.
 
     The shape is the source's; the vocabulary is the source's when ``tok`` is its
     own tokenizer, else ``tok``'s (padded), with the rows grafted. Every tensor
-    is checked against the shape from the safetensors headers, and the weight
-    files are hashed, before any rank starts.
+    is checked against the shape from the safetensors headers; the files are
+    hashed whole later, once, by the pre-flight check (:func:`hash_source`).
     """
     src = Path(path).resolve()
     if not src.is_dir():
@@ -41,11 +43,32 @@ def prepare_source(path: str | Path, tok: ClovaTokenizer, *, show: bool = True) 
 
     shapes = {n: tuple(p.shape) for n, p in meta_model(model).named_parameters()}
     check_tensors(WeightReader(src, source_cfg), shapes, grafted=() if same else VOCAB_ROWS)
-    info = SourceInfo(path=str(src), arch=model.arch, config_sha256=digest, files=hash_files(src, files, show=show), same_tokenizer=same)
+    info = SourceInfo(path=str(src), arch=model.arch, config_sha256=digest, fingerprint=fingerprint(src, files), same_tokenizer=same)
     return model, {**asdict(info), "graft": graft}
 
 
-RECORD_KEYS = ("path", "arch", "config_sha256", "files", "same_tokenizer", "graft")
+def identity(init_from: dict) -> dict:
+    """What makes two starts the same: the config, the weight files' sizes and headers, and the tokenizer relation."""
+    return {k: init_from[k] for k in ("config_sha256", "fingerprint", "same_tokenizer")}
+
+
+def hash_source(init_from: dict, resuming: bool, show: bool = True) -> None:
+    """The pre-flight check's part (run once: by the launching process, or by rank 0 under srun): every weight file
+    hashed whole into ``init_from["files"]``, compared with the hashes a resumed run recorded. A run that resumes
+    from a checkpoint reads no weights from the source, so it keeps its record and reads nothing."""
+    if resuming and init_from.get("files") is not None:
+        return
+    src = Path(init_from["path"])
+    fresh = hash_files(src, sorted(init_from["fingerprint"]), show=show)
+    old = init_from.get("files")
+    if old is not None and old != fresh:
+        name = next(f for f in sorted(set(old) | set(fresh)) if old.get(f) != fresh.get(f))
+        raise ClovaError(f"{src / name} changed since the run recorded the source's hashes and it has no checkpoint yet; "
+                         "point --init-from at the original source, or start a new --out")
+    init_from["files"] = fresh
+
+
+RECORD_KEYS = ("path", "arch", "config_sha256", "fingerprint", "files", "same_tokenizer", "graft")
 
 
 def recorded_source(section, where: str) -> str:
@@ -63,11 +86,12 @@ def check_unchanged(info: dict, section: dict, where: str) -> None:
     if section.get("config_sha256") not in (None, info["config_sha256"]):
         raise ClovaError(f"{info['path']}/config.json changed since {where} recorded it; point the run at the original "
                          "source (--init-from), or start a new --out")
-    old = section.get("files")
-    if isinstance(old, dict) and old != info["files"]:
-        name = next((f for f in sorted(set(old) | set(info["files"])) if old.get(f) != info["files"].get(f)), "?")
-        raise ClovaError(f"{info['path']}/{name} changed since {where} recorded the source's hashes; point the run at the "
+    old = section.get("fingerprint")
+    if isinstance(old, dict) and old != info["fingerprint"]:
+        name = next((f for f in sorted(set(old) | set(info["fingerprint"])) if old.get(f) != info["fingerprint"].get(f)), "?")
+        raise ClovaError(f"{info['path']}/{name} changed since {where} recorded the source; point the run at the "
                          "original source (--init-from), or start a new --out")
+    info["files"] = section.get("files")  # the whole-file hashes: kept, or compared if the source is read again (hash_source)
 
 
 # What the weights' shapes depend on: a config file or a flag cannot change these on a run from a source.

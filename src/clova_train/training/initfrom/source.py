@@ -47,8 +47,10 @@ class SourceInfo:
     """Our block family the Hugging Face config maps to."""
     config_sha256: str
     """sha256 of its config.json."""
-    files: dict[str, str] = field(default_factory=dict)
-    """Each safetensors file -> its sha256."""
+    fingerprint: dict[str, dict] = field(default_factory=dict)
+    """Each safetensors file -> its size and the sha256 of its header (names, dtypes, shapes, offsets): cheap, on every rank."""
+    files: dict[str, str] | None = None
+    """Each safetensors file -> the sha256 of all of it, for the record (None until the pre-flight check hashed them)."""
     same_tokenizer: bool = True
     """The run's tokenizer is the source's own: embedding rows are copied as they are (else grafted)."""
 
@@ -106,6 +108,25 @@ def source_model_config(path: Path) -> tuple[ModelConfig, dict, str]:
     except (KeyError, TypeError, ValueError) as e:
         raise ClovaError(f"{path / CONFIG}: cannot read the model's shape ({type(e).__name__}: {e})") from None
     return cfg, config, digest
+
+
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def fingerprint(path: Path, files: list[str]) -> dict[str, dict]:
+    """Size and header hash of each weight file: what the run's identity holds, read in microseconds on every rank
+    (hashing whole files on each of a thousand ranks at every start would read the model a thousand times)."""
+    import struct
+
+    out = {}
+    for f in files:
+        with open(path / f, "rb") as fh:
+            raw = fh.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= MAX_HEADER:
+                raise ClovaError(f"{path / f}: not a readable safetensors file (header length {n})")
+            out[f] = {"bytes": (path / f).stat().st_size, "header_sha256": hashlib.sha256(fh.read(n)).hexdigest()}
+    return out
 
 
 def hash_files(path: Path, files: list[str], show: bool = True) -> dict[str, str]:

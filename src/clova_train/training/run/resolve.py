@@ -181,7 +181,9 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "parallel": {"mode": parallel.mode},
     }
     if init_from:  # only then: the identities (and so the resumability) of runs from seeded weights stay as they were
-        identity["init_from"] = {k: init_from[k] for k in ("config_sha256", "files", "same_tokenizer")}
+        from clova_train.training.initfrom.prepare import identity as source_identity
+
+        identity["init_from"] = source_identity(init_from)
     if train.freeze_except_embeddings and not (init_from and init_from.get("graft")):
         raise ClovaError("--freeze-except-embeddings trains the embedding rows --init-from rebuilt for a new tokenizer; "
                          "this run has none (no --init-from, or the source's own tokenizer)")
