@@ -1,9 +1,11 @@
 """`clova train --init-from HF_DIR`: tiny random Hugging Face models (built with transformers, no download) as sources.
 
-Two real 2-rank runs at learning rate 0 (ZeRO-3 and pipeline) check that the
-weights arrive unchanged and that step 1's loss is transformers' loss on the
-same batch; one single-process run checks grafting onto another tokenizer and
---freeze-except-embeddings; the rest are in-process.
+Two real 2-rank runs at learning rate 0 (a Llama under ZeRO-3, a GPT-2 in two
+pipeline stages) check that the weights arrive unchanged and that step 1's loss
+is transformers' loss on the same batch; the README's continued pre-training
+block, run in one process, checks grafting onto another tokenizer,
+--freeze-except-embeddings, --schedule wsd, extending and exporting; the rest
+are in-process.
 """
 
 from __future__ import annotations
@@ -236,24 +238,61 @@ def test_grafted_rows_are_copies_or_means_of_the_base_pieces(kind, tmp_path, tok
         assert torch.allclose(rows[ours], mean)
 
 
-def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llama, korean_shards, tokenizer_dir, tmp_path):
-    """One process, zero1, a Llama base: its embedding and untied head grafted; step 1 trains only their rebuilt rows
-    (--freeze-except-embeddings 1), step 2 everything."""
-    foreign_source = shutil.copytree(foreign_llama, tmp_path / "base")  # changed at the end
+# The README's "Continued pre-training" block, run as written but for the sizes: the base is a tiny random Llama
+# with a foreign tokenizer instead of a download, the shards and tokenizer are the suite's, the lengths are steps.
+README_SMALL = {
+    ("--train-tokens", "20e9"): ["--steps", "2", "--global-batch", "2", "--micro-batch", "2", "--save-every", "1", "--eval-every", "0",
+                                 "--no-tensorboard", "--precision", "fp32", "--parallel", "zero1"],
+    ("--seq-len", "4096"): ["--seq-len", str(SEQ)],
+    ("--lr", "3e-5"): ["--lr", "1e-2"],
+    ("--warmup", "500"): ["--warmup", "0"],
+    ("--freeze-except-embeddings", "2000"): ["--freeze-except-embeddings", "1"],
+    ("--keep-every", "1000"): ["--keep-every", "1"],
+    ("--nproc-per-node", "8"): ["--nproc-per-node", "1"],
+    ("--resume-step", "3000"): ["--resume-step", "1"],
+    ("--train-tokens", "40e9"): ["--steps", "3"],
+}
+
+
+def readme_init_commands() -> list[list[str]]:
+    """The `clova train` and `clova export` lines of the README's continued pre-training block, sizes made small."""
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Continued pre-training", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    out = []
+    for line in block.splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv[:2] not in (["clova", "train"], ["clova", "export"]):
+            continue  # the download, and the tokenizer and shards the suite already has
+        small, i = [], 1
+        while i < len(argv):
+            swap = README_SMALL.get(tuple(argv[i : i + 2]))
+            small += swap if swap else [argv[i]]
+            i += 2 if swap else 1
+        out.append(small)
+    return out
+
+
+def test_readme_continued_pretraining_grafts_freezes_extends_and_exports(foreign_llama, korean_shards, tokenizer_dir, tmp_path):
+    """One process, zero1, a Llama base with another tokenizer: its embedding and untied head are grafted (the counts
+    printed); step 1 trains only their rebuilt rows, step 2 everything; the run branches from step 1 to a longer
+    length, and exports as an ordinary LlamaForCausalLM."""
     from clova_train.export.consolidate import consolidate_state_dict
     from clova_train.training.initfrom.graft import BaseVocabulary, describe_counts, graft_rows, plan_graft
 
-    run = tmp_path / "run"
-    r = clova_cli("train", "--init-from", foreign_source, "--data", korean_shards, "--out", run, "--parallel", "zero1",
-                  "--seq-len", SEQ, "--global-batch", 2, "--micro-batch", 2,
-                  "--steps", 2, "--lr", "1e-2", "--warmup", 0, "--save-every", 1, "--keep-last", 0, "--eval-every", 0,
-                  "--no-tensorboard", "--precision", "fp32", "--nproc-per-node", 1, "--freeze-except-embeddings", 1)
+    train, extend, export = readme_init_commands()
+    base = shutil.copytree(foreign_llama, tmp_path / "base" / "llama3-8b")  # rewritten at the end
+    (tmp_path / "shards").symlink_to(korean_shards)
+    run = tmp_path / "runs" / "ko-llama3"
+    r = clova_cli(*train, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     tok = ClovaTokenizer.load(tokenizer_dir)
-    plan = plan_graft(tok, BaseVocabulary(foreign_source), base_eos=0)
+    plan = plan_graft(tok, BaseVocabulary(base), base_eos=0)
     rows = pad_vocab(tok.vocab_size)
     assert describe_counts(plan.counts(rows)) in " ".join((r.stdout + r.stderr).split())
-    src = source_weights(foreign_source)
+    assert json.loads((run / "config.json").read_text())["init_from"]["graft"] == plan.counts(rows)
+    src = source_weights(base)
     step1 = consolidate_state_dict(run, tag="step_00000001")
     step2 = consolidate_state_dict(run, tag="step_00000002")
     new = torch.tensor(plan.new_rows(rows))
@@ -266,15 +305,20 @@ def test_grafted_run_prints_counts_and_freezes_all_but_the_new_rows(foreign_llam
     assert torch.equal(step1["blocks.0.attn.q.weight"], src["model.layers.0.self_attn.q_proj.weight"])
     assert torch.equal(step1["ln_f.weight"], src["model.norm.weight"])
     assert not torch.equal(step2["blocks.0.attn.q.weight"], step1["blocks.0.attn.q.weight"])
-    # Extended by --resume (config.json's init_from section): the checkpoint continues, the source is not read again.
-    again = clova_cli("train", "--out", run, "--resume", "--steps", 3)
+    # Extended from step 1 by --resume (config.json's init_from section): the checkpoint continues, no source is read.
+    again = clova_cli(*extend, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     said = " ".join((again.stdout + again.stderr).split())
-    assert "resuming from step_00000002" in said and "weights from" not in said
+    assert "resuming from step_00000001" in said and "weights from" not in said
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    e = clova_cli(*export, cwd=tmp_path)
+    assert e.returncode == 0, e.stdout[-3000:] + e.stderr[-3000:]
+    assert json.loads((tmp_path / "hf" / "ko-llama3" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     # A source rewritten since the run started is named, not silently taken for the one recorded.
     from safetensors.torch import save_file
 
-    save_file(load_file(str(foreign_source / "model.safetensors")), str(foreign_source / "model.safetensors"), metadata={"format": "pt", "v": "2"})
+    save_file(load_file(str(base / "model.safetensors")), str(base / "model.safetensors"), metadata={"format": "pt", "v": "2"})
     _one_line(runner.invoke(app, ["train", "--out", str(run), "--resume", "--steps", "4"]), "model.safetensors changed since")
 
 
