@@ -23,25 +23,12 @@ from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
 
 
 def hf_twin(cfg: ModelConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """transformers' model of ``cfg`` (GPT2LMHeadModel, or LlamaForCausalLM for llama), from the export's own config."""
+    from transformers import AutoModelForCausalLM
 
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        activation_function="gelu",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="sdpa",
-    )
-    return GPT2LMHeadModel(hf_cfg)
+    from clova_train.export.adapter import hf_config_for
+
+    return AutoModelForCausalLM.from_config(hf_config_for(cfg, eod_id=0, pad_id=0, dtype="fp32"), attn_implementation="sdpa", dtype=torch.float32)
 
 
 def make_step(model, hf: bool):
