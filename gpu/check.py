@@ -360,10 +360,10 @@ def stage_fused_adam() -> dict:
 
 
 def stage_parity(run: str, hf_dir: str, shards: str) -> dict:
-    """Our model (the run's consolidated weights) and the export's GPT2LMHeadModel on the same real token ids."""
+    """Our model (the run's consolidated weights) and the export loaded by AutoModelForCausalLM on the same real token ids."""
     import numpy as np
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     from clova_train.export.consolidate import consolidate_state_dict
     from clova_train.model.config import ModelConfig
@@ -374,7 +374,7 @@ def stage_parity(run: str, hf_dir: str, shards: str) -> dict:
     cfg = ModelConfig(**json.loads((Path(run) / "config.json").read_text())["model"])
     ours = GPT(cfg).eval().to(dev)
     ours.load_state_dict(consolidate_state_dict(run))
-    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval().to(dev)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval().to(dev)
     # The first 256 tokens of the training shards: real Korean text, as the tokenizer cut it.
     tokens = np.concatenate([np.asarray(ds[i]) for ds in open_split(shards) for i in range(len(ds))][:64])[:256]
     probe = torch.tensor(tokens.astype(np.int64)).view(2, 128).to(dev)
