@@ -1,12 +1,13 @@
-"""Training-step speed of our GPT against transformers' GPT2LMHeadModel (SDPA), side by side on this machine.
+"""Training-step speed of our model against transformers' (SDPA) of the same block, side by side on this machine.
 
-Both models get the same shape (GPT-2 config mapped from ours, exact GELU, no
-dropout), the same threads, the same batch, and AdamW; a step is forward,
+``--arch gpt3`` (default) against GPT2LMHeadModel, ``--arch llama`` against
+LlamaForCausalLM. Both models get the same shape (the export adapter's config
+of ours), the same threads, the same batch, and AdamW; a step is forward,
 backward and optimizer step. Steps alternate between the two models so load
 from other processes hits both alike; the median step time counts. Then the
 MFU arithmetic for a 1.3B step is printed so the formula can be checked.
 
-    python benchmarks/bench_train_step.py [--n-layer 4 --n-embd 256 --n-head 8 --vocab 8192] [--seq-len 256] [--batch 8] [--steps 10] [--threads N]
+    python benchmarks/bench_train_step.py [--arch gpt3|llama] [--n-layer 4 --n-embd 256 --n-head 8 --vocab 8192] [--seq-len 256] [--batch 8] [--steps 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -23,25 +24,12 @@ from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
 
 
 def hf_twin(cfg: ModelConfig):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """transformers' model of ``cfg`` (GPT2LMHeadModel, or LlamaForCausalLM for llama), from the export's own config."""
+    from transformers import AutoModelForCausalLM
 
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        activation_function="gelu",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="sdpa",
-    )
-    return GPT2LMHeadModel(hf_cfg)
+    from clova_train.export.adapter import hf_config_for
+
+    return AutoModelForCausalLM.from_config(hf_config_for(cfg, eod_id=0, pad_id=0, dtype="fp32"), attn_implementation="sdpa", dtype=torch.float32)
 
 
 def make_step(model, hf: bool):
@@ -83,6 +71,7 @@ def mfu_example(seq_len: int = 2048, global_batch: int = 1024, gpus: int = 64, s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=("gpt3", "llama"), default="gpt3")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--n-head", type=int, default=8)
@@ -94,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    cfg = ModelConfig(name="bench", n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab, block_size=args.seq_len)
+    cfg = ModelConfig(name="bench", arch=args.arch, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab, block_size=args.seq_len)
     torch.manual_seed(0)
     ours = GPT(cfg).train()
     ours.init_weights()
@@ -110,7 +99,7 @@ def main() -> None:
     for _ in range(args.steps):
         for name, step in steps.items():
             times[name].append(step(x_ours if name == "ours" else x_hf))
-    print(f"train step (forward + backward + AdamW), {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
+    print(f"train step (forward + backward + AdamW), {cfg.arch} block, {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
           f"batch {args.batch} x {args.seq_len} tokens, {args.threads} threads, {args.steps} steps each (median):")
     tps = {}
     for name, ts in times.items():

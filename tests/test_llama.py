@@ -198,3 +198,24 @@ def test_llama_export_generates_evaluates_ptunes_and_serves(llama_runs, tmp_path
         assert out.choices[0].text == tok.decode(ours[:8])  # greedy: the same tokens as generate_ids
     finally:
         stop_server(proc)
+
+
+@pytest.mark.slow
+def test_context_extension_stage_continues_a_llama_run_and_gpt3_refuses_it(llama_runs, trained_run, tmp_path):
+    """--resume with a longer --seq-len and another --rope-theta continues a llama run at the tokens it had reached;
+    a gpt3 run, whose positions are learned, refuses it in one line before anything is written."""
+    import shutil
+
+    run = tmp_path / "ext"
+    shutil.copytree(llama_runs["zero1"], run)
+    r = clova_cli("train", "--out", run, "--resume", "--seq-len", "128", "--rope-theta", "1e6", "--steps", "6", "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = metrics(run)
+    assert [(x["step"], x["tokens"]) for x in recs] == [(1, 512), (2, 1024), (3, 1536), (4, 2048), (5, 3072), (6, 4096)]
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["train"]["seq_len"], cfg["model"]["block_size"], cfg["model"]["rope_theta"]) == (128, 256, 1e6)
+
+    before = sorted(p.name for p in trained_run.rglob("*"))
+    r = clova_cli("train", "--out", trained_run, "--resume", "--seq-len", "128", "--steps", "20")
+    assert r.returncode != 0 and "gpt3's positions are learned" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and sorted(p.name for p in trained_run.rglob("*")) == before

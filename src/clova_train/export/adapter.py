@@ -107,9 +107,13 @@ def _pad_token(tok: ClovaTokenizer) -> str:
 
 def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
     """The config that makes the transformers class of :func:`hf_architecture` compute exactly what our model does."""
-    pad_id = tok.token_to_id(_pad_token(tok))
+    return hf_config_for(cfg, eod_id=tok.eod_id, pad_id=tok.token_to_id(_pad_token(tok)), dtype=dtype)
+
+
+def hf_config_for(cfg: ModelConfig, *, eod_id: int, pad_id: int, dtype: str):
+    """:func:`hf_config` given the special token ids (benchmarks build transformers' twin of a model from it)."""
     if cfg.arch == "llama":
-        return _llama_config(cfg, tok.eod_id, pad_id, dtype)
+        return _llama_config(cfg, eod_id, pad_id, dtype)
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -127,8 +131,8 @@ def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
         initializer_range=cfg.init_std,
         scale_attn_weights=True,
         tie_word_embeddings=True,
-        bos_token_id=tok.eod_id,
-        eos_token_id=tok.eod_id,
+        bos_token_id=eod_id,
+        eos_token_id=eod_id,
         pad_token_id=pad_id,
         architectures=["GPT2LMHeadModel"],
         dtype=LONG_NAMES[dtype],

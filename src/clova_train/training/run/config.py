@@ -279,6 +279,19 @@ class TrainRequest:
     """Re-hash every shard file before step 1, trusting no stamp of an earlier check."""
 
 
+# A llama run may continue with a longer context (and another RoPE base): a context-extension stage of the same run.
+# gpt3's learned positions stop at block_size, so there they stay part of the run's identity.
+STAGE_FIELDS = {"seq_len": None, "model": ("block_size", "rope_theta")}
+
+
+def stage_free(identity: dict) -> dict:
+    """The identity without the fields a context-extension stage changes (llama runs only)."""
+    if identity.get("model", {}).get("arch") != "llama":
+        return identity
+    model = {k: v for k, v in identity["model"].items() if k not in STAGE_FIELDS["model"]}
+    return {**{k: v for k, v in identity.items() if k != "seq_len"}, "model": model}
+
+
 @dataclass
 class RunSpec:
     """A fully resolved run, as handed to every rank (RUN_DIR/launch.json)."""
@@ -306,7 +319,8 @@ class RunSpec:
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        """What checkpoints carry to say which run wrote them: the identity, less what a later stage may change."""
+        return hashlib.sha256(json.dumps(stage_free(self.identity), sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict:
         return {
