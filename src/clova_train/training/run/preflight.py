@@ -94,7 +94,7 @@ def check_inputs(spec: RunSpec) -> None:
     from clova_train.shards.format import prefix_files, read_manifest, verify_shard_dir
     from clova_train.shards.stamps import spot_check
 
-    if spec.init_from:
+    if getattr(spec, "init_from", None):
         from clova_train.training.checkpoints.markers import newest_checkpoint
         from clova_train.training.initfrom.prepare import hash_source
 
