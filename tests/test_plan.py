@@ -190,3 +190,51 @@ def test_the_plan_counts_the_parameters_of_the_model_the_run_builds():
     for seq_len in (64, 128, 256):
         est = estimate(PlanConfig(model="tiny", gpus=1, vocab_size=2048, seq_len=seq_len))
         assert est["parameters"] == num_params(ModelConfig.from_name("tiny", vocab_size=2048))
+
+
+def test_custom_shapes_from_flags_and_a_model_config_file(tmp_path):
+    """A shape given as flags or as a model config file plans the model it describes, counted off the model."""
+    from clova_train.training.plan import model_config
+
+    flags = PlanConfig(model="custom", shape=dict(n_layer=6, n_embd=512, n_head=8), gpus=1)
+    assert estimate(flags)["parameters"] == num_params(ModelConfig(n_layer=6, n_embd=512, n_head=8))
+    over = PlanConfig(model="1.3b", shape={"n_layer": 12}, gpus=1)  # a preset with one field changed
+    assert model_config(over) == ModelConfig.from_name("1.3b", n_layer=12)
+    run_cfg = tmp_path / "config.json"
+    run_cfg.write_text(json.dumps({"model": {"name": "mine", "n_layer": 6, "n_embd": 512, "n_head": 8, "vocab_size": 4096}, "train": {}}))
+    r = runner.invoke(app, ["plan", "--model-config", str(run_cfg), "--gpus", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["parameters"] == num_params(ModelConfig(name="mine", n_layer=6, n_embd=512, n_head=8, vocab_size=4096))
+    r = runner.invoke(app, ["plan", "--n-layer", "6", "--n-embd", "512", "--n-head", "8", "--gpus", "2", "--parallel", "zero2", "--micro-batch", "4", "--json"])
+    fixed = json.loads(r.stdout)
+    assert fixed["layout"]["parallel"] == "zero2" and fixed["layout"]["micro_batch"] == 4 and "alternatives" not in fixed
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_layers": 6}))
+    r = runner.invoke(app, ["plan", "--model-config", str(bad)])
+    assert r.exit_code != 0 and "unknown key(s) n_layers" in r.output and str(bad) in r.output
+    r = runner.invoke(app, ["plan", "--n-layer", "6", "--n-embd", "500", "--n-head", "8"])
+    assert r.exit_code != 0 and "not divisible" in r.output
+
+
+def test_search_holds_given_fields_and_says_why_others_lose():
+    from clova_train.training.plan import rank, why_slower
+
+    cfg = PlanConfig(model="13b", gpus=8, nodes=4)
+    ranked = rank(cfg, {"tensor_parallel": 4, "activation_checkpointing": True})
+    assert ranked and all(x.plan.tensor_parallel == 4 and x.plan.activation_checkpointing for x in ranked)
+    assert [x.time["step_seconds"] for x in ranked if x.fits] == sorted(x.time["step_seconds"] for x in ranked if x.fits)
+    everything = rank(cfg)
+    best = everything[0]
+    assert best.fits and best.time["step_seconds"] <= ranked[0].time["step_seconds"]
+    assert all(cfg.global_batch % (x.plan.micro_batch * x.plan.data_parallel) == 0 for x in everything)
+    reasons = {why_slower(x, best) for x in everything[1:]}
+    assert any(r.startswith("does not fit") for r in reasons) and any("bubble" in r for r in reasons)
+
+
+def test_one_device_never_picks_zero3():
+    """On one device every ZeRO stage moves nothing; the plan keeps the whole model (ZeRO-1), never pays ZeRO-3's gathers."""
+    from clova_train.training.plan import rank
+
+    best = rank(PlanConfig(model="1.3b", gpus=1, gpu_mem=80))[0]
+    assert best.fits and best.plan.parallel == "zero1" and best.time["time_split"]["communication"] == 0
