@@ -36,7 +36,7 @@ def plan_cmd(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context, 2048 for the paper's sizes).", rich_help_panel="Model"),
     gpus: int = typer.Option(8, "--gpus", help="GPUs per node.", rich_help_panel="Cluster"),
     nodes: int = typer.Option(1, "--nodes", help="Nodes.", rich_help_panel="Cluster"),
-    gpu_type: str = typer.Option("a100", "--gpu-type", help="Hardware profile: a100, a100-40, h100, h200, a10g, l40s, v100.", rich_help_panel="Cluster"),
+    gpu_type: Optional[str] = typer.Option(None, "--gpu-type", help="Hardware profile: a100 (default; with --calibrate: this GPU's), a100-40, h100, h200, a10g, l40s, v100.", rich_help_panel="Cluster"),
     gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="Memory of one GPU, GB (default: the profile's).", rich_help_panel="Cluster"),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Dense bf16 peak TFLOP/s of one GPU (default: the profile's).", rich_help_panel="Cluster"),
     intra_node_gbps: Optional[float] = typer.Option(None, "--intra-node-gbps", help="Per-GPU bandwidth inside a node, GB/s one way (default: the profile's NVLink).", rich_help_panel="Cluster"),
@@ -78,7 +78,7 @@ def plan_cmd(
         parallel="zero3" if parallel == "auto" else parallel, pipeline_stages=pipeline_stages or 1, tensor_parallel=tensor_parallel or 1,
         offload=offload or "none", seq_len=seq_len, micro_batch=micro_batch or 1, vocab_size=vocab_size, precision=precision,
         reduce_dtype=reduce_dtype, activation_checkpointing=bool(activation_checkpointing), tokens=tokens, global_batch=global_batch,
-        gpu_type=gpu_type, peak_tflops=peak_tflops, intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps,
+        gpu_type=gpu_type or "a100", peak_tflops=peak_tflops, intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps,
         kernel_efficiency=kernel_efficiency,
     )
     if calibrate:
@@ -87,8 +87,8 @@ def plan_cmd(
         result = calibrate_and_record(cfg)
         if not as_json:
             out.print(result["line"])
-        if kernel_efficiency is None and result["gpu_type"] == cfg.gpu_type.lower():
-            cfg.kernel_efficiency = result["kernel_efficiency"]
+        if gpu_type is None:
+            cfg.gpu_type = result["gpu_type"]  # plan for the GPU just measured; its stored figure is read from now on
     if parallel != "auto":
         est = estimate(cfg)
         est["layout_hint"] = suggest_layout(cfg)

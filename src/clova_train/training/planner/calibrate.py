@@ -60,7 +60,5 @@ def calibrate_and_record(cfg: PlanConfig) -> dict:
     path = record_efficiency(got["gpu_type"], eff, {"device": got["device"], "tflops": got["tflops"], "peak_tflops": peak, **got["shape"]})
     line = (f"calibrated {got['device']} ({got['gpu_type']}): one block fwd+bwd at bf16 reached {got['tflops']:.0f} TFLOP/s of "
             f"{peak:g}, kernel efficiency {eff:.0%} (stored in {path})")
-    if got["gpu_type"] != cfg.gpu_type.lower():
-        line += f"; this plan is for {cfg.gpu_type} and keeps that profile's figure"
     return {**got, "kernel_efficiency": eff, "line": line, "path": str(path)}
 
