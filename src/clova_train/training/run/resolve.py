@@ -180,6 +180,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
         # The mode, not the layout: a checkpoint resumes on another world size, stage count or
         # partition (training/checkpoints/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
+        # Under --parallel auto this is the resolved mode, never "auto": a rerun must find the same one (run/auto.py).
         "parallel": {"mode": parallel.mode},
     }
     spec = RunSpec(
