@@ -238,3 +238,24 @@ def test_one_device_never_picks_zero3():
 
     best = rank(PlanConfig(model="1.3b", gpus=1, gpu_mem=80))[0]
     assert best.fits and best.plan.parallel == "zero1" and best.time["time_split"]["communication"] == 0
+
+
+def test_calibrate_needs_cuda_and_a_stored_figure_replaces_the_profiles(tmp_path, monkeypatch):
+    from clova_train.training.planner.hardware import PROFILES, record_efficiency
+
+    monkeypatch.setenv("CLOVA_CALIBRATION", str(tmp_path / "calibration.json"))
+    r = runner.invoke(app, ["plan", "--model", "tiny", "--gpus", "1", "--calibrate", "--json"])
+    if torch.cuda.is_available():  # on a GPU: measured, stored, and this plan's figure
+        assert r.exit_code == 0, r.output
+        stored = json.loads((tmp_path / "calibration.json").read_text())
+        assert json.loads(r.stdout)["hardware"]["kernel_efficiency"] == next(iter(stored.values()))["kernel_efficiency"]
+    else:
+        assert r.exit_code != 0 and "--calibrate measures a GPU and needs CUDA" in r.output and len(r.output.strip().splitlines()) == 1
+    record_efficiency("h100", 0.41, {"device": "test"})
+    h100 = estimate(PlanConfig(model="1.3b", gpu_type="h100"))
+    assert h100["hardware"]["kernel_efficiency"] == 0.41 != PROFILES["h100"].kernel_efficiency
+    faster = estimate(PlanConfig(model="1.3b", gpu_type="h100", kernel_efficiency=0.82))  # a flag beats the stored figure
+    assert faster["time_split"]["compute"] == pytest.approx(h100["time_split"]["compute"] / 2)
+    (tmp_path / "calibration.json").write_text("{not json")
+    with pytest.raises(ClovaError, match="calibration.json: not a calibration file"):
+        PlanConfig(model="1.3b", gpu_type="h100")
