@@ -9,7 +9,8 @@ from clova_train.training.planner.config import GB, PlanConfig, model_config
 from clova_train.training.planner.memory import memory
 from clova_train.training.planner.steptime import step_time, train_seconds
 
-# Equal predicted times go to the simpler layout: no gathers before gathers, no stages before stages.
+# Equal predicted times go to the simpler layout (no gathers before gathers, no stages before stages), then to the
+# larger micro-batch (the model does not follow how matmul efficiency grows with size; larger is not slower).
 MODE_ORDER = ("zero1", "zero2", "zero3", "pipeline")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 # A layout is called communication-bound when what it cannot hide of its communication exceeds its compute.
@@ -163,7 +164,7 @@ def why_slower(layout: Layout, best: Layout) -> str:
     grew = {k: mine[k] - theirs[k] for k in mine}
     worst = max(grew, key=grew.get)
     if grew[worst] <= 1e-9 * layout.time["step_seconds"]:
-        return "as fast; the simpler layout ranks first"
+        return "predicted as fast; ties go to the simpler layout, then the larger micro-batch"
     if worst == "bubble":
         return f"pipeline bubble: {mine['bubble'] / step:.0%} of the step idle"
     if worst == "communication":
