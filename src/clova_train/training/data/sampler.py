@@ -241,9 +241,6 @@ class TrainStream:
         at = self.position if position is None else position
         return self.batch_at(at) if self.batch_at is not None else self.global_batch
 
-    def state_dict(self) -> dict:
-        return {"position": int(self.position), "counts": [int(c) for c in self.counts]}
-
     def load_state_dict(self, state: dict) -> None:
         if len(state["counts"]) != len(self.datasets):
             raise ClovaError(
@@ -251,6 +248,16 @@ class TrainStream:
             )
         self.position = int(state["position"])
         self.counts = np.asarray(state["counts"], dtype=np.int64)
+        old_len = int(state.get("seq_len", self.datasets[0].seq_len))
+        if old_len != self.datasets[0].seq_len:
+            # A context-extension stage: each dir continues at the token count it had reached. Windows of the new
+            # length are their own shuffle of the same documents, so within this epoch some text recurs and some is
+            # not seen (as with any change of sample order); the count of tokens trained stays exact.
+            self.counts = -(-self.counts * old_len // self.datasets[0].seq_len)
+            self.position = int(self.counts.sum())
+
+    def state_dict(self) -> dict:
+        return {"position": int(self.position), "counts": [int(c) for c in self.counts], "seq_len": int(self.datasets[0].seq_len)}
 
     def describe(self, state: dict | None = None) -> str:
         """Where a global batch starts, in words (for error messages)."""

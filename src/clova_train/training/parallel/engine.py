@@ -14,14 +14,16 @@ from clova_train.training.parallel.dims import ParallelDims
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Biases and LayerNorm parameters are not decayed (GPT-3, Megatron-LM); told by module, whatever the names."""
+    """Biases and norm parameters (LayerNorm, RMSNorm) are not decayed (GPT-3, Megatron-LM, Llama); told by module, whatever the names."""
+    from clova_train.model.llama import RMSNorm
+
     decay, plain, seen = [], [], set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            (plain if isinstance(module, torch.nn.LayerNorm) or name == "bias" else decay).append(p)
+            (plain if isinstance(module, (torch.nn.LayerNorm, RMSNorm)) or name == "bias" else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
@@ -40,11 +42,11 @@ def compile_blocks(blocks) -> None:
     stage boundaries stay outside the compiled graphs, and one graph serves
     every block of the same shape.
     """
-    from clova_train.model.gpt import Block
+    from clova_train.model.gpt import BLOCKS
 
     modules = blocks.blocks if isinstance(blocks, GPT) else blocks
     for block in modules:
-        if isinstance(block, Block):
+        if isinstance(block, BLOCKS):
             block.compile()
 
 
@@ -54,6 +56,8 @@ class Engine:
     ds: Any
     device: torch.device
     inject_nan: bool = False
+    loss_options: dict = {}
+    """Keywords of the model's training forward: eod_id under --doc-mask, z_loss (set by the loop)."""
     dims: "ParallelDims"
     """The layout this engine runs (see parallel.dims)."""
     data_rank: int

@@ -7,7 +7,7 @@ import torch
 
 from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
-from clova_train.model.gpt import Block, Part, init_part, part_names, parts
+from clova_train.model.gpt import BLOCKS, Part, init_part, part_names, parts
 from clova_train.model.loss import lm_loss
 from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.distributed import Dist
@@ -112,7 +112,7 @@ class PipelineEngine(Engine):
             activation_checkpoint_interval=1 if parallel.activation_checkpointing else 0,
             # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (integer ids in, no input needing
             # grad) returns a tensor without grad_fn, and backward fails on every stage.
-            checkpointable_layers=["Block"],
+            checkpointable_layers=[b.__name__ for b in BLOCKS],
         )
         if parallel.compile:
             compile_blocks(module.forward_funcs)
@@ -125,7 +125,7 @@ class PipelineEngine(Engine):
                 init_part(child, model_cfg, seed + int(name))
         if dims.tp > 1:
             # After initialisation: each rank keeps its slice of the weights drawn whole.
-            parallelize_blocks([m for m in module.forward_funcs if isinstance(m, Block)], module._grid.get_slice_parallel_group())
+            parallelize_blocks([m for m in module.forward_funcs if isinstance(m, BLOCKS)], module._grid.get_slice_parallel_group())
         weight_decay = ds_config["optimizer"]["params"]["weight_decay"]
         self.ds, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(module, weight_decay), config=ds_config)
         self.device = dist.device
@@ -136,7 +136,7 @@ class PipelineEngine(Engine):
                              f"the layout ({dims.describe()}) says {dims.data_rank(dist.rank)} of {dims.dp}")
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, targets)
+        loss = lm_loss(logits, targets, self.loss_options.get("z_loss", 0.0) if self.ds.module.training else 0.0)
         return loss * float("nan") if self.inject_nan else loss
 
     def _pairs(self, micro_batches: list[torch.Tensor]):

@@ -1,8 +1,9 @@
 """Tensor parallelism, Megatron's way, on DeepSpeed's own layers: each block's matrices split across the ranks of a node.
 
-The fused QKV and the first MLP matrix are split by columns (whole heads per
-rank; DeepSpeed's ``LinearLayer``: identity forward, all-reduce of the input
-gradient), the attention output and the second MLP matrix by rows
+The fused QKV (gpt3; llama's separate q, k and v) and the first MLP matrix
+(llama: gate and up) are split by columns (whole heads per rank, key/value
+heads too; DeepSpeed's ``LinearLayer``: identity forward, all-reduce of the
+input gradient), the attention output and the last MLP matrix by rows
 (``LinearAllreduce``: all-reduce of the output); one all-reduce each way per
 sub-layer. Embeddings, norms and the head stay whole on every rank. The
 weights are initialised whole from the seed and then sliced, so a run with
@@ -21,7 +22,11 @@ from clova_train.model.config import ModelConfig
 from clova_train.training.parallel.dims import ParallelDims
 
 # Suffix of a block's Linear -> how it is split: "qkv" (columns, q, k and v each by heads), "column", "row".
-TP_PLAN = {"attn.qkv": "qkv", "attn.proj": "row", "mlp.fc": "column", "mlp.proj": "row"}
+# Both archs' blocks: a suffix a block lacks is skipped.
+TP_PLAN = {
+    "attn.qkv": "qkv", "attn.q": "column", "attn.k": "column", "attn.v": "column", "attn.proj": "row",
+    "mlp.fc": "column", "mlp.gate": "column", "mlp.up": "column", "mlp.proj": "row",
+}
 
 
 def split_of(name: str) -> tuple[str | None, int | None]:
@@ -63,8 +68,11 @@ def check_tensor_parallel(model: ModelConfig, dims: ParallelDims, ranks_per_node
         return
     if model.n_head % tp:
         raise ClovaError(f"--tensor-parallel {tp}: the model's {model.n_head} attention heads do not divide into {tp} ranks; use a degree that divides {model.n_head}")
-    if (4 * model.n_embd) % tp:
-        raise ClovaError(f"--tensor-parallel {tp}: the MLP width {4 * model.n_embd} does not divide into {tp} ranks")
+    if model.n_kv_head % tp:
+        raise ClovaError(f"--tensor-parallel {tp}: the model's {model.n_kv_head} key/value heads do not divide into {tp} ranks; "
+                         f"use a degree that divides {model.n_kv_head} (or more --n-kv-head)")
+    if model.ffn_hidden % tp:
+        raise ClovaError(f"--tensor-parallel {tp}: the MLP width {model.ffn_hidden} does not divide into {tp} ranks")
     if ranks_per_node is not None and ranks_per_node % tp:
         raise ClovaError(
             f"--tensor-parallel {tp} with {ranks_per_node} rank(s) per node would put a tensor-parallel group across nodes "
@@ -91,7 +99,7 @@ def parallelize_blocks(blocks, group) -> None:
         for suffix, kind in TP_PLAN.items():
             owner_name, _, attr = suffix.rpartition(".")
             owner = block.get_submodule(owner_name)
-            linear = getattr(owner, attr)
+            linear = getattr(owner, attr, None)
             if not isinstance(linear, torch.nn.Linear):
                 continue  # a stage's non-block layer, or already split
             setattr(owner, attr, layers[kind](linear, group))

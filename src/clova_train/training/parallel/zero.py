@@ -67,7 +67,7 @@ class ZeroEngine(Engine):
             # The last micro-batch is the boundary, said outright: DeepSpeed's own count (micro-steps modulo the
             # accumulation) falls out of step when --batch-rampup changes the accumulation mid-run.
             self.ds.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss = self.ds(mb[:, :-1], mb[:, 1:])
+            loss = self.ds(mb[:, :-1], mb[:, 1:], **self.loss_options)
             if self.inject_nan:
                 loss = loss * float("nan")
             self.ds.backward(loss)
@@ -81,6 +81,7 @@ class ZeroEngine(Engine):
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for mb in micro_batches:
             mb = mb.to(self.device, non_blocking=True)
-            total += self.ds(mb[:, :-1], mb[:, 1:]).float()
+            # The validation loss is the plain cross-entropy (no z-loss), under the same attention as training.
+            total += self.ds(mb[:, :-1], mb[:, 1:], eod_id=self.loss_options.get("eod_id")).float()
         self.ds.train()
         return total

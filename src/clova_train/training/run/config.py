@@ -93,13 +93,17 @@ class TrainConfig:
     """W&B run name (None: the run dir's name)."""
     mlflow: str | None = None
     """MLflow tracking URI to log to, e.g. file:/path/mlruns (no server) or http://host:5000 (None: no MLflow)."""
+    doc_mask: bool = False
+    """Attention stops at end-of-document tokens inside a packed sequence, and positions restart per document."""
+    z_loss: float = 0.0
+    """Weight of PaLM's z-loss, mean (log Z)^2 of the output softmax (PaLM: 1e-4; 0: off); the logged training loss includes it."""
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "global_batch", "micro_batch", "save_every", "max_bad_steps", "log_every")
         for f in positive:
             if getattr(self, f) < 1:
                 raise ClovaError(f"train {f} must be >= 1, not {getattr(self, f)}")
-        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip"):
+        for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip", "z_loss"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
         for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops", "preempt_window"):
@@ -224,6 +228,8 @@ class TrainRequest:
 
     out: str
     model: str | None = None
+    model_fields: dict[str, Any] = field(default_factory=dict)
+    """Model config fields given as flags (arch, n_kv_head, rope_theta, qk_norm), over the preset or the file's model section."""
     data: list[str] = field(default_factory=list)
     tokenizer: str | None = None
     config: str | None = None
@@ -239,6 +245,19 @@ class TrainRequest:
     """Resume from this step's checkpoint (discarding newer ones), e.g. when the newest is damaged."""
     reverify: bool = False
     """Re-hash every shard file before step 1, trusting no stamp of an earlier check."""
+
+
+# A llama run may continue with a longer context (and another RoPE base): a context-extension stage of the same run.
+# gpt3's learned positions stop at block_size, so there they stay part of the run's identity.
+STAGE_FIELDS = {"seq_len": None, "model": ("block_size", "rope_theta")}
+
+
+def stage_free(identity: dict) -> dict:
+    """The identity without the fields a context-extension stage changes (llama runs only)."""
+    if identity.get("model", {}).get("arch") != "llama":
+        return identity
+    model = {k: v for k, v in identity["model"].items() if k not in STAGE_FIELDS["model"]}
+    return {**{k: v for k, v in identity.items() if k != "seq_len"}, "model": model}
 
 
 @dataclass
@@ -266,7 +285,8 @@ class RunSpec:
 
     @property
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()
+        """What checkpoints carry to say which run wrote them: the identity, less what a later stage may change."""
+        return hashlib.sha256(json.dumps(stage_free(self.identity), sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict:
         return {

@@ -9,7 +9,7 @@ from typing import Any
 
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json
-from clova_train.training.run.config import RunSpec
+from clova_train.training.run.config import RunSpec, stage_free
 from clova_train.training.parallel.distributed import CollectiveError
 from clova_train.training.trainer.metrics import peak_tflops
 from clova_train.training.rundir import CONFIG_FILE, VERIFIED_FILE
@@ -33,7 +33,14 @@ def check_run_dir(spec: RunSpec) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))["run"]["identity"]
     except (KeyError, json.JSONDecodeError):
         raise ClovaError(f"{path}: not a clova run config; choose another --out") from None
-    changed = _diff(old, spec.identity)
+    changed = _diff(stage_free(old), stage_free(spec.identity))
+    if not changed and old.get("seq_len") != spec.identity["seq_len"] and spec.model.arch == "llama" and not spec.resume:
+        changed = [f"seq_len {old.get('seq_len')!r} -> {spec.identity['seq_len']!r}"]  # a new stage is asked for with --resume
+    if any(c.startswith("seq_len ") for c in changed) and spec.model.arch == "gpt3" and len(changed) == 1:
+        raise ClovaError(
+            f"{spec.run_dir}: --seq-len {spec.identity['seq_len']} differs from the run's {old.get('seq_len')}; gpt3's positions are "
+            "learned, so its context cannot be extended: keep the run's --seq-len (context extension is for --arch llama runs)"
+        )
     if changed:
         shown = "; ".join(c[:120] for c in changed[:4])
         raise ClovaError(

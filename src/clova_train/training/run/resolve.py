@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from clova_train.core.config import from_dict, read_json_object
 from clova_train.core.errors import ClovaError
-from clova_train.model.config import ModelConfig, pad_vocab
+from clova_train.model.config import LLAMA_FIELDS, ModelConfig, pad_vocab
 from clova_train.training.run.config import RunSpec, TrainConfig, TrainRequest
 from clova_train.training.parallel.ds_config import ParallelConfig, template_defaults, zero_stage
 from clova_train.training.parallel.dims import ParallelDims
@@ -121,12 +121,16 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
                       flags={k: v for k, v in req.parallel.items() if not (k == "mode" and v == AUTO)})
 
     # Model: the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
+    given = {k: v for k, v in req.model_fields.items() if v is not None}
     if req.model:
-        model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size))
+        model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size), **given)
     elif "model" in file_cfg:
         fields = dict(file_cfg["model"])
         fields.setdefault("vocab_size", pad_vocab(tok.vocab_size))
-        model = from_dict(ModelConfig, fields, where=where, section="model")
+        if "arch" in given and given["arch"] != fields.get("arch", "gpt3"):
+            # Another block: the derived fields of the file's arch do not carry over.
+            fields = {k: v for k, v in fields.items() if k not in LLAMA_FIELDS}
+        model = from_dict(ModelConfig, {**fields, **given}, where=where, section="model")
     else:
         raise ClovaError("which model? give --model PRESET (e.g. tiny, 137m, 1.3b) or a --config with a model section")
     if tok.vocab_size > model.vocab_size:
@@ -136,6 +140,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         )
     if req.train.get("seq_len") is None and "seq_len" not in {**tmpl_train, **file_train}:
         train = replace(train, seq_len=model.block_size)  # a preset's own context is the default
+    if train.seq_len > model.block_size and model.arch == "llama":
+        model = replace(model, block_size=train.seq_len)  # RoPE has no table: the context is what is trained
     if train.seq_len > model.block_size:
         raise ClovaError(
             f"--seq-len {train.seq_len} exceeds the model's {model.block_size} positions; "
@@ -157,6 +163,9 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     if parallel.mode == "pipeline":
         parallel = replace(parallel, pipeline_stages=stages)
         check_partition(model, parallel, stages)
+        if train.doc_mask:
+            raise ClovaError("--doc-mask runs under zero1, zero2 and zero3; pipeline stages pass only hidden states between them, "
+                             "not the document boundaries (use --parallel zero1/zero3, with --tensor-parallel for size)")
     check_tensor_parallel(model, ParallelDims.from_config(parallel, world_size), ranks_per_node=None)  # nodes: checked by each rank
     replicas = parallel.replicas(world_size)
     micro_world = train.micro_batch * replicas
@@ -172,7 +181,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         )
 
     identity = {
-        "model": asdict(model),
+        "model": model.identity(),
         "seq_len": train.seq_len,
         "global_batch": train.global_batch,
         "seed": train.seed,

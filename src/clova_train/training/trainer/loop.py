@@ -146,6 +146,7 @@ class Trainer:
                                           tensorboard_dir=tb_dir, model=spec.model)
         self.kernel = optimizer_kernel(self.ds_config, dist.is_cuda)
         self.engine = engine = build_engine(spec.model, self.ds_config, spec.parallel, seed=train.seed, dist=dist)
+        engine.loss_options = {"eod_id": spec.tokenizer["eod_id"] if train.doc_mask else None, "z_loss": train.z_loss}
         # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
         share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
         check_open_files()
