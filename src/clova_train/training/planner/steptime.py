@@ -33,7 +33,7 @@ ZERO3_OVERLAP = 0.8
 # overlap them with (DeepSpeed's BF16_Optimizer and PipelineEngine both reduce at the step boundary): all exposed.
 GRAD_REDUCE_OVERLAP = 0.0
 # CPU offload: the optimizer step runs on the host (DeepSpeed's CPU Adam, about 1e9 parameters/s per node with
-# AVX-512) and gradients and weights cross PCIe (about 20 GB/s per GPU): both exposed at the step's end.
+# AVX-512) and weights and gradients cross PCIe (about 20 GB/s per GPU): all exposed (the gathers wait for them).
 CPU_ADAM_PARAMS_PER_SECOND = 1e9
 PCIE_GBPS = 20.0
 
@@ -81,8 +81,8 @@ def step_time(cfg: PlanConfig) -> dict:
     dp_link = nvlink if dp * tp <= cfg.gpus else network
     red = DTYPE_BYTES[cfg.reduce_dtype if cfg.precision != "fp32" else "fp32"]
     comm_dp = 0.0
+    gathers = 2 + (1 if cfg.activation_checkpointing else 0)  # ZeRO-3: the recomputed forward gathers again
     if dp > 1 and cfg.parallel == "zero3":
-        gathers = 2 + (1 if cfg.activation_checkpointing else 0)  # the recomputed forward gathers again
         per_micro = (gathers * act + red) * n_rank * _ring(dp) / dp_link
         comm_dp = micro * per_micro
         hidden = ZERO3_OVERLAP * min(comm_dp, compute)
@@ -94,8 +94,10 @@ def step_time(cfg: PlanConfig) -> dict:
         exposed += comm_dp * (1 - GRAD_REDUCE_OVERLAP)
     offload = 0.0
     if cfg.offload != "none":
+        # Each gather first brings this rank's shard up from the host; once per step the fp32 gradients go down and the
+        # optimizer runs on the node's CPUs.
         shard = n_rank / dp
-        offload = (4 + act) * shard / (PCIE_GBPS * 1e9) + shard * cfg.gpus / CPU_ADAM_PARAMS_PER_SECOND
+        offload = (micro * gathers * act + 4) * shard / (PCIE_GBPS * 1e9) + shard * cfg.gpus / CPU_ADAM_PARAMS_PER_SECOND
         exposed += offload
 
     step = compute + exposed + bubble
