@@ -120,10 +120,11 @@ def _saved_activation_bytes(cfg: ModelConfig, batch: int, prepare=None) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("shape", [(4, 128, 4, 128, 2, 512), (2, 256, 8, 256, 2, 2048)])
+@pytest.mark.parametrize("shape", [(4, 128, 4, 128, 2, 512, "gpt3"), (2, 256, 8, 256, 2, 2048, "gpt3"), (4, 128, 4, 128, 2, 512, "llama"),
+                                   (2, 256, 8, 256, 2, 2048, "llama")])
 def test_activation_estimate_within_20_percent_of_measured(shape):
-    layers, d, heads, seq, batch, vocab = shape
-    cfg = ModelConfig(n_layer=layers, n_embd=d, n_head=heads, block_size=seq, vocab_size=vocab)
+    layers, d, heads, seq, batch, vocab, arch = shape
+    cfg = ModelConfig(arch=arch, n_layer=layers, n_embd=d, n_head=heads, block_size=seq, vocab_size=vocab)
     measured = _saved_activation_bytes(cfg, batch)
     planned = activation_bytes(cfg, layers, batch * seq, 4, checkpointing=False, head=True)
     assert planned == pytest.approx(measured, rel=0.2)
@@ -259,3 +260,15 @@ def test_calibrate_needs_cuda_and_a_stored_figure_replaces_the_profiles(tmp_path
     (tmp_path / "calibration.json").write_text("{not json")
     with pytest.raises(ClovaError, match="calibration.json: not a calibration file"):
         PlanConfig(model="1.3b", gpu_type="h100")
+
+
+def test_llama_plans_count_its_own_block():
+    """--arch llama plans the preset's depth and width with the llama block: its parameters (GQA, SwiGLU, untied head) and
+    its activations, which are larger per token than gpt3's (fp32 RMSNorm, repeated key/value heads, SwiGLU's four)."""
+    from clova_train.model.gpt import num_params
+
+    gpt3 = estimate(PlanConfig(model="1.3b", gpus=8, gpu_mem=80, parallel="zero1"))
+    llama = estimate(PlanConfig(model="1.3b", gpus=8, gpu_mem=80, parallel="zero1", shape={"arch": "llama"}))
+    assert llama["parameters"] == num_params(ModelConfig.from_name("1.3b", arch="llama", vocab_size=51200))
+    assert llama["parameters"] != gpt3["parameters"]
+    assert llama["bytes"]["activations_without_checkpointing"] > gpt3["bytes"]["activations_without_checkpointing"]

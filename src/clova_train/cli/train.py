@@ -32,6 +32,8 @@ def plan_cmd(
     n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Decoder blocks (a custom shape, over the preset or file).", rich_help_panel="Model"),
     n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Hidden size.", rich_help_panel="Model"),
     n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads.", rich_help_panel="Model"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Block: gpt3 (default) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), as clova train --arch.", rich_help_panel="Model"),
+    n_kv_head: Optional[int] = typer.Option(None, "--n-kv-head", help="llama: key/value heads (default a quarter of the heads).", rich_help_panel="Model"),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Padded vocabulary size (default: the model's, 51200).", rich_help_panel="Model"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context, 2048 for the paper's sizes).", rich_help_panel="Model"),
     gpus: int = typer.Option(8, "--gpus", help="GPUs per node.", rich_help_panel="Cluster"),
@@ -68,7 +70,7 @@ def plan_cmd(
     from clova_train.training.planner.config import shape_from_file
 
     shape = shape_from_file(str(model_config)) if model_config else {}
-    shape.update({k: v for k, v in dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head).items() if v is not None})
+    shape.update({k: v for k, v in dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, arch=arch, n_kv_head=n_kv_head).items() if v is not None})
     if not model and not shape:
         raise ClovaError("which model? give --model PRESET, --model-config FILE or --n-layer/--n-embd/--n-head")
     if parallel not in ("auto", "zero1", "zero2", "zero3", "pipeline"):

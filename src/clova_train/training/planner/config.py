@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from clova_train.core.config import from_dict
 from clova_train.core.dtypes import PRECISIONS
 from clova_train.core.errors import ClovaError
-from clova_train.model.config import PRESETS, ModelConfig, preset_name
+from clova_train.model.config import LLAMA_FIELDS, PRESETS, ModelConfig, preset_name
 from clova_train.model.gpt import flops_per_token, largest_unit_params, meta_model, num_params, part_sizes
 from clova_train.training.parallel.ds_config import MODES, OFFLOADS, REDUCE_DTYPES
 from clova_train.training.planner.hardware import GPUProfile, profile
@@ -124,7 +124,8 @@ class PlanConfig:
 def model_config(cfg: PlanConfig) -> ModelConfig:
     """The model as `clova train` builds it: the preset (or the custom shape) with its own position table, longer only
     for a longer --seq-len (so the plan's parameter count is the model's)."""
-    base = asdict(PRESETS[cfg.model]) if cfg.model in PRESETS else {"name": "custom"}
+    # A preset's depth and width; the fields its arch derives (KV heads, MLP width, tying) follow the arch asked for.
+    base = {k: v for k, v in asdict(PRESETS[cfg.model]).items() if k not in LLAMA_FIELDS} if cfg.model in PRESETS else {"name": "custom"}
     fields = {**base, **cfg.shape}
     if cfg.vocab_size is not None:
         fields["vocab_size"] = cfg.vocab_size

@@ -5,9 +5,12 @@ with bf16 mixed precision a ZeRO-3 rank holds 18 bytes per parameter divided
 by the data-parallel world plus the largest layer gathered in full (4 bytes
 per parameter). In fp32 the 16-bit copies disappear: 16 bytes.
 
-Activations follow what autograd actually saves for our block with fused
-(flash) attention and no dropout: 16 values per token per hidden unit per
-layer (measured with saved-tensor hooks, see tests/test_plan.py), plus the
+Activations follow what autograd actually saves for our blocks with fused
+(flash) attention and no dropout (measured with saved-tensor hooks, see
+tests/test_plan.py): per token per layer, 8 x d_model + 2 x the MLP width for
+the gpt3 block (16 x d_model), 10 x d_model + 4 x the MLP width for the llama
+block (its fp32 RMSNorm, the key/value heads repeated for attention, and
+SwiGLU's gate, up, activation and product), plus the
 logits (one value per token per vocabulary entry, kept in fp32 for the loss).
 With activation checkpointing a layer keeps only its input, and one layer is
 recomputed at a time.
@@ -23,8 +26,9 @@ from clova_train.training.planner.config import GB, PlanConfig, model_config, mo
 
 # The CUDA context, NCCL buffers and allocator fragmentation take their share.
 USABLE_FRACTION = 0.9
-ACT_VALUES_PER_LAYER = 16  # x hidden x tokens, measured for model.Block
-ACT_VALUES_OUTSIDE = 2  # embedding output and final LayerNorm input, x hidden x tokens
+# Values saved per token per block: (x d_model, x MLP width), measured for each arch's block.
+ACT_VALUES_PER_LAYER = {"gpt3": (8, 2), "llama": (10, 4)}
+ACT_VALUES_OUTSIDE = 2  # embedding output and final norm input, x hidden x tokens
 # With tensor parallelism the values inside attention and the MLP are split and the block's input, LayerNorm outputs and
 # residuals are not: 24 of the 34 bytes per token per hidden unit Megatron-LM counts (Korthikanti et al. 2022, eq. 2).
 ACT_SPLIT_FRACTION = 24 / 34
@@ -33,7 +37,8 @@ ACT_SPLIT_FRACTION = 24 / 34
 def activation_bytes(m: ModelConfig, layers: int, tokens: int, act_bytes: int, checkpointing: bool, head: bool, tp: int = 1) -> int:
     """Saved activations of ``layers`` blocks for ``tokens`` tokens (micro-batch x seq_len) on one of ``tp`` tensor-parallel ranks."""
     th = tokens * m.n_embd
-    per_layer = ACT_VALUES_PER_LAYER * (1 - ACT_SPLIT_FRACTION + ACT_SPLIT_FRACTION / tp)
+    width, mlp = ACT_VALUES_PER_LAYER[m.arch]
+    per_layer = (width + mlp * m.ffn_hidden / m.n_embd) * (1 - ACT_SPLIT_FRACTION + ACT_SPLIT_FRACTION / tp)
     if checkpointing:
         values = layers * th + per_layer * th  # inputs kept + one block recomputed
     else:
