@@ -54,11 +54,12 @@ def recorded_mode(run_dir: Path) -> str | None:
     return mode if mode != AUTO else None
 
 
-def choose(model: ModelConfig, train, given: dict, world: int, *, eval_tasks: bool = False, device: tuple | None = None):
+def choose(model: ModelConfig, train, given: dict, world: int, *, no_pipeline: bool = False, device: tuple | None = None):
     """The fastest layout that fits, as ParallelConfig fields, and the one line that says which and why.
 
     ``given`` holds the parallel fields the user set (flags, config file, DeepSpeed template); ``device`` is
-    (profile key, name, GiB per rank), detected when None.
+    (profile key, name, GiB per rank), detected when None. ``no_pipeline``: the run needs what pipeline stages cannot
+    give (few-shot scoring of the whole model in one rank, document masks across the stages).
     """
     from dataclasses import asdict
 
@@ -87,7 +88,7 @@ def choose(model: ModelConfig, train, given: dict, world: int, *, eval_tasks: bo
 
     def allowed(x) -> bool:
         if x.plan.parallel == "pipeline":
-            return not eval_tasks  # few-shot scoring needs the whole model in one rank's memory
+            return not no_pipeline
         return not partitioned
 
     ranked = [x for x in ranked if allowed(x)]

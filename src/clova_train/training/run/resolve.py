@@ -58,7 +58,8 @@ def _auto_layout(run_dir: Path, model: ModelConfig, train: TrainConfig, given: d
         line = f"--parallel auto: {kept}, the mode {run_dir / CONFIG_FILE} records (a run never switches modes)"
         parallel = replace(parallel, mode=kept, chosen=line)
     else:
-        fields, line = choose(model, train, {k: v for k, v in given.items() if k != "mode"}, world, eval_tasks=bool(train.eval_tasks))
+        fields, line = choose(model, train, {k: v for k, v in given.items() if k != "mode"}, world,
+                              no_pipeline=bool(train.eval_tasks) or train.doc_mask)
         parallel = replace(parallel, **fields, chosen=line)
     if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
         console.print(line)
