@@ -13,9 +13,10 @@ packages, and every stage runs as its own process under a deadline:
   mfu          benchmarks/bench_gpu.py: MFU of ZeRO-1/ZeRO-3 beside transformers, gpt3 and llama blocks
   tp           with 2+ GPUs: bf16 ZeRO-1 on 2 GPUs at --tensor-parallel 1 and 2, the same curve
                (skipped, not failed, on one GPU)
+  calibrate    `clova plan --calibrate`: one 1.3B block fwd+bwd at bf16, achieved/peak (the planner's
+               kernel efficiency); on the CPU rehearsal, its one-line refusal without CUDA
 
-When the second block family and `clova plan --calibrate` land, each is one
-more stage here. Figures go to ``$OUT/gpu-check.json`` (OUT defaults to gpu-check-out/), each
+When the second block family lands, it is one more stage here. Figures go to ``$OUT/gpu-check.json`` (OUT defaults to gpu-check-out/), each
 stage's output to ``$OUT/gpu-check.log``, and a one-screen summary to stdout.
 Exit 0 only if every check passed.
 
@@ -49,7 +50,7 @@ CPU_RUN = ["--model", "tiny", "--seq-len", "64", "--global-batch", "4", "--micro
 MODES = ("zero1", "zero3")
 PARITY_TOL = 1e-3
 # Per-stage ceilings in seconds; each stage also stops at the check's overall deadline.
-CAPS = {"versions": 60, "fused-adam": 300, "train": 240, "export": 150, "mfu": 300}
+CAPS = {"versions": 60, "fused-adam": 300, "train": 240, "export": 150, "mfu": 300, "calibrate": 180}
 
 
 def cuda_problem(rehearse: bool) -> str | None:
@@ -240,6 +241,25 @@ def tensor_parallel(c: Check, data: Path, work: Path, env: dict) -> None:
     c.check("tp2-equals-tp1", len(losses[1]) == len(losses[2]) and worst <= 1e-2, f"largest relative loss difference {worst:.1e} (bf16)")
 
 
+def calibrate(c: Check, work: Path, env: dict, rehearse: bool) -> None:
+    """`clova plan --calibrate` measures this GPU's kernel efficiency on one block and stores it where the planner reads it."""
+    cal = work / "calibration.json"
+    r = c.run("calibrate", clova("plan", "--model", "1.3b", "--gpus", "1", "--calibrate", "--json"), {**env, "CLOVA_CALIBRATION": str(cal)}, "calibrate")
+    if r is None:
+        return
+    if rehearse:
+        c.check("calibrate-needs-cuda", r.returncode != 0 and "needs CUDA" in r.stdout + r.stderr, _last_line(r))
+        return
+    if not c.check("calibrate", r.returncode == 0 and cal.is_file(), "measured" if r.returncode == 0 else _last_line(r)):
+        return
+    rec = json.loads(cal.read_text())
+    c.report["figures"]["calibration"] = rec
+    (kind, fig), = rec.items()
+    plan = json.loads(r.stdout)
+    c.check("calibrate-efficiency", 0.2 <= fig["kernel_efficiency"] <= 1.0 and plan["hardware"]["kernel_efficiency"] == fig["kernel_efficiency"],
+            f"{kind}: {fig['tflops']:.0f} TFLOP/s of {fig['peak_tflops']:g} = {fig['kernel_efficiency']:.0%} on {fig['device']}, used by the plan")
+
+
 def versions(c: Check, env: dict) -> None:
     r = c.run("versions", stage_cmd("versions"), env, "versions")
     if r is not None and c.check("versions", r.returncode == 0, "read" if r.returncode == 0 else _last_line(r)):
@@ -291,6 +311,7 @@ def run_check(bundle: Path, out: Path, budget: float, rehearse: bool) -> int:
             paths = [str(site), str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(paths)}
             guarded(c, "versions", versions, env)
+            guarded(c, "calibrate", calibrate, work, env, rehearse)
             if rehearse:
                 guarded(c, "mfu-rehearsal", bench_rehearsal, work, env)
             else:
@@ -328,6 +349,8 @@ def summary(rep: dict, out: Path) -> str:
                          f"{t['precision']}, {t['optimizer'].removeprefix('optimizer: ').split(',')[0]}")
         if e:
             lines.append(f"  {m} export: max |logits diff| {e['max_abs_diff']:.1e} on {e['device']}")
+    for kind, fig in (f.get("calibration") or {}).items():
+        lines.append(f"  calibrate {kind}: one block at {fig['tflops']:.0f} TFLOP/s, kernel efficiency {fig['kernel_efficiency']:.0%}")
     for row in (f.get("mfu") or {}).get("rows", []):
         lines.append(f"  MFU {row['name']}: {row['mfu']:.1%} ({row['seconds_per_step']:.3f} s/step, peak {row['peak_gib']:.1f} GiB)")
     failed = [(k, c["detail"]) for k, c in rep["checks"].items() if not c["ok"]]

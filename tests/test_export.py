@@ -63,7 +63,7 @@ def zero3_run(tmp_path_factory, tokenizer_dir, konlpy_files) -> Path:
     (d / "model.json").write_text(json.dumps({"model": MODEL}))
     clova_subprocess(
         "train", "--config", d / "model.json", "--data", d / "shards", "--out", d / "run", "--steps", STEPS,
-        "--seq-len", 64, "--global-batch", 4, "--micro-batch", 2, "--nproc-per-node", 2, "--precision", "bf16",
+        "--seq-len", 64, "--global-batch", 4, "--micro-batch", 2, "--nproc-per-node", 2, "--precision", "bf16", "--parallel", "zero3",
     )  # fmt: skip
     return d / "run"
 

@@ -55,7 +55,7 @@ def test_plan_and_train_default_to_the_presets_own_context(korean_shards, tmp_pa
 
 def test_preset_names_are_case_insensitive_and_near_misses_are_named():
     code, output = clova("plan", "--model", "1.3B", "--gpus", "1")
-    assert code == 0 and "plan: 1.3b on 1 x 1 GPUs" in output, output
+    assert code == 0 and "plan: 1.3b on 1 x 1 a100" in output, output
     for typo, hint in (("7b", "6.9b"), ("7B", "6.9b"), ("12b", "13b"), ("tinny", "tiny"), ("100m", "137m")):
         code, output = clova("plan", "--model", typo)
         assert code == 2 and f"did you mean {hint}?" in one_line_error(output), (typo, output)

@@ -214,6 +214,11 @@ def test_context_extension_stage_continues_a_llama_run_and_gpt3_refuses_it(llama
     assert [(x["step"], x["tokens"]) for x in recs] == [(1, 512), (2, 1024), (3, 1536), (4, 2048), (5, 3072), (6, 4096)]
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["train"]["seq_len"], cfg["model"]["block_size"], cfg["model"]["rope_theta"]) == (128, 256, 1e6)
+    # Each checkpoint exports with the RoPE base it was trained at (its marker's model), not the run's newest.
+    for step, theta in ((4, 500000.0), (6, 1e6)):
+        r = clova_cli("export", run, "--step", step, "--out", tmp_path / f"hf{step}", "--dtype", "fp32", "--quiet")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads((tmp_path / f"hf{step}" / "config.json").read_text())["rope_parameters"]["rope_theta"] == theta
 
     before = sorted(p.name for p in trained_run.rglob("*"))
     r = clova_cli("train", "--out", trained_run, "--resume", "--seq-len", "128", "--steps", "20")

@@ -207,7 +207,7 @@ def test_hostfile_runs_through_deepspeeds_launcher_on_blended_data(tmp_path, kor
     import torch
 
     client = torch.load(next((run / "checkpoints" / "step_00000002").glob("*model_states.pt")), weights_only=False)["clova"]
-    assert client["sampler"] == {"position": 16, "counts": [12, 4]}  # 3:1 over two global batches
+    assert client["sampler"] == {"position": 16, "counts": [12, 4], "seq_len": 64}  # 3:1 over two global batches
 
 
 def test_one_rank_follows_the_two_rank_trajectory(tmp_path, korean_shards, trained_run):

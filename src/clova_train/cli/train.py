@@ -27,52 +27,96 @@ def parse_rampup(text: Optional[str]) -> Optional[list[int]]:
 
 @friendly
 def plan_cmd(
-    model: str = typer.Option(..., "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b."),
-    gpus: int = typer.Option(8, "--gpus", help="GPUs per node."),
-    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU, GB."),
-    nodes: int = typer.Option(1, "--nodes", help="Nodes."),
-    cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload)."),
-    parallel: str = typer.Option("zero3", "--parallel", help="zero1, zero2, zero3 or pipeline (ZeRO-1 across replicas)."),
-    pipeline_stages: int = typer.Option(1, "--pipeline-stages", help="Stages in pipeline mode."),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", help="GPUs of a node splitting each block's matrices (any mode)."),
-    offload: str = typer.Option("none", "--offload", help="ZeRO-3 offload: none, cpu or nvme."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the preset's context, 2048 for the paper's sizes)."),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per step."),
-    vocab_size: int = typer.Option(51200, "--vocab-size", help="Padded vocabulary size."),
-    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset: tiny, small, 137m, 350m, 760m, 1.3b, 6.9b, 13b, 39b, 82b (or --model-config / the shape flags)."),
+    model_config: Optional[Path] = typer.Option(None, "--model-config", help="JSON with model fields (a model section as in a run's config.json, or the run's config.json itself); over --model's preset.", rich_help_panel="Model"),
+    n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Decoder blocks (a custom shape, over the preset or file).", rich_help_panel="Model"),
+    n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Hidden size.", rich_help_panel="Model"),
+    n_head: Optional[int] = typer.Option(None, "--n-head", help="Attention heads.", rich_help_panel="Model"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Block: gpt3 (default) or llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head), as clova train --arch.", rich_help_panel="Model"),
+    n_kv_head: Optional[int] = typer.Option(None, "--n-kv-head", help="llama: key/value heads (default a quarter of the heads).", rich_help_panel="Model"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Padded vocabulary size (default: the model's, 51200).", rich_help_panel="Model"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context, 2048 for the paper's sizes).", rich_help_panel="Model"),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs per node.", rich_help_panel="Cluster"),
+    nodes: int = typer.Option(1, "--nodes", help="Nodes.", rich_help_panel="Cluster"),
+    gpu_type: Optional[str] = typer.Option(None, "--gpu-type", help="Hardware profile: a100 (default; with --calibrate: this GPU's), a100-40, h100, h200, a10g, l40s, v100.", rich_help_panel="Cluster"),
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="Memory of one GPU, GB (default: the profile's).", rich_help_panel="Cluster"),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Dense bf16 peak TFLOP/s of one GPU (default: the profile's).", rich_help_panel="Cluster"),
+    intra_node_gbps: Optional[float] = typer.Option(None, "--intra-node-gbps", help="Per-GPU bandwidth inside a node, GB/s one way (default: the profile's NVLink).", rich_help_panel="Cluster"),
+    inter_node_gbps: Optional[float] = typer.Option(None, "--inter-node-gbps", help="Per-GPU bandwidth between nodes, GB/s one way (default: the profile's network, 25 for DGX A100).", rich_help_panel="Cluster"),
+    kernel_efficiency: Optional[float] = typer.Option(None, "--kernel-efficiency", help="Fraction of peak the block's matmuls reach (default: --calibrate's measurement, else the profile's).", rich_help_panel="Cluster"),
+    cpu_mem: float = typer.Option(1024.0, "--cpu-mem", help="Host memory per node, GB (for offload).", rich_help_panel="Cluster"),
+    parallel: str = typer.Option("auto", "--parallel", help="auto (rank every layout; default), or one layout: zero1, zero2, zero3 or pipeline (ZeRO-1 across replicas).", rich_help_panel="Layout"),
+    tensor_parallel: Optional[int] = typer.Option(None, "--tensor-parallel", help="GPUs of a node splitting each block's matrices (any mode; with auto: held fixed).", rich_help_panel="Layout"),
+    pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Stages in pipeline mode (with auto: held fixed).", rich_help_panel="Layout"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Sequences per GPU per forward pass (default 1; with auto: searched unless given).", rich_help_panel="Layout"),
+    activation_checkpointing: Optional[bool] = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute blocks in backward (with auto: searched unless given).", rich_help_panel="Layout"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="ZeRO-3 offload: none, cpu or nvme.", rich_help_panel="Layout"),
+    global_batch: int = typer.Option(1024, "--global-batch", help="Sequences per optimizer step (sets the micro-batches per step, hence the bubble).", rich_help_panel="Layout"),
+    precision: str = typer.Option("bf16", "--precision", help="bf16, fp16 or fp32.", rich_help_panel="Layout"),
+    reduce_dtype: str = typer.Option("fp32", "--reduce-dtype", help="Dtype gradients are reduced in (clova train's default fp32, or the training dtype).", rich_help_panel="Layout"),
     tokens: float = typer.Option(150e9, "--tokens", help="Tokens to train on."),
-    global_batch: int = typer.Option(1024, "--global-batch", help="Sequences per optimizer step (sets pipeline micro-batches per step)."),
-    mfu: float = typer.Option(0.4, "--mfu", help="Assumed model FLOPs utilisation."),
-    gpu_type: str = typer.Option("a100", "--gpu-type", help="Peak TFLOP/s from: a100, h100, h200, a10g, l40s, v100."),
-    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak TFLOP/s of one GPU (overrides --gpu-type)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Measure this GPU's kernel efficiency on one block of the model (needs CUDA) and plan with it; stored for later plans."),
+    as_json: bool = typer.Option(False, "--json", help="Print the chosen layout as JSON (fields: docs/plan.md)."),
 ) -> None:
-    """Memory per GPU, whether a run fits, what would make it fit, and how long it takes.
+    """Memory, step time (compute + exposed communication + pipeline bubble) and training time per layout; the fastest that fits, and why the others lose.
 
-    Example: [bold]clova plan --model 82b --gpus 8 --gpu-mem 80 --nodes 128 --parallel pipeline --pipeline-stages 8[/]
+    Example: [bold]clova plan --model 82b --gpus 8 --nodes 128 --gpu-mem 80[/]
     """
     from clova_train.model.config import preset_name
 
-    model = preset_name(model)  # a typo answers now, not after the planner's imports (torch) load
-    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS, PlanConfig, estimate, plan_table, suggest, suggest_layout
+    if model:
+        model = preset_name(model)  # a typo answers now, not after the planner's imports (torch) load
+    from clova_train.training.plan import PlanConfig, estimate, plan_table, rank, ranking_table, shown, suggest, suggest_layout, why_slower
+    from clova_train.training.planner.config import shape_from_file
 
-    if peak_tflops is None:
-        if gpu_type.lower() not in ACCELERATOR_PEAK_TFLOPS:
-            raise ClovaError(f"unknown --gpu-type {gpu_type!r}; use one of {', '.join(ACCELERATOR_PEAK_TFLOPS)} or --peak-tflops")
-        peak_tflops = ACCELERATOR_PEAK_TFLOPS[gpu_type.lower()]
+    shape = shape_from_file(str(model_config)) if model_config else {}
+    shape.update({k: v for k, v in dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, arch=arch, n_kv_head=n_kv_head).items() if v is not None})
+    if not model and not shape:
+        raise ClovaError("which model? give --model PRESET, --model-config FILE or --n-layer/--n-embd/--n-head")
+    if parallel not in ("auto", "zero1", "zero2", "zero3", "pipeline"):
+        raise ClovaError(f"--parallel must be auto, zero1, zero2, zero3 or pipeline, not {parallel!r}")
     cfg = PlanConfig(
-        model=model, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem, parallel=parallel, pipeline_stages=pipeline_stages,
-        tensor_parallel=tensor_parallel, offload=offload, seq_len=seq_len, micro_batch=micro_batch, vocab_size=vocab_size, precision=precision,
-        activation_checkpointing=activation_checkpointing, tokens=tokens, mfu=mfu, peak_tflops=peak_tflops, global_batch=global_batch,
+        model=model or "custom", shape=shape, gpus=gpus, gpu_mem=gpu_mem, nodes=nodes, cpu_mem=cpu_mem,
+        parallel="zero3" if parallel == "auto" else parallel, pipeline_stages=pipeline_stages or 1, tensor_parallel=tensor_parallel or 1,
+        offload=offload or "none", seq_len=seq_len, micro_batch=micro_batch or 1, vocab_size=vocab_size, precision=precision,
+        reduce_dtype=reduce_dtype, activation_checkpointing=bool(activation_checkpointing), tokens=tokens, global_batch=global_batch,
+        gpu_type=gpu_type or "a100", peak_tflops=peak_tflops, intra_node_gbps=intra_node_gbps, inter_node_gbps=inter_node_gbps,
+        kernel_efficiency=kernel_efficiency,
     )
-    est = estimate(cfg)
-    est["layout"] = suggest_layout(cfg)
-    fixes = [] if est["fits"] else suggest(cfg)
-    if as_json:
-        out.print_json(json.dumps({**est, "suggestions": fixes}))
+    if calibrate:
+        from clova_train.training.planner.calibrate import calibrate_and_record
+
+        result = calibrate_and_record(cfg)
+        if not as_json:
+            out.print(result["line"])
+        if gpu_type is None:
+            cfg.gpu_type = result["gpu_type"]  # plan for the GPU just measured; its stored figure is read from now on
+    if parallel != "auto":
+        est = estimate(cfg)
+        est["layout_hint"] = suggest_layout(cfg)
+        fixes = [] if est["fits"] else suggest(cfg)
+        if as_json:
+            out.print_json(json.dumps({**est, "suggestions": fixes}))
+            return
+        out.print(plan_table(est, fixes))
         return
-    out.print(plan_table(est, fixes))
+    fixed = dict(tensor_parallel=tensor_parallel, pipeline_stages=pipeline_stages, micro_batch=micro_batch,
+                 activation_checkpointing=activation_checkpointing, offload=offload)
+    ranked = rank(cfg, fixed)
+    if not ranked:
+        raise ClovaError(f"no layout of {cfg.world} GPUs divides the global batch {global_batch} into micro-batches; "
+                         "use a --global-batch that is a multiple of the GPU count")
+    best = ranked[0]
+    if as_json:
+        est = estimate(best.plan)
+        alternatives = [{**x.summary(), "why": why_slower(x, best)} for x in shown(ranked) if x is not best]
+        out.print_json(json.dumps({**est, "command": f"clova train {best.flags()}", "alternatives": alternatives}))
+        return
+    out.print(ranking_table(cfg, ranked))
+    if best.fits:
+        out.print(f"fastest layout that fits: [bold]clova train {best.flags()}[/] ({best.time['step_seconds']:,.2f} s per step)")
+    else:
+        out.print("[red]no layout fits this cluster[/]: more GPUs or more memory per GPU (the closest is first)")
 
 
 @friendly
@@ -110,7 +154,7 @@ def train_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps to train.", rich_help_panel="Length"),
     train_tokens: Optional[float] = typer.Option(None, "--train-tokens", help="Tokens to train on, e.g. 150e9 (rounded up to whole steps).", rich_help_panel="Length"),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).", rich_help_panel="Parallelism"),
-    parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="zero3 (default; everything sharded, optional offload), zero1/zero2 (optimizer state / + gradients sharded, full weights per rank; fastest up to ~7B) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
+    parallel_mode: Optional[str] = typer.Option(None, "--parallel", help="auto (default: the fastest layout `clova plan` finds for these devices, said in one line and recorded in config.json; a rerun keeps the run's mode), zero1/zero2 (optimizer state / + gradients sharded, full weights per rank), zero3 (everything sharded, optional offload) or pipeline (layers in stages, ZeRO-1).", rich_help_panel="Parallelism"),
     reduce_dtype: Optional[str] = typer.Option(None, "--reduce-dtype", help="Under bf16/fp16, accumulate and all-reduce gradients in fp32 (default, exact) or in the training dtype (bf16/fp16: less traffic, 8-bit-mantissa sums).", rich_help_panel="Parallelism"),
     compile_blocks: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile each transformer block (default off).", rich_help_panel="Parallelism"),
     pipeline_stages: Optional[int] = typer.Option(None, "--pipeline-stages", help="Pipeline stages with --parallel pipeline (default: one per rank).", rich_help_panel="Parallelism"),

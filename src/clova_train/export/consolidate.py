@@ -98,7 +98,11 @@ def resolve_checkpoint(run_dir: str | Path, step: int | str | None = "latest", *
     _check_files(ckpt_dir, tag, tags)
     parallel = run_cfg.get("parallel", "zero3")
     mode = parallel.get("mode", "zero3") if isinstance(parallel, dict) else str(parallel)
-    return CheckpointRef(run_dir, tag, tags[tag], run_cfg, model_config(run_cfg, str(run_dir / CONFIG_FILE)), mode)
+    # The checkpoint's own model (its marker's, since llama runs may extend their context in a later stage), else the run's.
+    marker = tags[tag]
+    model = (model_config(marker, str(ckpt_dir / tag / MARKER_FILE)) if isinstance(marker.get("model"), dict)
+             else model_config(run_cfg, str(run_dir / CONFIG_FILE)))
+    return CheckpointRef(run_dir, tag, marker, run_cfg, model, mode)
 
 
 

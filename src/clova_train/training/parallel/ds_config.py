@@ -44,6 +44,8 @@ class ParallelConfig:
     """Under bf16/fp16: dtype gradients are accumulated over micro-batches and reduced across ranks in; fp32 (exact sums, Megatron-LM's choice) or the training precision (less memory and traffic, 8-bit mantissa sums under bf16)."""
     compile: bool = False
     """torch.compile each transformer block (first steps pay the compilation)."""
+    chosen: str = ""
+    """Why `clova train --parallel auto` chose this layout (empty when the layout was given)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -125,23 +125,29 @@ def memory_check(spec: RunSpec, precision: str, device_name: str, device_gb: flo
 
     The refusal (a one-line error with the cheapest fix) is skipped with
     ``spec.force``: the estimate is conservative, and a user who knows better may try.
-    Returns the estimate, or None for shapes plan.py does not cover (non-preset models).
+    Returns the estimate.
     """
+    from dataclasses import asdict
+
     from clova_train.training.plan import GB, PlanConfig, estimate, plan_table, suggest
+    from clova_train.training.planner.hardware import device_profile
     from clova_train.model.config import PRESETS
 
     m = spec.model
     preset = PRESETS.get(m.name)
-    if preset is None or replace(preset, vocab_size=m.vocab_size, block_size=m.block_size) != m:
-        return None  # plan.py estimates preset shapes only
+    if preset is not None and replace(preset, vocab_size=m.vocab_size, block_size=m.block_size) == m:
+        model = dict(model=m.name, vocab_size=m.vocab_size)
+    else:
+        model = dict(model="custom", shape=asdict(m))
     world = spec.world_size
     gpus, nodes = (local_world, world // local_world) if world % local_world == 0 else (world, 1)
     peak = peak_tflops(device_name, spec.train.peak_tflops)
     pc = PlanConfig(
-        model=m.name, gpus=gpus, gpu_mem=device_gb, nodes=nodes, parallel=spec.parallel.mode,
-        pipeline_stages=spec.parallel.stages(world), tensor_parallel=spec.parallel.tensor_parallel, offload=spec.parallel.offload, seq_len=spec.train.seq_len, micro_batch=spec.train.micro_batch,
-        vocab_size=m.vocab_size, precision=precision, activation_checkpointing=spec.parallel.activation_checkpointing,
-        tokens=spec.train.steps * spec.train.tokens_per_step, peak_tflops=peak or PlanConfig.peak_tflops,
+        **model, gpus=gpus, gpu_mem=device_gb, nodes=nodes, parallel=spec.parallel.mode, gpu_type=device_profile(device_name),
+        pipeline_stages=spec.parallel.stages(world), tensor_parallel=spec.parallel.tensor_parallel, offload=spec.parallel.offload,
+        seq_len=spec.train.seq_len, micro_batch=spec.train.micro_batch, global_batch=spec.train.global_batch, precision=precision,
+        reduce_dtype=spec.parallel.reduce_dtype if precision != "fp32" else "fp32", activation_checkpointing=spec.parallel.activation_checkpointing,
+        tokens=spec.train.steps * spec.train.tokens_per_step, peak_tflops=peak,
     )
     est = estimate(pc)
     fixes = [] if est["fits"] else suggest(pc)

@@ -14,6 +14,7 @@ from clova_train.training.parallel.dims import ParallelDims
 from clova_train.training.parallel.ds_validate import validate_deepspeed
 from clova_train.training.parallel.pipeline import check_partition
 from clova_train.training.parallel.tensor import check_tensor_parallel
+from clova_train.training.run.auto import AUTO
 from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
 from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
@@ -43,6 +44,26 @@ def _shard_fingerprint(manifest: dict) -> str:
     from clova_train.shards.index import split_fingerprint
 
     return split_fingerprint(manifest, "train")
+
+
+def _auto_layout(run_dir: Path, model: ModelConfig, train: TrainConfig, given: dict, parallel: ParallelConfig, world: int) -> ParallelConfig:
+    """--parallel auto: the mode an existing run recorded, else the planner's fastest layout that fits; said in one line by rank 0."""
+    import os
+
+    from clova_train.core.progress import console
+    from clova_train.training.run.auto import choose, recorded_mode
+
+    kept = recorded_mode(run_dir)
+    if kept is not None:
+        line = f"--parallel auto: {kept}, the mode {run_dir / CONFIG_FILE} records (a run never switches modes)"
+        parallel = replace(parallel, mode=kept, chosen=line)
+    else:
+        fields, line = choose(model, train, {k: v for k, v in given.items() if k != "mode"}, world,
+                              no_pipeline=bool(train.eval_tasks) or train.doc_mask)
+        parallel = replace(parallel, **fields, chosen=line)
+    if (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
+        console.print(line)
+    return parallel
 
 
 def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpec:
@@ -92,7 +113,13 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         # A length flag replaces the file's length, whichever way the file put it.
         file_train.pop("steps", None), file_train.pop("train_tokens", None)
     train = _layer(TrainConfig, where, "train", tmpl_train, file_train, flags=req.train)
-    parallel = _layer(ParallelConfig, where, "parallel", tmpl_par, file_cfg.get("parallel", {}), flags=req.parallel)
+    file_par = dict(file_cfg.get("parallel", {}))
+    given_par = {**tmpl_par, **file_par, **{k: v for k, v in req.parallel.items() if v is not None}}
+    auto = given_par.get("mode") in (None, AUTO)  # --parallel auto, the default: resolved below, once model and batch are
+    if auto:
+        file_par.pop("mode", None), tmpl_par.pop("mode", None)
+    parallel = _layer(ParallelConfig, where, "parallel", tmpl_par, file_par,
+                      flags={k: v for k, v in req.parallel.items() if not (k == "mode" and v == AUTO)})
 
     # Model: --init-from's config.json, else the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
     given = {k: v for k, v in req.model_fields.items() if v is not None}
@@ -139,6 +166,8 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
             "use a shorter --seq-len or a --config whose model section sets block_size"
         )
     train = train.resolved(model)
+    if auto:
+        parallel = _auto_layout(run_dir, model, train, given_par, parallel, world_size)
     if train.eval_tasks:
         from clova_train.training.trainer.fewshot import TaskSpec, check_eval_tasks
 
@@ -178,6 +207,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         "data": [{"shards": _shard_fingerprint(m), "weight": w / sum(data.weights)} for m, w in zip(manifests, data.weights)],
         # The mode, not the layout: a checkpoint resumes on another world size, stage count or
         # partition (training/checkpoints/reshard.py), but ZeRO-3 and pipeline runs do not continue each other.
+        # Under --parallel auto this is the resolved mode, never "auto": a rerun must find the same one (run/auto.py).
         "parallel": {"mode": parallel.mode},
     }
     if init_from:  # only then: the identities (and so the resumability) of runs from seeded weights stay as they were

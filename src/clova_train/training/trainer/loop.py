@@ -277,6 +277,8 @@ class Trainer:
         marker = {"step": at, "tokens": self.tokens, "loss": self.last["loss"], "valid_loss": self.last["valid_loss"],
                   "config_hash": spec.config_hash, "world_size": self.dist.world, "launcher": self.launcher,
                   "time": time.time(), "clova_train": __version__, "layout": self.here, "parallel_dims": self.engine.dims.as_dict(),
+                  # The model this checkpoint holds: a later context-extension stage changes the run's config.json, not this.
+                  "model": asdict(spec.model),
                   "gradient_accumulation_steps": self.ds_config["gradient_accumulation_steps"], **resume}
         saved = self.ckpt.save(at, client, marker)
         self.metrics.amend({"save_seconds": saved["seconds"], "save_bytes": saved["bytes"]})
