@@ -95,7 +95,8 @@ def _pipeline_module(cfg: ModelConfig):
 
 
 class PipelineEngine(Engine):
-    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist,
+                 init=None):
         import deepspeed
 
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -118,11 +119,20 @@ class PipelineEngine(Engine):
             compile_blocks(module.forward_funcs)
         # Layer i is part i, drawn from seed + i as GPT.init_weights draws it, so the weights do not depend on
         # how layers fall into stages; the tied embedding is drawn alike on the first and the last stage.
+        # With --init-from each layer of this stage reads only its own tensors from the source.
+        plan, names = parts(model_cfg), part_names(model_cfg)
         for name, child in module.named_children():
             if name == "tied_modules":
-                init_part(child, model_cfg, seed)
+                if init is not None:
+                    tied = {part.tied: own for part, own in zip(plan, names) if part.tied and own}
+                    init.load(child, {f"{key}.{n}": ours for key, own in tied.items() for n, ours in own.items()})
+                else:
+                    init_part(child, model_cfg, seed)
             elif name.isdigit():
-                init_part(child, model_cfg, seed + int(name))
+                if init is not None:
+                    init.load(child, names[int(name)])
+                else:
+                    init_part(child, model_cfg, seed + int(name))
         if dims.tp > 1:
             # After initialisation: each rank keeps its slice of the weights drawn whole.
             parallelize_blocks([m for m in module.forward_funcs if isinstance(m, BLOCKS)], module._grid.get_slice_parallel_group())

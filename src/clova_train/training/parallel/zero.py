@@ -30,7 +30,8 @@ def _gathered_on_rank0(rank: int):
 class ZeroEngine(Engine):
     """ZeRO data parallelism at the stage the DeepSpeed config names (1: optimizer state, 2: + gradients, 3: + parameters)."""
 
-    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist):
+    def __init__(self, model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, dims: ParallelDims, *, seed: int, dist: Dist,
+                 init=None):
         import deepspeed
 
         stage = dims.zero_stage
@@ -42,8 +43,12 @@ class ZeroEngine(Engine):
             # Tensor parallelism slices weights drawn whole, so every rank builds the whole model once first.
             with torch.device(dist.device):
                 model = GPT(model_cfg)
-        # Part i draws from seed + i, as PipelineEngine draws it, so all modes start from the same weights.
-        model.init_weights(seed, gathered=_gathered_on_rank0(dist.rank) if stage == 3 and dims.tp == 1 else None)
+        gathered = _gathered_on_rank0(dist.rank) if stage == 3 and dims.tp == 1 else None
+        if init is not None:  # --init-from: the same seam, each module's tensors read from the source instead of drawn
+            init.load(model, {n: n for n, _ in model.named_parameters()}, gathered=gathered)
+        else:
+            # Part i draws from seed + i, as PipelineEngine draws it, so all modes start from the same weights.
+            model.init_weights(seed, gathered=gathered)
         mpu = None
         if dims.tp > 1:
             groups = dims.new_groups()

@@ -17,6 +17,7 @@ from clova_train.training.data.sampler import DataConfig
 
 # GPT-3 warmed up over its first 375M tokens.
 GPT3_WARMUP_TOKENS = 375_000_000
+SCHEDULES = ("cosine", "constant", "wsd")
 
 
 @dataclass
@@ -32,13 +33,19 @@ class TrainConfig:
     batch_rampup: list[int] | None = None
     """[START, INCREMENT, TOKENS], Megatron-LM's --rampup-batch-size: the global batch starts at START sequences and grows by INCREMENT, evenly spread over the first TOKENS tokens, up to global_batch (None: the full batch from step 1)."""
     lr: float | None = None
-    """Peak learning rate (None: the model preset's GPT-3 value)."""
+    """Peak learning rate (None: the model preset's GPT-3 value; 0 trains nothing, which checks a start)."""
     min_lr: float | None = None
-    """Learning rate at the end of the cosine decay (None: lr / 10)."""
+    """Learning rate at the end of the decay (None: lr / 10)."""
     warmup: int | None = None
     """Linear warm-up steps (None: GPT-3's 375M tokens, at most a tenth of the run)."""
+    schedule: str = "cosine"
+    """After the warm-up: cosine (GPT-3's decay to min_lr), constant (lr to the end) or wsd (warm-up, stable at lr, then a linear decay to min_lr over the last decay_fraction of the run)."""
     decay_tokens: int | None = None
     """The cosine reaches min_lr once this many tokens are trained, and the rate stays there (GPT-3: 260e9); None: at the last step."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the run's tokens spent decaying, at its end (Hägele et al. 2024: 20% matches a cosine); extending the run moves the decay with the end."""
+    freeze_except_embeddings: int = 0
+    """With --init-from onto another tokenizer: train only the embedding (and untied head) rows it rebuilt for the first N steps (EEVE's first stage); 0: off."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices and embeddings (biases and LayerNorms: 0)."""
     beta1: float = 0.9
@@ -106,10 +113,21 @@ class TrainConfig:
         for f in ("eval_every", "eval_samples", "eval_shots", "eval_limit", "keep_last", "keep_every", "weight_decay", "grad_clip", "z_loss"):
             if getattr(self, f) < 0:
                 raise ClovaError(f"train {f} must be >= 0, not {getattr(self, f)}")
-        for f in ("steps", "train_tokens", "lr", "min_lr", "peak_tflops", "preempt_window"):
+        for f in ("steps", "train_tokens", "peak_tflops", "preempt_window"):
             v = getattr(self, f)
             if v is not None and not v > 0:
                 raise ClovaError(f"train {f} must be > 0, not {v}")
+        for f in ("lr", "min_lr", "freeze_except_embeddings"):
+            v = getattr(self, f)
+            if v is not None and not v >= 0:
+                raise ClovaError(f"train {f} must be >= 0, not {v}")
+        if self.schedule not in SCHEDULES:
+            raise ClovaError(f"train schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ClovaError(f"train decay_fraction must be in (0, 1], not {self.decay_fraction}")
+        if self.decay_tokens is not None and self.schedule != "cosine":
+            raise ClovaError(f"decay_tokens ends the cosine; the {self.schedule} schedule does not use it"
+                             + (" (wsd decays over the last decay_fraction of the run)" if self.schedule == "wsd" else ""))
         if self.decay_tokens is not None and self.decay_tokens < 1:
             raise ClovaError(f"train decay_tokens must be >= 1, not {self.decay_tokens}")
         if self.batch_rampup is not None:
@@ -204,8 +222,13 @@ def ramp_batches(cfg: TrainConfig) -> tuple[int, ...]:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (1-based): linear warm-up over cfg.warmup steps, then a cosine to
-    min_lr by the token count cfg.decay_tokens (default: the run's last step), then min_lr.
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up over cfg.warmup steps, then by cfg.schedule:
+
+    - cosine: a cosine to min_lr by the token count cfg.decay_tokens (default: the run's last step), then min_lr;
+    - constant: lr to the end;
+    - wsd (warm-up, stable, decay; MiniCPM, Hägele et al. 2024): lr until the last decay_fraction of the run's
+      tokens, then linear to min_lr at the last step. A continued run extended with a larger --steps keeps
+      training at lr and decays at its new end.
 
     Progress is counted in tokens trained by the end of the step, as Megatron-LM counts samples, so a batch
     ramp decays as GPT-3 did; with a fixed batch it is (step - warmup) / (steps - warmup) exactly (integer
@@ -213,6 +236,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """
     if step <= cfg.warmup:
         return cfg.lr * step / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        total = cfg.tokens_through(cfg.steps)
+        start = max(cfg.tokens_through(cfg.warmup), total - round(cfg.decay_fraction * total))
+        progress = min(1.0, max(0.0, (cfg.tokens_through(step) - start) / max(1, total - start)))
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     end = cfg.decay_tokens if cfg.decay_tokens is not None else cfg.tokens_through(cfg.steps)
     start = cfg.tokens_through(cfg.warmup)
     progress = min(1.0, (cfg.tokens_through(step) - start) / max(1, end - start))
@@ -238,6 +268,8 @@ class TrainRequest:
     parallel: dict[str, Any] = field(default_factory=dict)
     data_cache: str | None = None
     """Directory of the memory-mapped sample indices (None: the config file's, else RUN_DIR/data_cache)."""
+    init_from: str | None = None
+    """A Hugging Face model directory (config.json + safetensors) whose weights the run starts from."""
     resume: bool = False
     force: bool = False
     """Start even when the memory plan says the run cannot fit."""
@@ -275,6 +307,8 @@ class RunSpec:
     identity: dict
     resume: bool = False
     checked: bool = False
+    init_from: dict | None = None
+    """The source of --init-from as initfrom.source.SourceInfo records it, with "graft" (row counts) when grafted; None: seeded weights."""
     force: bool = False
     resume_step: int | None = None
     reverify: bool = False
@@ -304,6 +338,7 @@ class RunSpec:
             "force": self.force,
             "resume_step": self.resume_step,
             "reverify": self.reverify,
+            "init_from": self.init_from,
         }
 
     @classmethod
@@ -323,4 +358,5 @@ class RunSpec:
             force=d.get("force", False),
             resume_step=d.get("resume_step"),
             reverify=d.get("reverify", False),
+            init_from=d.get("init_from"),
         )

@@ -94,6 +94,11 @@ def check_inputs(spec: RunSpec) -> None:
     from clova_train.shards.format import prefix_files, read_manifest, verify_shard_dir
     from clova_train.shards.stamps import spot_check
 
+    if getattr(spec, "init_from", None):
+        from clova_train.training.checkpoints.markers import newest_checkpoint
+        from clova_train.training.initfrom.prepare import hash_source
+
+        hash_source(spec.init_from, resuming=newest_checkpoint(spec.run_dir) is not None)
     record = spec.run_dir / VERIFIED_FILE
     stamps = {} if getattr(spec, "reverify", False) else _read_stamps(record)
     rng = np.random.default_rng(time.time_ns())  # another sample of blocks at every start

@@ -19,7 +19,7 @@ from clova_train.training.run.preflight import check_inputs, check_run_dir
 from clova_train.training.rundir import CONFIG_FILE, DATA_CACHE_DIR
 from clova_train.training.data.sampler import DataConfig, data_config_from_specs, token_weights
 
-CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "run")
+CONFIG_SECTIONS = ("model", "train", "data", "parallel", "deepspeed", "tokenizer", "init_from", "run")
 
 
 def _read_config_file(path: Path) -> dict:
@@ -121,9 +121,26 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
     parallel = _layer(ParallelConfig, where, "parallel", tmpl_par, file_par,
                       flags={k: v for k, v in req.parallel.items() if not (k == "mode" and v == AUTO)})
 
-    # Model: the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
+    # Model: --init-from's config.json, else the preset flag, else the file's model section; the vocabulary comes from the tokenizer.
     given = {k: v for k, v in req.model_fields.items() if v is not None}
-    if req.model:
+    init_from = None
+    record = file_cfg.get("init_from")
+    if record is not None:
+        from clova_train.training.initfrom.prepare import recorded_source
+
+        recorded_source(record, where)
+    init_path = req.init_from or (record or {}).get("path")
+    if init_path:
+        from clova_train.training.initfrom.prepare import check_unchanged, prepare_source, run_model
+
+        if req.model:
+            raise ClovaError("--model and --init-from both give the model's shape; drop --model (the shape comes from the "
+                             "source's config.json)")
+        model, init_from = prepare_source(init_path, tok)
+        if req.resume and record and Path(record["path"]).resolve() == Path(init_from["path"]):
+            check_unchanged(init_from, record, where)
+        model = run_model(model, file_cfg.get("model"), given, where)
+    elif req.model:
         model = ModelConfig.from_name(req.model, vocab_size=pad_vocab(tok.vocab_size), **given)
     elif "model" in file_cfg:
         fields = dict(file_cfg["model"])
@@ -193,6 +210,13 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         # Under --parallel auto this is the resolved mode, never "auto": a rerun must find the same one (run/auto.py).
         "parallel": {"mode": parallel.mode},
     }
+    if init_from:  # only then: the identities (and so the resumability) of runs from seeded weights stay as they were
+        from clova_train.training.initfrom.prepare import identity as source_identity
+
+        identity["init_from"] = source_identity(init_from)
+    if train.freeze_except_embeddings and not (init_from and init_from.get("graft")):
+        raise ClovaError("--freeze-except-embeddings trains the embedding rows --init-from rebuilt for a new tokenizer; "
+                         "this run has none (no --init-from, or the source's own tokenizer)")
     spec = RunSpec(
         out=str(run_dir),
         model=model,
@@ -207,6 +231,7 @@ def prepare(req: TrainRequest, world_size: int, *, check: bool = True) -> RunSpe
         force=req.force,
         resume_step=req.resume_step,
         reverify=req.reverify,
+        init_from=init_from,
     )
     check_run_dir(spec)
     if check:

@@ -32,6 +32,7 @@ from clova_train.training.trainer.metrics import MetricsLogger, ProgressLine, _f
 from clova_train.training.parallel.pipeline import PipelineEngine
 from clova_train.training.trainer.prefetch import Prefetcher, optimizer_kernel
 from clova_train.training.run.preflight import _rank0_check, memory_check
+from clova_train.training.checkpoints.markers import newest_checkpoint
 from clova_train.training.checkpoints.reshard import check_structure, describe_change, layout, load_resharded
 from clova_train.training.rundir import CONFIG_FILE
 from clova_train.shards.format import check_open_files
@@ -46,10 +47,11 @@ def parallel_dims(parallel: ParallelConfig, world: int, ds_config: dict) -> Para
     return ParallelDims.from_config(parallel, world, zero_stage=ds_config["zero_optimization"]["stage"])
 
 
-def build_engine(model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist) -> Engine:
+def build_engine(model_cfg: ModelConfig, ds_config: dict, parallel: ParallelConfig, *, seed: int, dist: Dist, init=None) -> Engine:
+    """The engine of the run's mode; its weights drawn from ``seed``, or read from ``init`` (an InitFrom: --init-from)."""
     dims = parallel_dims(parallel, dist.world, ds_config)
     engine = PipelineEngine if dims.pipelined else ZeroEngine
-    return engine(model_cfg, ds_config, parallel, dims, seed=seed, dist=dist)
+    return engine(model_cfg, ds_config, parallel, dims, seed=seed, dist=dist, init=init)
 
 
 def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) -> dict:
@@ -63,6 +65,7 @@ def run_config(spec: RunSpec, train: TrainConfig, ds_config: dict, device: str) 
         "parallel": asdict(spec.parallel),
         "deepspeed": ds_config,
         "tokenizer": spec.tokenizer,
+        **({"init_from": spec.init_from} if spec.init_from else {}),
         "run": {
             "world_size": spec.world_size,
             "layout": parallel_dims(spec.parallel, spec.world_size, ds_config).as_dict(),
@@ -145,7 +148,7 @@ class Trainer:
         self.ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda,
                                           tensorboard_dir=tb_dir, model=spec.model)
         self.kernel = optimizer_kernel(self.ds_config, dist.is_cuda)
-        self.engine = engine = build_engine(spec.model, self.ds_config, spec.parallel, seed=train.seed, dist=dist)
+        self.engine = engine = build_engine(spec.model, self.ds_config, spec.parallel, seed=train.seed, dist=dist, init=self._init_source())
         engine.loss_options = {"eod_id": spec.tokenizer["eod_id"] if train.doc_mask else None, "z_loss": train.z_loss}
         # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
         share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
@@ -163,6 +166,11 @@ class Trainer:
                                  keep_every=train.keep_every, faults=self.faults)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.rank0, monitor=engine.monitor if self.rank0 else None)
         self.guard = BadStepGuard(train.max_bad_steps)
+        self.freeze = None
+        if train.freeze_except_embeddings:
+            from clova_train.training.trainer.freeze import freeze_stage
+
+            self.freeze = freeze_stage(engine, spec.model, spec.init_from, train.freeze_except_embeddings, spec.tokenizer["path"])
         self.evaluator = Evaluator(engine, self.valid)
         self.fewshot = None
         if train.eval_tasks and train.eval_every:
@@ -173,6 +181,15 @@ class Trainer:
         self.flops = flops_per_token(spec.model, train.seq_len)
         self.peak = peak_tflops(self.device_name, train.peak_tflops)
         self.here = layout(engine.dims, spec.parallel.partition)
+
+    def _init_source(self):
+        """--init-from's reader, unless a checkpoint of this run will replace the weights anyway (a resume reads no source)."""
+        spec = self.spec
+        if not spec.init_from or newest_checkpoint(self.run_dir) is not None:
+            return None
+        from clova_train.training.initfrom.loader import InitFrom
+
+        return InitFrom(spec.init_from, spec.model, spec.tokenizer["path"])
 
     def resume(self) -> tuple[str | None, str | None]:
         """Continue from the newest complete checkpoint, if any; (its tag, the line saying what changed in the layout)."""
@@ -208,6 +225,8 @@ class Trainer:
         batch_size = train.batch_at(step)
         if train.batch_rampup and batch_size != self.engine.ds.train_batch_size():
             self.engine.ds.set_train_batch_size(batch_size)  # more micro-batches per step, each the same size
+        if self.freeze is not None:
+            self.freeze.at(step)
         t0 = time.perf_counter()
         batch = self.stream.next_batch()
         self.engine.inject_nan = step in self.faults.nan_at_steps
@@ -281,6 +300,8 @@ class Trainer:
         progress.note(describe_run(spec, train, self.ds_config, self.device_name, self.estimate, eval_sequences=eval_sequences,
                                    no_eval=self.no_eval))
         progress.note(self.kernel)
+        if spec.init_from and not self.step_no:
+            progress.note(init_line(spec.init_from))
         if self.step_no >= train.steps:
             progress.note(f"{run_dir}: already trained to step {self.step_no} of {train.steps}; nothing to do")
             return "done"
@@ -319,6 +340,15 @@ class Trainer:
         kept = f"checkpoint {tag_for(step)} is complete" if not skipped else (
             f"step {step} was skipped, so the newest checkpoint is {self.ckpt.latest() or 'none (the run restarts at step 1)'}")
         return f"stopped by {stop_signal.name} after step {step}; {kept}. {how}"
+
+
+def init_line(init_from: dict) -> str:
+    """What --init-from did to the weights, in one line."""
+    from clova_train.training.initfrom.graft import describe_counts
+
+    if init_from.get("graft"):
+        return f"weights from {init_from['path']}; embeddings grafted onto this tokenizer: {describe_counts(init_from['graft'])}"
+    return f"weights from {init_from['path']} (its own tokenizer: embedding rows copied as they are)"
 
 
 def preempt_window(train: TrainConfig) -> float | None:
