@@ -131,7 +131,7 @@ def same_weights(ours: Path, theirs: Path) -> tuple[int, float]:
     from safetensors import safe_open
 
     from clova_train.export.weights import _hf_tensors
-    from clova_train.export.adapter import from_hf
+    from clova_train.model.adapter import from_hf
 
     theirs_files = {}
     for f in theirs.glob("*.safetensors"):

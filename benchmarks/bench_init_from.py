@@ -91,7 +91,7 @@ def main() -> None:
         src, params = source(d, args.arch, args.n_layer, args.n_embd, args.n_head)
         size = (src / "model.safetensors").stat().st_size / 2**30
         print(f"source: {args.arch}, {params / 1e6:.0f}M parameters, {size:.2f} GiB of safetensors (fp32); 2 CPU ranks, 1 step at lr 0")
-        from clova_train.export.adapter import model_config_from_hf
+        from clova_train.model.adapter import model_config_from_hf
 
         cfg = model_config_from_hf(json.loads((src / "config.json").read_text()))
         section = {k: v for k, v in cfg.__dict__.items() if k != "name"}

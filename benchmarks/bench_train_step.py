@@ -27,7 +27,7 @@ def hf_twin(cfg: ModelConfig):
     """transformers' model of ``cfg`` (GPT2LMHeadModel, or LlamaForCausalLM for llama), from the export's own config."""
     from transformers import AutoModelForCausalLM
 
-    from clova_train.export.adapter import hf_config_for
+    from clova_train.model.adapter import hf_config_for
 
     return AutoModelForCausalLM.from_config(hf_config_for(cfg, eod_id=0, pad_id=0, dtype="fp32"), attn_implementation="sdpa", dtype=torch.float32)
 

@@ -275,7 +275,7 @@ def hf_dir(tiny_lm, tmp_path_factory) -> Path:
     """The tiny model as a Hugging Face GPT-2 directory, written with export's key map and tokenizer files."""
     from safetensors.torch import save_file
 
-    from clova_train.export.adapter import hf_config, to_hf
+    from clova_train.model.adapter import hf_config, to_hf
     from clova_train.export.hf import write_hf_tokenizer
 
     model, tok = tiny_lm

@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 from clova_train.cli import app
 from clova_train.export.consolidate import consolidate_state_dict, expected_shapes, open_checkpoint, resolve_checkpoint
 from clova_train.core.errors import ClovaError
-from clova_train.export.adapter import HF_KEY_MAP, from_hf, to_hf
+from clova_train.model.adapter import HF_KEY_MAP, from_hf, to_hf
 from clova_train.export.weights import SafetensorsWriter, _Entry, parse_size, plan_shards
 from clova_train.export.hf import export_hf, load_for_inference
 from clova_train.model.gpt import GPT
 from clova_train.model.config import ModelConfig
 from clova_train.training.parallel.pipeline import pipeline_layer_names
 from clova_train.tokenizer.bpe import ClovaTokenizer
+from clova_train.training.rundir import MARKER_FILE
 
 from conftest import clova_cli
 
@@ -370,9 +371,7 @@ def test_pipeline_checkpoint_falls_back_to_layer_files_and_names_what_is_missing
     layer.rename(tmp_path / layer.name)
     one_line_error(cli("export", run, "--out", out), "partial checkpoint", "layer_02-model_states.pt missing")
     (tmp_path / layer.name).rename(layer)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["model"]["n_layer"] = 3
-    (run / "config.json").write_text(json.dumps(cfg))
+    claim_layers(run, 3)
     one_line_error(cli("export", run, "--out", out), "checkpoint does not match", "missing blocks.2")
 
 
@@ -418,6 +417,15 @@ def test_unfinished_checkpoint_without_marker(zero3_run, tmp_path):
     assert_nothing_written(out)
 
 
+def claim_layers(run: Path, n: int) -> None:
+    """Make the run dir's records (config.json and every checkpoint's marker, which export reads first) claim ``n`` layers."""
+    for path in [run / "config.json", *run.glob(f"checkpoints/step_*/{MARKER_FILE}")]:
+        rec = json.loads(path.read_text())
+        if "model" in rec:
+            rec["model"]["n_layer"] = n
+            path.write_text(json.dumps(rec))
+
+
 def test_truncated_rank_file(zero3_run, tmp_path):
     run = copy_run(zero3_run, tmp_path)
     f = next(tag_dir(run).glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))
@@ -429,9 +437,7 @@ def test_truncated_rank_file(zero3_run, tmp_path):
 
 def test_checkpoint_config_mismatch(zero3_run, tmp_path):
     run = copy_run(zero3_run, tmp_path)
-    cfg = json.loads((run / "config.json").read_text())
-    cfg["model"]["n_layer"] = 3
-    (run / "config.json").write_text(json.dumps(cfg))
+    claim_layers(run, 3)
     out = tmp_path / "o"
     one_line_error(cli("export", run, "--out", out), "checkpoint does not match", "missing blocks.2", "run dir whose training")
     assert_nothing_written(out)

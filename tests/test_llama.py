@@ -32,7 +32,7 @@ def _as_hf(model, out: Path) -> Path:
     """Our model written as a Hugging Face directory by the export adapter (weights + config)."""
     from safetensors.torch import save_file
 
-    from clova_train.export.adapter import _llama_config, to_hf
+    from clova_train.model.adapter import _llama_config, to_hf
 
     out.mkdir()
     save_file({k: v for k, v in (to_hf(n, t.contiguous(), "llama") for n, t in model.state_dict().items())}, str(out / "model.safetensors"))
@@ -47,7 +47,7 @@ def test_block_equals_transformers_logits_and_greedy_generation(shape, tmp_path)
     transformers' to 1e-5 in fp32, and greedy decoding through our KV cache (grouped heads) equals transformers' generate."""
     from transformers import AutoModelForCausalLM
 
-    from clova_train.export.adapter import hf_architecture
+    from clova_train.model.adapter import hf_architecture
     from clova_train.model.cache import KVCache
     from clova_train.model.gpt import GPT
 

@@ -151,7 +151,7 @@ def test_export_joins_the_slices_exactly(tmp_path, korean_shards):
     """
     from safetensors.torch import load_file
 
-    from clova_train.export.adapter import to_hf
+    from clova_train.model.adapter import to_hf
     from clova_train.model.config import ModelConfig
     from clova_train.model.gpt import GPT
 

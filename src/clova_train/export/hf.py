@@ -1,7 +1,7 @@
 """`clova export`: a run's checkpoint as a Hugging Face GPT-2 model directory.
 
 One path for every parallel mode: :mod:`clova_train.export.consolidate` yields our
-own parameters one at a time; :data:`~clova_train.export.adapter.HF_KEY_MAP` renames (and, for GPT-2's
+own parameters one at a time; :data:`~clova_train.model.adapter.HF_KEY_MAP` renames (and, for GPT-2's
 Conv1D layers, transposes) each one; a streaming safetensors writer puts it
 in the current shard. Beside the weights go ``config.json``,
 ``generation_config.json``, the tokenizer (``tokenizer.json`` byte for byte
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from clova_train import __version__
-from clova_train.export.adapter import _pad_token, hf_architecture, hf_config, model_config_from_hf
+from clova_train.model.adapter import _pad_token, hf_architecture, hf_config, model_config_from_hf
 from clova_train.core.dtypes import TORCH_DTYPES
 from clova_train.core.config import from_dict
 from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from clova_train.export.adapter import from_hf, hf_shape, to_hf
+from clova_train.model.adapter import from_hf, hf_shape, to_hf
 from clova_train.export.consolidate import Consolidated
 from clova_train.core.errors import ClovaError
 from clova_train.core.files import atomic_write_json, fsync_path

@@ -14,7 +14,7 @@ initialises, layer by layer from a seed, so every layout starts from the same
 weights and a model built on the meta device is initialised (or loaded) only
 once it has memory. Parameter counts and FLOPs are read off the model
 (:func:`num_params`, :func:`flops_per_token`). Parameter names are the contract
-with checkpoints and export (``export.adapter.HF_KEY_MAP``); parallel wiring
+with checkpoints and export (``model.adapter.HF_KEY_MAP``); parallel wiring
 lives in ``training/parallel`` and never here.
 """
 

@@ -3,7 +3,7 @@
 Only safetensors are read. A ``pytorch_model.bin`` is a pickle, which can run
 code when loaded, so it is refused by its name and never opened. The model's
 shape comes from ``config.json`` through the export adapter read the other way
-(:func:`~clova_train.export.adapter.model_config_from_hf`), and every weight is
+(:func:`~clova_train.model.adapter.model_config_from_hf`), and every weight is
 found by asking the adapter for the Hugging Face name of one of *our*
 parameters, so nothing here knows an architecture's key names.
 """
@@ -32,7 +32,7 @@ BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 def _adapter(arch: str):
     """The adapter's per-name functions for ``arch``: our name -> (Hugging Face name, shape), and a Hugging Face tensor -> ours."""
-    from clova_train.export import adapter
+    from clova_train.model import adapter
 
     return (lambda n, s: adapter.hf_shape(n, s, arch=arch)), (lambda n, t: adapter.from_hf(n, t, arch=arch))
 
@@ -98,7 +98,7 @@ def read_config(path: Path) -> tuple[dict, str]:
 
 def source_model_config(path: Path) -> tuple[ModelConfig, dict, str]:
     """(our ModelConfig, the raw config.json, its sha256) of a source directory."""
-    from clova_train.export.adapter import model_config_from_hf
+    from clova_train.model.adapter import model_config_from_hf
 
     config, digest = read_config(path)
     try:
@@ -202,7 +202,7 @@ def check_tensors(reader: WeightReader, shapes: dict[str, tuple[int, ...]], graf
 
     ``grafted``: our parameters whose rows are rebuilt for another tokenizer, checked for width only.
     """
-    from clova_train.export import adapter
+    from clova_train.model import adapter
 
     placed = set()
     for ours, shape in shapes.items():
