@@ -25,7 +25,7 @@ LLAMA = ["--arch", "llama", "--n-kv-head", "2", "--z-loss", "1e-4"]
 def _tiny(**kw):
     from clova_train.model.config import ModelConfig
 
-    return ModelConfig.from_name("tiny", arch="llama", vocab_size=512, rope_theta=10000.0, **kw)
+    return ModelConfig.from_name("tiny", **{"arch": "llama", "vocab_size": 512, "rope_theta": 10000.0, **kw})
 
 
 def _as_hf(model, out: Path) -> Path:
@@ -224,3 +224,29 @@ def test_context_extension_stage_continues_a_llama_run_and_gpt3_refuses_it(llama
     r = clova_cli("train", "--out", trained_run, "--resume", "--seq-len", "128", "--steps", "20")
     assert r.returncode != 0 and "gpt3's positions are learned" in r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr and sorted(p.name for p in trained_run.rglob("*")) == before
+
+
+def test_llama3_rope_scaling_equals_transformers_and_round_trips(tmp_path):
+    """Llama 3.1's frequency scaling (rope_type llama3, as Llama 3.1-3.3 and EXAONE 3.5 checkpoints carry it): logits equal
+    transformers' to 1e-5 at positions past the original context, and the config reads back to the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from clova_train.model.adapter import model_config_from_hf
+    from clova_train.model.gpt import GPT
+
+    cfg = _tiny(rope_theta=500000.0, rope_factor=8.0, rope_original_context=32, block_size=256)
+    model = GPT(cfg)
+    model.init_weights(4)
+    model.eval()
+    hf_dir = _as_hf(model, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["rope_parameters"]["rope_type"] == "llama3" and config["rope_parameters"]["factor"] == 8.0
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-5
+        plain = GPT(_tiny(rope_theta=500000.0, block_size=256))
+        plain.load_state_dict(model.state_dict())
+        assert (plain.eval()(x) - hf(x).logits).abs().max().item() > 1e-3  # the scaling matters at these lengths
+    back = model_config_from_hf(config)
+    assert (back.rope_factor, back.rope_original_context, back.rope_low_freq_factor, back.rope_high_freq_factor) == (8.0, 32, 1.0, 4.0)

@@ -153,7 +153,7 @@ def _llama_config(cfg: ModelConfig, eod_id: int, pad_id: int, dtype: str):
         hidden_act="silu",
         max_position_embeddings=cfg.block_size,
         rms_norm_eps=cfg.layer_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         attention_bias=False,
         attention_dropout=cfg.dropout,
         initializer_range=cfg.init_std,
@@ -208,13 +208,28 @@ def _gpt2_from_hf(config: dict) -> ModelConfig:
     )
 
 
-def _rope_theta(config: dict) -> float:
-    """RoPE's base from either spelling (transformers 5's rope_parameters, 4's rope_theta); scaled RoPE is refused."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_factor != 1.0:
+        rope.update(rope_type="llama3", factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor, original_max_position_embeddings=cfg.rope_original_context)
+    return rope
+
+
+def _rope_fields(config: dict) -> dict:
+    """Our RoPE fields from either spelling (transformers 5's rope_parameters, 4's rope_theta and rope_scaling).
+
+    Plain RoPE and Llama 3.1's scaling (rope_type llama3) are computed; other scalings (yarn, dynamic, longrope) are refused.
+    """
+    rope = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ClovaError(f"config.json: rope_type {kind!r} (scaled RoPE) is not one clova-train computes; it runs plain RoPE (rope_type default)")
-    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    fields = {"rope_theta": float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))}
+    if kind == "llama3":
+        fields.update(rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                      rope_high_freq_factor=float(rope["high_freq_factor"]), rope_original_context=int(rope["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise ClovaError(f"config.json: rope_type {kind!r} is not one clova-train computes; it runs plain RoPE (default) and Llama 3.1's (llama3)")
+    return fields
 
 
 def _llama_from_hf(config: dict) -> ModelConfig:
@@ -244,7 +259,7 @@ def _llama_from_hf(config: dict) -> ModelConfig:
         vocab_size=config["vocab_size"],
         block_size=config.get("max_position_embeddings", 2048),
         layer_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(config),
+        **_rope_fields(config),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         qk_norm=qk_norm,
         dropout=config.get("attention_dropout", 0.0) or 0.0,

@@ -17,7 +17,8 @@ from clova_train.core.errors import ClovaError
 ARCHS = ("gpt3", "llama")
 # Fields that only the llama block reads; a gpt3 config leaves them out of the run's identity,
 # so run dirs made before the second architecture existed still resume.
-LLAMA_FIELDS = ("n_kv_head", "ffn_hidden", "rope_theta", "tie_embeddings", "qk_norm")
+LLAMA_FIELDS = ("n_kv_head", "ffn_hidden", "rope_theta", "tie_embeddings", "qk_norm",
+                "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,14 @@ class ModelConfig:
     """Output head shares the token embedding; None: yes for gpt3, no for llama."""
     qk_norm: bool = False
     """RMSNorm on each head's queries and keys before RoPE (llama; OLMo 2's guard against logit growth)."""
+    rope_factor: float = 1.0
+    """Llama 3.1's RoPE frequency scaling (rope_type llama3): long wavelengths divided by this (8 in Llama 3.1); 1: plain RoPE."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths beyond rope_original_context / this are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_context / this are left alone; between, interpolated."""
+    rope_original_context: int = 8192
+    """llama3 scaling: the context the base model was trained at before its frequencies were scaled."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -87,6 +96,9 @@ class ModelConfig:
         object.__setattr__(self, "tie_embeddings", (not llama) if self.tie_embeddings is None else bool(self.tie_embeddings))
         if self.rope_theta <= 0:
             raise ClovaError(f"rope_theta must be > 0, not {self.rope_theta}")
+        if self.rope_factor < 1 or self.rope_high_freq_factor <= self.rope_low_freq_factor or self.rope_original_context < 1:
+            raise ClovaError(f"RoPE scaling needs rope_factor >= 1 (not {self.rope_factor}), rope_high_freq_factor > rope_low_freq_factor "
+                             f"(not {self.rope_high_freq_factor} <= {self.rope_low_freq_factor}) and rope_original_context >= 1")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":

@@ -10,6 +10,8 @@ head_dim), so a layer holding a slice of the heads runs unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,9 +49,22 @@ class OutputHead(nn.Linear):
         super().__init__(cfg.n_embd, cfg.vocab_size, bias=False)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def inv_frequencies(cfg: ModelConfig, device) -> torch.Tensor:
+    """RoPE's (head_dim / 2) angular frequencies; with rope_factor > 1, Llama 3.1's scaling of the long wavelengths."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+    if cfg.rope_factor == 1.0:
+        return inv_freq
+    factor, low, high, old = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)  # long wavelengths stretched by the factor
+    smooth = (old / wavelen - low) / (high - low)
+    between = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(between, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B or 1, T, head_dim) for integer ``positions`` (B or 1, T), computed in fp32 then cast (as Hugging Face does)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim / 2)
     emb = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: the two halves of a head rotate together
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -72,7 +87,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.theta = cfg.rope_theta
+        self.cfg = cfg
         self.dropout = cfg.dropout
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.k = nn.Linear(cfg.n_embd, cfg.kv_dim, bias=False)
@@ -97,7 +112,7 @@ class GroupedQueryAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if positions is None:
             positions = torch.arange(T, device=x.device)[None]
-        cos, sin = rope_tables(positions, self.head_dim, self.theta, q.dtype)
+        cos, sin = rope_tables(positions, inv_frequencies(self.cfg, x.device), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, kv_heads, past + T, head_dim): the cache holds only the grouped heads

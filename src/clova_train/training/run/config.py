@@ -281,7 +281,8 @@ class TrainRequest:
 
 # A llama run may continue with a longer context (and another RoPE base): a context-extension stage of the same run.
 # gpt3's learned positions stop at block_size, so there they stay part of the run's identity.
-STAGE_FIELDS = {"seq_len": None, "model": ("block_size", "rope_theta")}
+STAGE_FIELDS = {"seq_len": None, "model": ("block_size", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                                            "rope_original_context")}
 
 
 def stage_free(identity: dict) -> dict:
