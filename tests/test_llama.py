@@ -210,6 +210,7 @@ def test_context_extension_stage_continues_a_llama_run_and_gpt3_refuses_it(llama
     shutil.copytree(llama_runs["zero1"], run)
     r = clova_cli("train", "--out", run, "--resume", "--seq-len", "128", "--rope-theta", "1e6", "--steps", "6", "--nproc-per-node", "2")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "context-extension stage of ext: model.rope_theta 500000.0 -> 1000000.0, seq_len 64 -> 128" in r.stdout + r.stderr
     recs = metrics(run)
     assert [(x["step"], x["tokens"]) for x in recs] == [(1, 512), (2, 1024), (3, 1536), (4, 2048), (5, 3072), (6, 4096)]
     cfg = json.loads((run / "config.json").read_text())

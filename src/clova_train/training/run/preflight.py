@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ def check_run_dir(spec: RunSpec) -> None:
             f"{spec.run_dir} holds a different run ({shown}); use a new --out, or `--resume` with the same model, "
             "data, seq-len, global batch and seed to continue it"
         )
+    stage = _diff(old, spec.identity)
+    if stage and (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0") == "0":
+        from clova_train.core.progress import console
+
+        console.print(f"context-extension stage of {spec.run_dir.name}: " + ", ".join(stage), highlight=False, soft_wrap=True)
 
 
 STAMPS_VERSION = 2
