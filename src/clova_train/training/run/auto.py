@@ -88,10 +88,16 @@ def choose(model: ModelConfig, train, given: dict, world: int, *, no_pipeline: b
 
     def allowed(x) -> bool:
         if x.plan.parallel == "pipeline":
-            return not no_pipeline
+            # On CPU ranks the link figures are nominal, so the planner's bubble-versus-all-reduce trade is too:
+            # stages only where asked for (a model that fits trains data-parallel, as a user of DDP expects).
+            return not no_pipeline and (cuda or given.get("pipeline_stages", 0) > 1)
         return not partitioned
 
     ranked = [x for x in ranked if allowed(x)]
+    if not cuda:
+        # Nominal links make the time ranking of sharding stages meaningless on CPU ranks (measured there, ZeRO-3's
+        # gathers cost a tiny model a third of its speed): the least-sharded layout that fits goes first.
+        ranked.sort(key=lambda x: (not x.fits, ("zero1", "zero2", "zero3", "pipeline").index(x.plan.parallel)))
     if not ranked:
         raise ClovaError(f"--parallel auto found no layout of {world} ranks that splits the global batch {train.global_batch} into "
                          f"micro-batches of {train.micro_batch}; give --parallel, or a --global-batch that is a multiple of {train.micro_batch * world}")
@@ -101,8 +107,9 @@ def choose(model: ModelConfig, train, given: dict, world: int, *, no_pipeline: b
         why = f"nothing fits ({best.memory['bytes']['total'] / GB:.1f} GiB per rank at best)"
     else:
         runner_up = next((x for x in ranked[1:] if x.plan.parallel != best.plan.parallel), None)
-        why = f"fastest that fits of {len(ranked)} layouts, {best.time['step_seconds']:.3g} s per step predicted"
-        if runner_up is not None:
+        why = (f"fastest that fits of {len(ranked)} layouts, {best.time['step_seconds']:.3g} s per step predicted" if cuda
+               else f"the least-sharded of {len(ranked)} layouts that fits these CPU ranks' memory")
+        if runner_up is not None and cuda:
             why += f"; {runner_up.plan.parallel}: {why_slower(runner_up, best)}"
     fields = {"mode": best.plan.parallel, "tensor_parallel": best.plan.tensor_parallel,
               "pipeline_stages": best.plan.stages if best.plan.parallel == "pipeline" else 0,
