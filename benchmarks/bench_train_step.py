@@ -20,7 +20,7 @@ import torch
 
 from clova_train.model.gpt import GPT, flops_per_token, num_params
 from clova_train.model.config import ModelConfig
-from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
+from clova_train.training.plan import PROFILES
 
 
 def hf_twin(cfg: ModelConfig):
@@ -56,7 +56,7 @@ def mfu_example(seq_len: int = 2048, global_batch: int = 1024, gpus: int = 64, s
     dense, attn = 6 * n, 12 * L * T * d
     per_token = flops_per_token(cfg, T)
     tokens = global_batch * seq_len
-    peak = ACCELERATOR_PEAK_TFLOPS["a100"]
+    peak = PROFILES["a100"].peak_tflops
     achieved = per_token * tokens / step_seconds / gpus / 1e12
     print("\nMFU of a 1.3B step (ModelConfig.flops_per_token):")
     print(f"  N = non-embedding params + tied head = {num_params(cfg, embeddings=False):,} + {V}x{d} = {n:,}")

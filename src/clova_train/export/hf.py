@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from clova_train import __version__
-from clova_train.model.adapter import _pad_token, hf_architecture, hf_config, model_config_from_hf
+from clova_train.model.adapter import EXPORT_META, _pad_token, hf_architecture, hf_config, model_config_from_hf
 from clova_train.core.dtypes import TORCH_DTYPES
 from clova_train.core.config import from_dict
 from clova_train.export.weights import load_hf_state_dict, parse_size, write_weights
@@ -42,7 +42,6 @@ from clova_train.core.lock import dir_lock
 RESOURCES = REMOTE_CODE.parent
 REMOTE_TOKENIZER = REMOTE_CODE.name
 REMOTE_TOKENIZER_CLASS = "ClovaTokenizerFast"
-EXPORT_META = "clova_export.json"
 
 # ---------------------------------------------------------------- configuration
 

@@ -15,6 +15,9 @@ from clova_train.core.errors import ClovaError
 from clova_train.model.config import ModelConfig
 from clova_train.tokenizer.bpe import ClovaTokenizer
 
+EXPORT_META = "clova_export.json"
+"""What `clova export` records beside the weights (the run, the model config, the tokenizer's hash): export writes it, --init-from reads it."""
+
 
 # Our name -> (Hugging Face GPT2LMHeadModel name, transposed?). GPT-2 keeps its
 # attention and MLP projections as Conv1D, whose weight is (in, out): the

@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from clova_train.training.planner.config import GB, PlanConfig, model_config, model_facts
-from clova_train.training.planner.hardware import ACCELERATOR_PEAK_TFLOPS, PROFILES
+from clova_train.training.planner.hardware import PROFILES
 from clova_train.training.planner.memory import USABLE_FRACTION, activation_bytes, memory
 from clova_train.training.planner.search import Layout, evaluate, rank, shown, why_slower
 from clova_train.training.planner.steptime import step_time, train_seconds
 
 __all__ = [
-    "ACCELERATOR_PEAK_TFLOPS", "GB", "deepspeed_model_states", "PROFILES", "USABLE_FRACTION", "Layout", "PlanConfig", "activation_bytes", "estimate",
+    "GB", "deepspeed_model_states", "PROFILES", "USABLE_FRACTION", "Layout", "PlanConfig", "activation_bytes", "estimate",
     "evaluate", "format_duration", "model_config", "plan_table", "rank", "ranking_table", "shown", "suggest", "suggest_layout",
     "tensor_parallel_params", "why_slower",
 ]

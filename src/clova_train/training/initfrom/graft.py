@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from clova_train.core.errors import ClovaError
+from clova_train.model.adapter import EXPORT_META
 from clova_train.tokenizer.bpe import _BYTE_DECODER, ClovaTokenizer
 
 BASE_TOKENIZER = "tokenizer.json"
-EXPORT_META = "clova_export.json"  # written by `clova export`: names the tokenizer's hash
 
 
 @dataclass

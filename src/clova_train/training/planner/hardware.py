@@ -62,8 +62,6 @@ PROFILES: dict[str, GPUProfile] = {
         GPUProfile("cpu", 1.0, 16.0, 10.0, 1.0, kernel_efficiency=1.0),
     ]
 }
-# The peak of each known accelerator, for MFU in `clova train`'s metrics.
-ACCELERATOR_PEAK_TFLOPS = {k: p.peak_tflops for k, p in PROFILES.items() if k != "cpu" and "-" not in k}
 
 
 def calibration_file() -> Path:
@@ -122,12 +120,15 @@ def profile(gpu_type: str, **overrides: float | None) -> GPUProfile:
     return replace(base, **given)
 
 
-def device_profile(device_name: str) -> str:
-    """The profile key of a device name as torch reports it ("NVIDIA A100-SXM4-80GB" -> "a100"), "cpu" for CPU ranks."""
+def device_profile(device_name: str, unknown: str | None = "a100") -> str | None:
+    """The profile key of a device name as torch reports it ("NVIDIA A100-SXM4-80GB" -> "a100"), "cpu" for CPU ranks.
+
+    An unknown GPU gets ``unknown``: A100's by default, for the planner, whose ranking still holds with A100's times.
+    """
     name = device_name.lower()
     if name == "cpu":
         return "cpu"
     for key in ("h200", "h100", "a100", "a10g", "l40s", "v100"):
         if key in name:
             return "a100-40" if key == "a100" and "40gb" in name else key
-    return "a100"  # an unknown GPU: the ranking still holds, the absolute times are A100's
+    return unknown

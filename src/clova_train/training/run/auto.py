@@ -34,12 +34,10 @@ def this_device(local: int) -> tuple[str, str, float]:
     import torch
 
     from clova_train.training.planner.hardware import device_profile
+    from clova_train.training.trainer.metrics import local_device_memory
 
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return device_profile(props.name), props.name, props.total_memory / GB
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    return "cpu", "cpu", ram / max(1, local)
+    name, gb = local_device_memory(0 if torch.cuda.is_available() else None, local)
+    return device_profile(name), name, gb
 
 
 def recorded_mode(run_dir: Path) -> str | None:

@@ -281,15 +281,14 @@ class TrainRequest:
 
 # A llama run may continue with a longer context (and another RoPE base): a context-extension stage of the same run.
 # gpt3's learned positions stop at block_size, so there they stay part of the run's identity.
-STAGE_FIELDS = {"seq_len": None, "model": ("block_size", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                                            "rope_original_context")}
+STAGE_MODEL_FIELDS = ("block_size", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
 
 
 def stage_free(identity: dict) -> dict:
-    """The identity without the fields a context-extension stage changes (llama runs only)."""
+    """The identity without what a context-extension stage changes (seq_len and STAGE_MODEL_FIELDS; llama runs only)."""
     if identity.get("model", {}).get("arch") != "llama":
         return identity
-    model = {k: v for k, v in identity["model"].items() if k not in STAGE_FIELDS["model"]}
+    model = {k: v for k, v in identity["model"].items() if k not in STAGE_MODEL_FIELDS}
     return {**{k: v for k, v in identity.items() if k != "seq_len"}, "model": model}
 
 

@@ -34,10 +34,9 @@ def check_run_dir(spec: RunSpec) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))["run"]["identity"]
     except (KeyError, json.JSONDecodeError):
         raise ClovaError(f"{path}: not a clova run config; choose another --out") from None
-    changed = _diff(stage_free(old), stage_free(spec.identity))
-    if not changed and old.get("seq_len") != spec.identity["seq_len"] and spec.model.arch == "llama" and not spec.resume:
-        changed = [f"seq_len {old.get('seq_len')!r} -> {spec.identity['seq_len']!r}"]  # a new stage is asked for with --resume
-    if any(c.startswith("seq_len ") for c in changed) and spec.model.arch == "gpt3" and len(changed) == 1:
+    # A context-extension stage is asked for with --resume; otherwise every field must be the run's.
+    changed = _diff(stage_free(old), stage_free(spec.identity)) if spec.resume else _diff(old, spec.identity)
+    if changed and all(c.startswith("seq_len ") for c in changed) and spec.model.arch == "gpt3":
         raise ClovaError(
             f"{spec.run_dir}: --seq-len {spec.identity['seq_len']} differs from the run's {old.get('seq_len')}; gpt3's positions are "
             "learned, so its context cannot be extended: keep the run's --seq-len (context extension is for --arch llama runs)"

@@ -55,13 +55,16 @@ class FreezeStage:
             self._handles = []
 
 
-def freeze_stage(engine, cfg, init_from: dict, steps: int, tokenizer_path: str) -> FreezeStage:
-    """The stage for this rank's engine: its parameters under our names (a pipeline stage's through the layer names)."""
+def freeze_stage(engine, cfg, init_from: dict, steps: int, tokenizer_path: str, init=None) -> FreezeStage:
+    """The stage for this rank's engine: its parameters under our names (a pipeline stage's through the layer names).
+
+    ``init`` (the InitFrom that loaded the weights, None on a resume) already holds the graft plan.
+    """
     from clova_train.training.initfrom.loader import graft_plan_for
     from clova_train.training.parallel.pipeline import PipelineEngine, pipeline_names
     from pathlib import Path
 
-    plan, _ = graft_plan_for(Path(init_from["path"]), tokenizer_path)
+    plan, _ = init.graft() if init is not None else graft_plan_for(Path(init_from["path"]), tokenizer_path)
     names = pipeline_names(cfg) if isinstance(engine, PipelineEngine) else {}
     named = [(names.get(n, n), p) for n, p in engine.ds.module.named_parameters()]
     return FreezeStage(named, plan.new_rows(cfg.vocab_size), steps, engine.ds.optimizer)

@@ -148,7 +148,8 @@ class Trainer:
         self.ds_config = deepspeed_config(spec.deepspeed_template, train, spec.parallel, world=dist.world, cuda=dist.is_cuda,
                                           tensorboard_dir=tb_dir, model=spec.model)
         self.kernel = optimizer_kernel(self.ds_config, dist.is_cuda)
-        self.engine = engine = build_engine(spec.model, self.ds_config, spec.parallel, seed=train.seed, dist=dist, init=self._init_source())
+        init = self._init_source()
+        self.engine = engine = build_engine(spec.model, self.ds_config, spec.parallel, seed=train.seed, dist=dist, init=init)
         engine.loss_options = {"eod_id": spec.tokenizer["eod_id"] if train.doc_mask else None, "z_loss": train.z_loss}
         # Pipeline stages of one replica read the same samples (the first its inputs, the last its targets).
         share = dict(micro_batch=train.micro_batch, rank=engine.data_rank, world=engine.data_world)
@@ -170,7 +171,7 @@ class Trainer:
         if train.freeze_except_embeddings:
             from clova_train.training.trainer.freeze import freeze_stage
 
-            self.freeze = freeze_stage(engine, spec.model, spec.init_from, train.freeze_except_embeddings, spec.tokenizer["path"])
+            self.freeze = freeze_stage(engine, spec.model, spec.init_from, train.freeze_except_embeddings, spec.tokenizer["path"], init=init)
         self.evaluator = Evaluator(engine, self.valid)
         self.fewshot = None
         if train.eval_tasks and train.eval_every:

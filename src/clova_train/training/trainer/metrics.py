@@ -116,25 +116,27 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:
-    """Dense bf16 peak of one device, from the plan's table of known accelerators, or the override."""
+    """Dense bf16 peak of one device, from the planner's GPU profiles, or the override; None for a CPU or an unknown GPU."""
     if override:
         return override
-    from clova_train.training.plan import ACCELERATOR_PEAK_TFLOPS
+    from clova_train.training.planner.hardware import PROFILES, device_profile
 
-    name = device_name.lower()
-    for key, value in ACCELERATOR_PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    key = device_profile(device_name, unknown=None)
+    return PROFILES[key].peak_tflops if key not in (None, "cpu") else None
 
 
 def device_memory(dist) -> tuple[str, float]:
-    """(device name, GiB a rank may use): the GPU's memory, or this node's RAM shared by its ranks."""
-    if dist.is_cuda:
-        props = torch.cuda.get_device_properties(dist.device)  # local_rank % device_count, not local_rank
+    """(device name, GiB a rank may use) of this rank: see :func:`local_device_memory`."""
+    return local_device_memory(dist.device if dist.is_cuda else None, dist.local_world)  # local_rank % device_count, not local_rank
+
+
+def local_device_memory(cuda_device, ranks_per_node: int) -> tuple[str, float]:
+    """(device name, GiB a rank may use): ``cuda_device``'s memory, or with None this node's RAM shared by its ranks ("cpu")."""
+    if cuda_device is not None:
+        props = torch.cuda.get_device_properties(cuda_device)
         return props.name, props.total_memory / 1024**3
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
-    return "cpu", ram / max(1, dist.local_world)
+    return "cpu", ram / max(1, ranks_per_node)
 
 
 def memory_in_use(cuda: bool) -> float:
